@@ -1,0 +1,1 @@
+"""Tapserve: one saved Keras functional model served as many endpoints and taps."""

@@ -1,0 +1,263 @@
+"""Dynamic batching: requests queue per model and leave together as one forward pass.
+
+The batcher takes a function, not a model: `run(source, outputs, feeds, rows)` computes
+one merged batch. Requests with the same `source` (what the runtime computes from, e.g.
+the endpoint's inputs) whose inputs have the same non-batch shapes and dtypes may share
+a batch even when they ask for different outputs: then `rows` holds a
+boolean mask per output, and each output comes back holding only the rows that asked
+for it (a shared pass). `merge` and `split` are pure numpy, tested alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+RunBatch = Callable[[Hashable, tuple[str, ...], Arrays, Arrays | None], Awaitable[Arrays]]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 1024  # rows queued before new work is refused
+    shared_passes: bool = True
+
+
+@dataclass
+class Work:
+    """One queued piece: a request, or a slice of one larger than max_batch_size."""
+
+    source: Hashable
+    feeds: Arrays
+    outputs: tuple[str, ...]
+    deadline: float | None
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when its batch began computing
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+
+@dataclass
+class Batch:
+    """Works merged into one call of `run`."""
+
+    source: Hashable
+    outputs: tuple[str, ...]
+    feeds: Arrays
+    rows: Arrays | None  # per-output row masks, None when every row wants every output
+
+
+def merge(works: Sequence[Work]) -> Batch:
+    """Concatenate the works' inputs; mask rows per output if they asked differently."""
+    feeds = {name: np.concatenate([w.feeds[name] for w in works]) if len(works) > 1
+             else works[0].feeds[name] for name in works[0].feeds}
+    if all(w.outputs == works[0].outputs for w in works):
+        return Batch(works[0].source, works[0].outputs, feeds, None)
+    outputs = tuple(sorted({o for w in works for o in w.outputs}))
+    rows = {o: np.concatenate([np.full(w.rows, o in w.outputs) for w in works])
+            for o in outputs}
+    return Batch(works[0].source, outputs, feeds, rows)
+
+
+def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
+    """Each work's slice of the batch result, checking every output's row count."""
+    for name in batch.outputs:
+        want = int(batch.rows[name].sum()) if batch.rows is not None else sum(
+            w.rows for w in works)
+        got = result[name].shape[0] if result[name].ndim else None
+        if got != want:
+            raise RuntimeError(f"the model returned {got} rows for output {name!r}, "
+                               f"expected {want}")
+    offsets = dict.fromkeys(batch.outputs, 0)
+    parts = []
+    for w in works:
+        part = {}
+        for name in w.outputs:
+            part[name] = result[name][offsets[name]:offsets[name] + w.rows]
+        for name in batch.outputs if batch.rows is None else w.outputs:
+            offsets[name] += w.rows
+        parts.append(part)
+    return parts
+
+
+def slices(feeds: Arrays, size: int) -> list[Arrays]:
+    """A request cut into pieces of at most `size` rows."""
+    rows = len(next(iter(feeds.values())))
+    return [{k: v[i:i + size] for k, v in feeds.items()} for i in range(0, rows, size)]
+
+
+class Batcher:
+    """One queue per model version, one background task forming batches.
+
+    A batch closes at max_batch_size rows or max_queue_delay_ms after its first
+    request arrived. At most `concurrency` batches run at once; while they do, new
+    requests gather, so batches grow with load.
+    """
+
+    def __init__(self, run: RunBatch, policy: BatchPolicy, concurrency: int,
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None) -> None:
+        self.run = run
+        self.policy = policy
+        self.concurrency = concurrency
+        self._on_batch = on_batch or (lambda rows, seconds: None)
+        self._on_depth = on_depth or (lambda rows: None)
+        self._pending: OrderedDict[Hashable, deque[Work]] = OrderedDict()
+        self._depth = 0
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._closed = False
+
+    def start(self) -> None:
+        # Made inside the running loop: asyncio primitives bind to it.
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    @property
+    def depth(self) -> int:
+        """Rows waiting."""
+        return self._depth
+
+    async def submit(self, source: Hashable, feeds: Arrays, outputs: tuple[str, ...],
+                     deadline: float | None = None) -> tuple[Arrays, float]:
+        """Queue one request; wait for its outputs and the seconds it spent queued.
+
+        A request larger than max_batch_size is split into pieces and reassembled.
+        """
+        if self._closed:
+            raise NotReady("the model is shutting down")
+        if self._depth >= self.policy.max_queue_size:
+            raise Overloaded(f"the queue is full ({self._depth} rows waiting, limit "
+                             f"{self.policy.max_queue_size}); retry later")
+        # Only inputs of the same shapes concatenate; without shared passes, only
+        # requests for the same outputs share a batch.
+        group = (source, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
+                 None if self.policy.shared_passes else outputs)
+        loop = asyncio.get_running_loop()
+        works = [Work(source, part, outputs, deadline, loop.create_future())
+                 for part in slices(feeds, self.policy.max_batch_size)]
+        for w in works:
+            self._pending.setdefault(group, deque()).append(w)
+            self._depth += w.rows
+        self._on_depth(self._depth)
+        self._arrived.set()
+        try:
+            parts = await asyncio.gather(*(w.future for w in works))
+        finally:
+            for w in works:
+                w.future.cancel()  # a no-op once done; frees siblings of a failed piece
+        queued = max(w.started - w.enqueued for w in works)
+        if len(parts) == 1:
+            return parts[0], queued
+        return {name: np.concatenate([p[name] for p in parts]) for name in outputs}, queued
+
+    async def _loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                works = await self._next_batch()
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._compute(works))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[Work]:
+        """Wait for work, then for its batch to fill or its first request's delay."""
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        group, queue = next(iter(self._pending.items()))  # the oldest group first
+        close_at = queue[0].enqueued + self.policy.max_queue_delay_ms / 1000
+        while sum(w.rows for w in queue) < self.policy.max_batch_size:
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        works, rows = [], 0
+        while queue and rows + queue[0].rows <= self.policy.max_batch_size:
+            w = queue.popleft()
+            rows += w.rows
+            works.append(w)
+        if not queue:
+            del self._pending[group]
+        else:
+            self._pending.move_to_end(group)  # let other groups go next: no starvation
+        self._depth -= rows
+        self._on_depth(self._depth)
+        return works
+
+    async def _compute(self, works: list[Work]) -> None:
+        try:
+            works = self._drop_expired(works)
+            if not works:
+                return
+            batch = merge(works)
+            started = time.monotonic()
+            for w in works:
+                w.started = started
+            try:
+                result = await self.run(batch.source, batch.outputs, batch.feeds, batch.rows)
+                parts = split(works, batch, result)
+            except Exception as exc:
+                log.exception("batch of %d requests failed", len(works))
+                for w in works:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                return
+            self._on_batch(sum(w.rows for w in works), time.monotonic() - started)
+            for w, part in zip(works, parts, strict=True):
+                if not w.future.done():
+                    w.future.set_result(part)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _drop_expired(works: list[Work]) -> list[Work]:
+        """Requests cancelled or past their deadline are answered without compute."""
+        now, keep = time.monotonic(), []
+        for w in works:
+            if w.future.done():
+                continue  # cancelled by the client
+            if w.deadline is not None and now >= w.deadline:
+                w.future.set_exception(DeadlineExceeded(
+                    f"the deadline passed after {now - w.enqueued:.3f}s in the queue; "
+                    "the request was not computed"))
+                continue
+            keep.append(w)
+        return keep
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop taking work, let queued and running batches finish, then stop."""
+        self._closed = True
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while (self._pending or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for queue in self._pending.values():
+            for w in queue:
+                if not w.future.done():
+                    w.future.set_exception(Cancelled("the server stopped before computing it"))

@@ -1,0 +1,61 @@
+"""`tapserve serve` and `tapserve inspect`. Flags come from the Settings model's fields."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tapserve", description="Serve Keras functional models: endpoints, submodels, taps.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the model repository over gRPC")
+    for name, field in Settings.model_fields.items():
+        env = f"TAPSERVE_{name.upper()}"
+        serve.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                           help=f"{field.description} (env {env}; default {field.default})")
+    inspect = commands.add_parser(
+        "inspect", help="print a model's inputs, outputs, taps and endpoints")
+    inspect.add_argument("path", type=Path, help="a model file, version folder or model folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # TensorFlow reads this when imported: quiet its C++ start-up lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command == "inspect":
+        from service.errors import TapserveError
+        from service.inspect import describe
+
+        try:
+            print(describe(args.path))
+        except TapserveError as exc:
+            print(f"tapserve inspect: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    flags = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    try:
+        settings = Settings(**flags)
+    except ValidationError as exc:
+        print(f"tapserve serve: {exc}", file=sys.stderr)
+        return 2
+    from service import logs
+    from service.server import run
+
+    logs.configure(settings.log_format, settings.log_level)
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The core every protocol calls: readiness, metadata and inference over the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib.metadata import version as package_version
+
+from service.errors import NotReady, TapserveError
+from service.metrics import UNKNOWN, Metrics
+from service.registry import READY, ModelRegistry
+from service.types import EndpointMetadata, InferRequest, InferResponse
+
+log = logging.getLogger(__name__)
+
+
+class DataPlane:
+    """Protocol-independent: request → model → batcher → response, with metrics."""
+
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.draining = False
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.registry.settled and not self.draining
+
+    def model_ready(self, model: str, endpoint: str | None, version: int | None) -> bool:
+        if model not in self.registry.models:
+            self.registry.get(model)  # raises NotFound, listing the models
+        if self.registry.models[model].state != READY:
+            return False
+        served = self.registry.get(model, version)
+        served.model.endpoint(endpoint)  # raises NotFound for an unknown endpoint
+        return not self.draining
+
+    def server_metadata(self) -> tuple[str, str, list[str]]:
+        return "tapserve", package_version("tapserve"), []
+
+    def model_metadata(self, model: str, endpoint: str | None,
+                       version: int | None) -> EndpointMetadata:
+        return self.registry.get(model, version).model.metadata(endpoint)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        started = time.monotonic()
+        # Label values only from names the server knows: bounded time series.
+        model_label = request.model if request.model in self.registry.models else UNKNOWN
+        endpoint_label = UNKNOWN
+        code = "OK"
+        try:
+            if self.draining:
+                raise NotReady("the server is shutting down; retry on another replica")
+            served = self.registry.get(request.model, request.version)
+            model = served.model
+            prepared = model.prepare(request.endpoint, request.inputs, request.outputs)
+            endpoint_label = prepared.endpoint.name
+            outputs, queued = await served.batcher.submit(
+                prepared.endpoint.source, prepared.feeds, prepared.outputs, request.deadline)
+            self.metrics.queue_duration.labels(model_label, endpoint_label).observe(queued)
+            return InferResponse(model.name, prepared.endpoint.name, model.version,
+                                 outputs, request.id)
+        except TapserveError as exc:
+            code = exc.code
+            log.info("request failed: model=%s endpoint=%s id=%s status=%s latency=%.4fs: %s",
+                     request.model, request.endpoint or "", request.id, code,
+                     time.monotonic() - started, exc)
+            raise
+        except BaseException as exc:
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
+            raise
+        finally:
+            self.metrics.requests.labels(model_label, endpoint_label, code).inc()
+            self.metrics.request_duration.labels(model_label, endpoint_label).observe(
+                time.monotonic() - started)
+

@@ -1,0 +1,53 @@
+"""Prometheus metrics, on a registry the server owns (SPEC's names, plus what operators need)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Sub-millisecond to tens of seconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# The label value for a model or endpoint name nobody serves: unknown names in requests
+# must not create new time series.
+UNKNOWN = "_unknown"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tapserve_requests", "Inference requests by gRPC status code.",
+            ["model", "endpoint", "code"], registry=r)
+        self.request_duration = Histogram(
+            "tapserve_request_duration_seconds", "Inference request latency, end to end.",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram(
+            "tapserve_queue_duration_seconds", "Time a request waited for its batch to start.",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_duration = Histogram(
+            "tapserve_compute_duration_seconds", "Time to compute one batch.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "tapserve_batch_size", "Rows per executed batch.",
+            ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "tapserve_queue_depth", "Rows waiting to be batched.", ["model"], registry=r)
+        self.model_ready = Gauge(
+            "tapserve_model_ready", "1 when the model serves, else 0.", ["model"], registry=r)
+        self.model_load = Gauge(
+            "tapserve_model_load_duration_seconds", "Seconds the last load and warm-up took.",
+            ["model"], registry=r)
+        self.grpc_requests = Counter(
+            "tapserve_grpc_requests", "Every gRPC call by method and status code.",
+            ["method", "code"], registry=r)
+        self.gpu_memory = Gauge(
+            "tapserve_gpu_memory_bytes", "Bytes TensorFlow holds on each GPU.",
+            ["device"], registry=r)
+
+    def serve(self, host: str, port: int) -> object:
+        """Serve GET /metrics on its own thread; returns the HTTP server."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

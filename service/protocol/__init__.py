@@ -1,0 +1,1 @@
+"""Wire protocols: each converts to and from service.types and calls one data plane."""

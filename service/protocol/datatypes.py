@@ -1,0 +1,66 @@
+"""KServe v2 datatypes ("FP32", "BYTES", ...) and the internal dtype names they map to."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.errors import InvalidInput
+from service.types import STRING
+
+# KServe datatype -> internal dtype name (numpy's names, plus "string" for BYTES).
+# BF16 is left out: the contract does not list it and numpy has no native bfloat16.
+TO_INTERNAL: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": STRING,
+}
+TO_KSERVE: dict[str, str] = {internal: kserve for kserve, internal in TO_INTERNAL.items()}
+
+
+def to_internal(datatype: str) -> str:
+    """The internal dtype name of a KServe datatype sent by a client.
+
+    Raises InvalidInput for a datatype this server does not know.
+    """
+    try:
+        return TO_INTERNAL[datatype]
+    except KeyError:
+        known = ", ".join(TO_INTERNAL)
+        raise InvalidInput(f"unknown datatype {datatype!r}; use one of {known}") from None
+
+
+def to_kserve(dtype: str | np.dtype) -> str:
+    """The KServe datatype of an internal dtype name or a numpy dtype.
+
+    Any text or object dtype is BYTES. Raises ValueError for a dtype KServe cannot carry:
+    that is the server's problem (a model output), not the client's.
+    """
+    if isinstance(dtype, np.dtype):
+        if dtype.kind in "OSU":
+            return "BYTES"
+        dtype = dtype.name
+    try:
+        return TO_KSERVE[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} has no KServe v2 datatype") from None
+
+
+def numpy_dtype(datatype: str) -> np.dtype:
+    """The little-endian numpy dtype of a KServe datatype's raw bytes; object for BYTES.
+
+    Raises InvalidInput for an unknown datatype.
+    """
+    internal = to_internal(datatype)
+    if internal == STRING:
+        return np.dtype(object)
+    return np.dtype(internal).newbyteorder("<")

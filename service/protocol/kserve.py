@@ -1,0 +1,93 @@
+"""The KServe v2 / Open Inference Protocol servicer: convert, call the data plane, convert back.
+
+Domain errors propagate; service.protocol.status maps them to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import grpc
+
+from service.protocol import convert
+from service.protocol.generated import grpc_predict_v2_pb2 as pb
+from service.protocol.generated.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
+from service.types import EndpointMetadata, InferRequest, InferResponse
+
+
+class DataPlane(Protocol):
+    """The protocol-independent core every transport calls."""
+
+    def live(self) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+    def model_ready(self, model: str, endpoint: str | None, version: int | None) -> bool:
+        """Whether that endpoint can serve now; raises NotFound if it is unknown."""
+        ...
+
+    def server_metadata(self) -> tuple[str, str, list[str]]:
+        """The server's (name, version, protocol extensions)."""
+        ...
+
+    def model_metadata(
+        self, model: str, endpoint: str | None, version: int | None
+    ) -> EndpointMetadata:
+        """Raises NotFound if the endpoint is unknown."""
+        ...
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Raises TapserveError subclasses."""
+        ...
+
+
+class InferenceServicer(GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService for a grpc.aio server."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self._dataplane.live())
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._dataplane.ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        model, endpoint = convert.parse_model_name(request.name)
+        version = convert.parse_version(request.version)
+        return pb.ModelReadyResponse(ready=self._dataplane.model_ready(model, endpoint, version))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        name, version, extensions = self._dataplane.server_metadata()
+        return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model, endpoint = convert.parse_model_name(request.name)
+        version = convert.parse_version(request.version)
+        meta = self._dataplane.model_metadata(model, endpoint, version)
+        return convert.encode_model_metadata(meta, request.name)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        infer_request = convert.decode_infer_request(request, deadline=_deadline(context))
+        response = await self._dataplane.infer(infer_request)
+        return convert.encode_infer_response(response, request.model_name)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline on the time.monotonic() clock, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

@@ -1,0 +1,117 @@
+"""One grpc.aio interceptor mapping domain errors to gRPC status codes, for every service.
+
+Servicers raise service.errors; this is the only place that knows their gRPC codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+    TapserveError,
+)
+
+_log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[TapserveError], grpc.StatusCode] = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+}
+# What the client sees for anything unexpected: the traceback stays in the server's log.
+INTERNAL_MESSAGE = "internal server error"
+
+
+def status_code(error: BaseException) -> grpc.StatusCode | None:
+    """The gRPC code of a domain error (subclasses included), or None if it has none."""
+    for cls in type(error).__mro__:
+        code = STATUS_CODES.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code
+    return None
+
+
+# Called once per unary-unary RPC with its full method name and final status code name
+# ("OK", "NOT_FOUND", ...): the hook request metrics hang on.
+OnDone = Callable[[str, str], None]
+
+
+class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping unary-unary handlers into gRPC status codes and messages."""
+
+    def __init__(self, on_done: OnDone | None = None) -> None:
+        self._on_done = on_done
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming RPCs (e.g. reflection) pass through untouched
+        return grpc.unary_unary_rpc_method_handler(
+            _mapping_errors(handler.unary_unary, handler_call_details.method, self._on_done),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _mapping_errors(
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Any],
+    method: str,
+    on_done: OnDone | None,
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            if inspect.iscoroutinefunction(behavior):
+                response = await behavior(request, context)
+            else:
+                # A sync handler (e.g. a sync health servicer) must not block the event loop.
+                loop = asyncio.get_running_loop()
+                response = await loop.run_in_executor(None, behavior, request, context)
+            code = context.code() or grpc.StatusCode.OK  # the handler may have set one
+            return response
+        except grpc.aio.AbortError:
+            code = context.code() or code
+            raise  # the handler already chose its status via context.abort
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED  # the client went away
+            raise
+        except Exception as error:
+            mapped = status_code(error)
+            if mapped is not None:
+                code = mapped
+                await context.abort(mapped, str(error))
+            code = grpc.StatusCode.INTERNAL
+            _log.exception("unhandled error in %s", method)
+            await context.abort(code, INTERNAL_MESSAGE)
+        finally:
+            if on_done is not None:
+                _report(on_done, method, code)
+
+    return wrapper
+
+
+def _report(on_done: OnDone, method: str, code: grpc.StatusCode) -> None:
+    # A failing metrics hook must not turn a served request into an error.
+    try:
+        on_done(method, code.name)
+    except Exception:
+        _log.exception("on_done hook failed for %s", method)

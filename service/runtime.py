@@ -1,0 +1,230 @@
+"""Executes a loaded model on TensorFlow: compiled functions, devices, threads.
+
+Every TensorFlow-specific line of the server lives here, so another Keras backend
+could stand in by providing the same `Runtime` shape. Compute runs on executor
+threads this module owns, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from service.errors import ConfigError
+from service.graph import TapGraph
+from service.types import STRING, TensorSpec
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+def configure_tensorflow(intra_op_threads: int, inter_op_threads: int,
+                         gpu_memory_limit_mb: int | None) -> list[str]:
+    """Set process-wide TensorFlow options (once, before any op runs); return devices.
+
+    GPUs get memory growth, so a server does not grab the whole card at start.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        for gpu in gpus:
+            if gpu_memory_limit_mb:
+                tf.config.set_logical_device_configuration(gpu, [
+                    tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_limit_mb)])
+            else:
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:  # a second server in one process: TensorFlow already started
+        log.warning("TensorFlow already started: threading and GPU settings left as they are")
+    devices = [f"/GPU:{i}" for i in range(len(gpus))] or ["/CPU:0"]
+    log.info("devices: %s", ", ".join(devices))
+    return devices
+
+
+def gpu_memory_in_use() -> dict[str, int]:
+    """Bytes TensorFlow holds on each GPU (empty without GPUs)."""
+    return {f"GPU:{i}": tf.config.experimental.get_memory_info(f"GPU:{i}")["current"]
+            for i in range(len(tf.config.list_physical_devices("GPU")))}
+
+
+def _zeros(spec: TensorSpec, rows: int) -> np.ndarray:
+    shape = (rows, *(d or 1 for d in spec.shape[1:]))
+    if spec.dtype == STRING:
+        return np.full(shape, b"", dtype=object)
+    return np.zeros(shape, dtype=spec.dtype)
+
+
+def _pad_rows(rows: int, limit: int) -> int:
+    """The padded batch size under XLA: the next power of two, so few shapes compile."""
+    return min(1 << max(rows - 1, 0).bit_length(), max(limit, rows))
+
+
+class Runtime:
+    """Runs batches of one model: picks a device, runs off the loop, returns numpy.
+
+    Subclasses provide `specs` and `_compute` (blocking, called on an executor thread).
+    """
+
+    def __init__(self, devices: Sequence[str], batches_per_device: int) -> None:
+        self.devices = list(devices)
+        self.slots = len(self.devices) * batches_per_device
+        self._executors = {d: ThreadPoolExecutor(batches_per_device, f"compute{d}")
+                           for d in self.devices}
+        self._next_device = itertools.cycle(self.devices)
+
+    def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        raise NotImplementedError
+
+    def _compute(self, source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
+                 rows: Arrays | None) -> Arrays:
+        raise NotImplementedError
+
+    async def run(self, source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
+                  rows: Arrays | None = None) -> Arrays:
+        """Compute `outputs` for one batch. With `rows`, output o holds only rows[o]'s rows."""
+        device = next(self._next_device)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executors[device], self._on_device, device, source, outputs, feeds, rows)
+
+    def _on_device(self, device: str, *args: Any) -> Arrays:
+        with tf.device(device):
+            return self._compute(*args)
+
+    def warm_up(self, source: Hashable, outputs: tuple[str, ...],
+                rows: Arrays | None = None) -> None:
+        """Trace and run once, so no request pays for it."""
+        inputs, _ = self.specs(source)
+        n = 2 if rows is not None else 1
+        feeds = {name: _zeros(spec, n) for name, spec in inputs.items()}
+        for device in self.devices:
+            self._on_device(device, source, outputs, feeds, rows)
+
+    def close(self) -> None:
+        for executor in self._executors.values():
+            executor.shutdown(wait=True)
+
+
+class KerasRuntime(Runtime):
+    """A Keras model's graph, cut by (inputs, outputs) into cached `tf.function`s.
+
+    `source` is the tuple of input tap names. Each function has an input signature
+    with a None batch dimension, so it traces once for every batch size.
+    """
+
+    def __init__(self, graph: TapGraph, devices: Sequence[str], batches_per_device: int,
+                 cache_size: int = 64, jit_compile: bool = False,
+                 max_batch_size: int = 32) -> None:
+        super().__init__(devices, batches_per_device)
+        self.graph = graph
+        self.jit_compile = jit_compile
+        self.max_batch_size = max_batch_size
+        self._cache: OrderedDict[tuple, Callable] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def spec(self, name: str) -> TensorSpec:
+        tap = self.graph.tap(name)
+        return TensorSpec(name, tap.dtype, tap.shape)
+
+    def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        return {n: self.spec(n) for n in source}, {}
+
+    def function(self, inputs: tuple[str, ...], outputs: tuple[str, ...],
+                 masked: bool) -> Callable:
+        """The compiled function for this cut, built once and kept (LRU-bounded)."""
+        key = (inputs, outputs, masked)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        fn = self._build(inputs, outputs, masked)
+        with self._lock:
+            self._cache[key] = fn
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return fn
+
+    def _build(self, inputs: tuple[str, ...], outputs: tuple[str, ...], masked: bool) -> Callable:
+        plan = self.graph.plan(inputs, outputs)
+        feed_sig = {n: tf.TensorSpec((None, *self.spec(n).shape[1:]),
+                                     tf.string if self.spec(n).dtype == STRING
+                                     else self.spec(n).dtype, name=None)
+                    for n in inputs}
+        if masked:
+            rows_sig = {o: tf.TensorSpec((None,), tf.bool) for o in outputs}
+
+            @tf.function(input_signature=[feed_sig, rows_sig])
+            def run_masked(feeds: dict, rows: dict) -> dict:
+                return plan(feeds, rows, tf.boolean_mask)
+
+            return run_masked
+
+        @tf.function(input_signature=[feed_sig], jit_compile=self.jit_compile or None)
+        def run(feeds: dict) -> dict:
+            return plan(feeds)
+
+        return run
+
+    def _compute(self, source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
+                 rows: Arrays | None) -> Arrays:
+        n = len(next(iter(feeds.values())))
+        # XLA wants static shapes: it computes every output on every (padded) row.
+        masked = rows is not None and not self.jit_compile
+        padded = _pad_rows(n, self.max_batch_size) if self.jit_compile else n
+        if padded != n:  # pad with copies of a real row: zeros may be invalid input
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - n, axis=0)])
+                     for k, v in feeds.items()}
+        fn = self.function(tuple(source), outputs, masked)
+        result = {k: _to_numpy(t) for k, t in (fn(feeds, rows) if masked else fn(feeds)).items()}
+        if not masked:
+            result = {k: v[:n] if rows is None else v[:n][rows[k]] for k, v in result.items()}
+        return result
+
+
+def _to_numpy(t: tf.Tensor) -> np.ndarray:
+    # np.asarray is a zero-copy view of a CPU tensor; strings need .numpy().
+    return t.numpy() if t.dtype == tf.string else np.asarray(t)
+
+
+def _spec_of(name: str, spec: tf.TensorSpec) -> TensorSpec:
+    dtype = STRING if spec.dtype == tf.string else spec.dtype.name
+    return TensorSpec(name, dtype, tuple(spec.shape.as_list()))
+
+
+class SavedModelRuntime(Runtime):
+    """A SavedModel's signatures; `source` is the signature name. No graph, so no taps."""
+
+    def __init__(self, path: Path, devices: Sequence[str], batches_per_device: int) -> None:
+        super().__init__(devices, batches_per_device)
+        try:
+            self._loaded = tf.saved_model.load(str(path))
+        except Exception as exc:  # TF raises many types for a broken folder
+            raise ConfigError(f"{path}: cannot load SavedModel: {exc}") from exc
+        self.signatures = dict(self._loaded.signatures)
+        if not self.signatures:
+            raise ConfigError(f"{path}: the SavedModel has no signatures to serve")
+
+    def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        fn = self.signatures[source]
+        inputs = fn.structured_input_signature[1]
+        return ({n: _spec_of(n, s) for n, s in sorted(inputs.items())},
+                {n: _spec_of(n, s) for n, s in fn.structured_outputs.items()})
+
+    def _compute(self, source: Hashable, outputs: tuple[str, ...], feeds: Mapping,
+                 rows: Arrays | None) -> Arrays:
+        # A signature computes all its outputs; keep the asked-for ones.
+        result = self.signatures[source](**{k: tf.constant(v) for k, v in feeds.items()})
+        return {name: _to_numpy(result[name]) if rows is None
+                else _to_numpy(result[name])[rows[name]] for name in outputs}

@@ -1,0 +1,118 @@
+"""The one place that builds and wires everything: settings → devices, metrics, registry,
+data plane, gRPC services (inference, health, reflection), signals and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from service.dataplane import DataPlane
+from service.metrics import Metrics
+from service.protocol.generated import grpc_predict_v2_pb2 as pb
+from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.protocol.kserve import InferenceServicer
+from service.protocol.status import ErrorStatusInterceptor
+from service.registry import READY, ModelRegistry
+from service.runtime import configure_tensorflow, gpu_memory_in_use
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Images and batches are large: gRPC's 4 MiB default would refuse ordinary requests.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class TapServer:
+    """A running Tapserve: `start()` binds the ports and loads models in the background."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.devices = configure_tensorflow(
+            settings.intra_op_threads, settings.inter_op_threads, settings.gpu_memory_limit_mb)
+        for device in gpu_memory_in_use():
+            self.metrics.gpu_memory.labels(device).set_function(
+                lambda d=device: gpu_memory_in_use().get(d, 0))
+        self.registry = ModelRegistry(settings, self.devices, self.metrics)
+        self.dataplane = DataPlane(self.registry, self.metrics)
+        self.health = HealthServicer()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._loading: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
+        self.metrics_port = self._metrics_http.server_port
+        self.server = grpc.aio.server(
+            interceptors=[ErrorStatusInterceptor(on_done=self._count_rpc)],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME], self.server)
+        self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC to {s.host}:{s.grpc_port}")
+        await self.server.start()
+        await self.health.set("", NOT_SERVING)
+        for name in self.registry.discover(s.model_repository):
+            await self.health.set(name, NOT_SERVING)
+        log.info("serving gRPC on %s:%d, metrics on %s:%d", s.host, self.grpc_port,
+                 s.host, self.metrics_port)
+        self._loading = asyncio.create_task(self._load_models())
+
+    async def _load_models(self) -> None:
+        for name in list(self.registry.models):
+            await self.registry.load(self.settings.model_repository, name)
+            ready = self.registry.models[name].state == READY
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
+        if not self.dataplane.draining:
+            await self.health.set("", SERVING)
+        log.info("all models loaded: %s", ", ".join(
+            f"{m.name} {m.state}" for m in self.registry.models.values()) or "none")
+
+    async def loaded(self) -> None:
+        """Wait until every model has loaded or failed."""
+        if self._loading:
+            await self._loading
+
+    def _count_rpc(self, method: str, code: str) -> None:
+        self.metrics.grpc_requests.labels(method, code).inc()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING and UNAVAILABLE for new requests, finish in-flight, stop."""
+        grace = self.settings.drain_grace_seconds if grace is None else grace
+        log.info("draining (grace %.1fs)", grace)
+        self.dataplane.draining = True
+        await self.health.enter_graceful_shutdown()
+        if self._loading and not self._loading.done():
+            self._loading.cancel()
+        await self.server.stop(grace)
+        await self.registry.close(grace)
+        self._metrics_http.shutdown()
+        log.info("stopped")
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return."""
+    server = TapServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,43 @@
+"""Server-wide settings: flags, `TAPSERVE_*` environment variables and defaults, one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every field can be set as `--field-name` on `tapserve serve` or `TAPSERVE_FIELD_NAME`."""
+
+    model_config = SettingsConfigDict(env_prefix="TAPSERVE_", extra="ignore")
+
+    model_repository: Path = Field(Path("models"), description="Folder of models to serve.")
+    host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind.")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: any free port).")
+    metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port.")
+    drain_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    max_batch_size: int = Field(
+        32, ge=1, description="Default rows per batch; config.yaml may set it per model.")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="Default wait for a batch to fill after its first request.")
+    max_queue_size: int = Field(
+        1024, ge=1, description="Rows a model may hold queued before RESOURCE_EXHAUSTED.")
+    cpu_batches_in_flight: int = Field(
+        2, ge=1, description="Batches computed at once per model on the CPU.")
+    gpu_batches_in_flight: int = Field(
+        1, ge=1, description="Batches computed at once per model on each GPU.")
+    intra_op_threads: int = Field(
+        1, ge=0, description="TensorFlow intra-op threads (0: TensorFlow's default).")
+    inter_op_threads: int = Field(
+        2, ge=0, description="TensorFlow inter-op threads (0: TensorFlow's default).")
+    gpu_memory_limit_mb: int | None = Field(
+        None, ge=1, description="Cap on the memory TensorFlow takes on each GPU.")
+    compiled_cache_size: int = Field(
+        64, ge=1, description="Compiled (inputs, outputs) functions kept per model.")

@@ -1,0 +1,532 @@
+"""Checks of the deployment artefacts: Dockerfile, deploy/k8s manifests, Grafana dashboard.
+
+The linters (kubernetes-validate, checkov, hadolint, promql-parser) live in their own
+virtual environment, .venv-deploy, so that checkov's dependencies never meet the server's
+pins; these tests call them there by path and fail, not skip, when it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+DASHBOARD = ROOT / "deploy" / "grafana" / "tapserve.json"
+DOCKERFILE = ROOT / "Dockerfile"
+CHECKOV_CONFIG = ROOT / "deploy" / ".checkov.yaml"
+DEPLOY_BIN = ROOT / ".venv-deploy" / "bin"
+SETUP = (
+    "python3 -m venv .venv-deploy && .venv-deploy/bin/pip install -r deploy/requirements-lint.txt"
+)
+
+# The oldest Kubernetes the manifests target (native gRPC probes are GA since 1.27, the
+# preStop `sleep` action is on by default since 1.30) and the newest the pinned
+# kubernetes-validate knows.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+
+# Kinds that are not part of Kubernetes itself, so kubernetes-validate has no schema for
+# them: it warns and passes. Rather than pull a third-party CRD schema of some version
+# into the repository, test_custom_resources checks their structure below, field by field,
+# against the resources they refer to.
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+}
+
+# Files of deploy/k8s that kustomization.yaml deliberately leaves out (its header says why).
+NOT_IN_KUSTOMIZATION = {"deployment-gpu.yaml", "prometheus-adapter-rules.yaml"}
+
+DEPLOYMENTS = ("deployment.yaml", "deployment-gpu.yaml")
+
+# The metric names the server exports (see the README's metrics table).
+COUNTERS = {"tapserve_requests_total", "tapserve_grpc_requests_total"}
+HISTOGRAMS = {
+    "tapserve_request_duration_seconds",
+    "tapserve_queue_duration_seconds",
+    "tapserve_compute_duration_seconds",
+    "tapserve_batch_size",
+}
+GAUGES = {
+    "tapserve_queue_depth",
+    "tapserve_model_ready",
+    "tapserve_model_load_duration_seconds",
+    "tapserve_gpu_memory_bytes",
+}
+METRICS = (
+    COUNTERS | GAUGES | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+)
+# Which of them carry the `model` / `endpoint` labels the dashboard filters on.
+WITHOUT_MODEL = {"tapserve_grpc_requests_total", "tapserve_gpu_memory_bytes"}
+WITH_ENDPOINT = {
+    "tapserve_requests_total",
+    "tapserve_request_duration_seconds",
+    "tapserve_queue_duration_seconds",
+}
+SELECTOR = re.compile(r"(tapserve_[a-z_]+)(\{[^}]*\})?")
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def tool(name: str) -> Path:
+    path = DEPLOY_BIN / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing. Set up the deploy linters at the repo root: {SETUP}")
+    return path
+
+
+def run(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(a) for a in args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def documents(name: str) -> list[dict[str, Any]]:
+    with open(K8S / name) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def document(name: str) -> dict[str, Any]:
+    (doc,) = documents(name)
+    return doc
+
+
+def manifest_files() -> list[str]:
+    return sorted(p.name for p in K8S.glob("*.yaml"))
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, "one container per pod"
+    return containers[0]
+
+
+def env(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def port(c: dict[str, Any], name: str) -> int:
+    (p,) = [p["containerPort"] for p in c["ports"] if p["name"] == name]
+    return p
+
+
+def parse_promql(exprs: list[str]) -> list[str]:
+    """Parse each expression with promql-parser (in .venv-deploy); return the errors."""
+    script = (
+        "import json, sys, promql_parser\n"
+        "errors = []\n"
+        "for e in json.load(sys.stdin):\n"
+        "    try:\n"
+        "        promql_parser.parse(e)\n"
+        "    except Exception as exc:\n"
+        "        errors.append(f'{e}: {exc}')\n"
+        "print(json.dumps(errors))\n"
+    )
+    result = run(tool("python"), "-c", script, stdin=json.dumps(exprs))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# ---- Kubernetes schemas ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_validate_against_kubernetes_schemas(version: str) -> None:
+    files = manifest_files()
+    result = run(tool("kubernetes-validate"), "--strict", "-k", version, *(K8S / f for f in files))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    problems = [line for line in lines if not line.startswith(("INFO", "WARN"))]
+    assert not problems, out
+    # A warning means "no schema for this kind": allowed only for the custom kinds, so a
+    # misspelt apiVersion or kind of a built-in resource cannot slip through unvalidated.
+    allowed = [f"kind {kind} with api version {api}" for api, kind in CUSTOM_KINDS]
+    for line in lines:
+        if line.startswith("WARN"):
+            assert any(a in line for a in allowed), line
+    builtin = sum(
+        1 for f in files for d in documents(f) if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS
+    )
+    passed = [line for line in lines if line.startswith("INFO") and " passed " in line]
+    assert len(passed) == builtin, out
+
+
+def test_custom_resources() -> None:
+    for f in manifest_files():
+        for d in documents(f):
+            assert {"apiVersion", "kind"} <= d.keys(), f
+            if d["kind"] != "Kustomization":
+                assert d["metadata"]["name"], f
+                assert "namespace" not in d["metadata"], f"{f}: keep manifests namespace-agnostic"
+
+    service = document("service.yaml")
+    monitor = document("servicemonitor.yaml")
+    assert (monitor["apiVersion"], monitor["kind"]) == (
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+    )
+    assert monitor["metadata"]["name"]
+    assert set(monitor["spec"].keys()) <= {
+        "selector",
+        "endpoints",
+        "namespaceSelector",
+        "jobLabel",
+        "targetLabels",
+        "podTargetLabels",
+    }
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in service_ports
+        assert service_ports[endpoint["port"]]["port"] == 8002
+        assert endpoint["path"] == "/metrics"
+        assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+        # The operator's `endpoint` target label would rename Tapserve's own `endpoint`
+        # label to exported_endpoint, breaking the dashboard and the adapter rules.
+        drops = [r for r in endpoint.get("relabelings", []) if r.get("action") == "labeldrop"]
+        assert any(re.fullmatch(r["regex"], "endpoint") for r in drops)
+
+    kustomization = document("kustomization.yaml")
+    assert (kustomization["apiVersion"], kustomization["kind"]) == (
+        "kustomize.config.k8s.io/v1beta1",
+        "Kustomization",
+    )
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    for name in listed:
+        assert (K8S / name).is_file(), name
+    assert set(listed) | NOT_IN_KUSTOMIZATION == set(manifest_files()) - {"kustomization.yaml"}
+    assert not set(listed) & NOT_IN_KUSTOMIZATION
+    image_names = {container(document(d))["image"].split(":")[0] for d in DEPLOYMENTS}
+    assert {i["name"] for i in kustomization.get("images", [])} <= image_names
+
+
+# ---- linters ---------------------------------------------------------------------------
+
+
+def checkov(*target: str) -> None:
+    result = run(tool("checkov"), "--config-file", CHECKOV_CONFIG, *target)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    counts = re.findall(r"Passed checks: (\d+), Failed checks: (\d+)", out)
+    assert counts, f"checkov scanned nothing:\n{out}"
+    assert all(int(passed) > 0 and int(failed) == 0 for passed, failed in counts), out
+
+
+def test_checkov_passes_on_manifests() -> None:
+    checkov("-d", "deploy/k8s")
+
+
+def test_checkov_passes_on_dockerfile() -> None:
+    checkov("-f", "Dockerfile")
+
+
+def test_checkov_skips_are_explained() -> None:
+    config = yaml.safe_load(CHECKOV_CONFIG.read_text())
+    skipped = config.get("skip-check", [])
+    lines = CHECKOV_CONFIG.read_text().splitlines()
+    for check in skipped:
+        assert re.fullmatch(r"CKV2?_[A-Z0-9]+_\d+", check), f"skip by id only, not {check!r}"
+        (at,) = [i for i, line in enumerate(lines) if line.strip() == f"- {check}"]
+        assert lines[at - 1].strip().startswith("#"), f"{check} needs a reason comment"
+        assert check in "\n".join(lines[:at]), f"the comment above {check} should name it"
+    assert "skip-framework" not in config and "soft-fail" not in config
+
+
+def test_hadolint_passes_on_dockerfile() -> None:
+    result = run(tool("hadolint"), "--no-color", DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- Dockerfile ------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_installs_the_project_and_runs_tapserve() -> None:
+    instructions = dockerfile_instructions()
+    runs = [rest for word, rest in instructions if word == "RUN"]
+    assert any(re.search(r"pip install [^&;]*(?<=\s)\.(\s|$)", r) for r in runs), runs
+    assert ("ENTRYPOINT", '["tapserve"]') in instructions
+    assert ("CMD", '["serve"]') in instructions
+    assert ("EXPOSE", "8001 8002") in instructions
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "tapserve" in pyproject["project"]["scripts"]
+
+    bases = [rest.split()[0] for word, rest in instructions if word == "FROM"]
+    assert len(bases) >= 2, "multi-stage build"
+    assert len(set(bases)) == 1, "same base in every stage (the venv's python symlinks)"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?", bases[0]), bases[0]
+
+    (user,) = [rest for word, rest in instructions if word == "USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) >= 10000, "numeric non-root UID"
+    envs = " ".join(rest for word, rest in instructions if word == "ENV")
+    assert "TAPSERVE_MODEL_REPOSITORY=/models" in envs
+    assert "HOME=/tmp" in envs
+
+    # The GPU build's tensorflow pin follows the project's.
+    (tf_pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("tensorflow==")]
+    gpu_pins = re.findall(r"tensorflow\[and-cuda\](==[\w.]+)", DOCKERFILE.read_text())
+    assert gpu_pins and all("tensorflow" + pin == tf_pin for pin in gpu_pins), gpu_pins
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    for word, rest in dockerfile_instructions():
+        if word == "COPY" and "--from=" not in rest:
+            sources = rest.split()[:-1]
+            for source in sources:
+                assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+                assert (ROOT / source).exists() or source == "README.md", source
+
+
+def test_dockerfile_matches_the_readme_install() -> None:
+    readme = ROOT / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not written yet")
+    text = readme.read_text()
+    assert re.search(r"pip install (-e )?['\"]?\.(\[[\w,-]+\])?['\"]?", text), (
+        "the README installs the project with `pip install .`, as the Dockerfile does"
+    )
+    assert "tapserve serve" in text
+
+
+# ---- Deployments -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_deployment_drains_within_the_grace_period(name: str) -> None:
+    deployment = document(name)
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    drain = int(env(c)["TAPSERVE_DRAIN_GRACE_SECONDS"])
+    pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
+    # A liveness probe that could fail during the drain must not fail before it ends.
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > drain + pre_stop
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_deployment_probes_are_grpc_health_checks(name: str) -> None:
+    c = container(document(name))
+    grpc_port = port(c, "grpc")
+    assert grpc_port == int(env(c)["TAPSERVE_GRPC_PORT"]) == 8001
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        spec = c[probe]
+        assert set(spec) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
+        assert spec["grpc"]["port"] == grpc_port, probe
+        assert spec["grpc"].get("service", "") == "", probe
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, (
+        "model load and warm-up get at least 5 minutes"
+    )
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_deployment_is_locked_down(name: str) -> None:
+    deployment = document(name)
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert {"cpu", "memory"} <= c["resources"]["requests"].keys()
+    assert {"cpu", "memory"} <= c["resources"]["limits"].keys()
+
+    image = c["image"]
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), image
+
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    models = volumes[mounts["/models"]["name"]]
+    assert mounts["/models"]["readOnly"] is True
+    assert models["persistentVolumeClaim"]["claimName"] == document("pvc.yaml")["metadata"]["name"]
+    assert models["persistentVolumeClaim"]["readOnly"] is True
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert env(c)["TAPSERVE_MODEL_REPOSITORY"] == "/models"
+
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == port(c, "metrics")
+    assert int(env(c)["TAPSERVE_METRICS_PORT"]) == port(c, "metrics") == 8002
+
+
+def test_gpu_deployment_asks_for_a_gpu() -> None:
+    deployment = document("deployment-gpu.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    assert c["image"].endswith("-gpu")
+    assert document("deployment.yaml")["metadata"]["name"] == deployment["metadata"]["name"]
+
+
+def test_service_pdb_and_hpa_point_at_the_deployment() -> None:
+    deployment = document("deployment.yaml")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    c = container(deployment)
+
+    service = document("service.yaml")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["grpc"]["port"] == port(c, "grpc")
+    assert ports["metrics"]["port"] == port(c, "metrics")
+
+    pdb = document("pdb.yaml")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    hpa = document("hpa.yaml")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] >= 2
+    hpa_metrics = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Pods"}
+    assert hpa_metrics <= {rule["name"]["as"] for rule in adapter_rules()}
+
+
+# ---- Prometheus adapter rules ------------------------------------------------------------
+
+
+def adapter_rules() -> list[dict[str, Any]]:
+    config = document("prometheus-adapter-rules.yaml")
+    return yaml.safe_load(config["data"]["config.yaml"])["rules"]
+
+
+def test_adapter_rules_are_valid_promql_on_tapserve_metrics() -> None:
+    rules = adapter_rules()
+    assert rules
+    queries = []
+    for rule in rules:
+        assert rule["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"},
+            "pod": {"resource": "pod"},
+        }
+        (series,) = SELECTOR.findall(rule["seriesQuery"])
+        assert series[0] in METRICS, series
+        assert re.fullmatch(rule["name"]["matches"], series[0])
+        query = rule["metricsQuery"]
+        for name, _ in SELECTOR.findall(query):
+            assert name in METRICS, name
+        # What the adapter substitutes for a per-pod query.
+        queries.append(
+            query.replace("<<.Series>>", series[0])
+            .replace("<<.LabelMatchers>>", 'namespace="ns",pod=~"a|b"')
+            .replace("<<.GroupBy>>", "namespace, pod")
+        )
+        assert "<<" not in queries[-1], queries[-1]
+    assert parse_promql(queries) == []
+
+
+# ---- Grafana dashboard -------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            out.extend(panel.get("panels", []))
+        else:
+            out.append(panel)
+    return out
+
+
+def test_dashboard_has_its_template_variables() -> None:
+    board = dashboard()
+    assert 36 <= board["schemaVersion"] <= 41
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("model", "endpoint"):
+        var = variables[name]
+        assert var["type"] == "query"
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        assert re.fullmatch(rf"label_values\((tapserve_[a-z_]+)(\{{.*\}})?, {name}\)", query)
+        assert SELECTOR.match(query[len("label_values(") :]).group(1) in METRICS
+        assert var["includeAll"] and var["multi"] and var["allValue"] == ".*"
+
+
+def test_dashboard_panels_query_only_tapserve_metrics() -> None:
+    board = dashboard()
+    ids = [p["id"] for p in board["panels"]] + [
+        p["id"] for r in board["panels"] for p in r.get("panels", [])
+    ]
+    assert len(ids) == len(set(ids))
+    exprs = []
+    for panel in panels(board):
+        targets = panel.get("targets", [])
+        assert targets, f"panel {panel['title']!r} has no target"
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in targets:
+            expr = target["expr"]
+            selectors = SELECTOR.findall(expr)
+            assert selectors, f"{panel['title']!r}: {expr}"
+            for name, matchers in selectors:
+                assert name in METRICS, f"{panel['title']!r}: unknown metric {name}"
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                if name not in WITHOUT_MODEL:
+                    assert 'model=~"$model"' in matchers, f"{panel['title']!r}: {expr}"
+                if base in WITH_ENDPOINT:
+                    assert 'endpoint=~"$endpoint"' in matchers, f"{panel['title']!r}: {expr}"
+            exprs.append(expr)
+    covered = {name for e in exprs for name, _ in SELECTOR.findall(e)}
+    for needed in (
+        "tapserve_requests_total",
+        "tapserve_request_duration_seconds_bucket",
+        "tapserve_queue_duration_seconds_bucket",
+        "tapserve_compute_duration_seconds_bucket",
+        "tapserve_batch_size_sum",
+        "tapserve_batch_size_count",
+        "tapserve_queue_depth",
+        "tapserve_model_ready",
+        "tapserve_model_load_duration_seconds",
+    ):
+        assert needed in covered, f"no panel shows {needed}"
+    # Grafana's variables replaced as Grafana would, then parsed as PromQL.
+    concrete = [
+        e.replace("$__rate_interval", "5m").replace("$model", ".*").replace("$endpoint", ".*")
+        for e in exprs
+    ]
+    assert all("$" not in e for e in concrete), concrete
+    assert parse_promql(concrete) == []

@@ -1,0 +1,28 @@
+"""Black-box fixtures (see stock.py): a real `tapserve serve` process per use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from stock import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def start_process(tmp_path_factory: pytest.TempPathFactory):
+    """`start_process(repository, *flags, **env)`: every server is stopped at the end."""
+    processes: list[ServerProcess] = []
+
+    def start(repository: Path, *flags: str, ready: bool = True, **env: str) -> ServerProcess:
+        log = tmp_path_factory.mktemp("server") / "tapserve.log"
+        processes.append(ServerProcess(repository, log, *flags, **env))
+        if ready:
+            processes[-1].wait_ready()
+        return processes[-1]
+
+    yield start
+    for process in processes:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait(10)
+

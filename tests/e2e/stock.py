@@ -1,0 +1,75 @@
+"""Black-box helpers: `tapserve serve` in a subprocess on 127.0.0.1, the stock tritonclient."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as triton
+from tritonclient.utils import np_to_triton_dtype
+
+TAPSERVE = Path(sys.executable).parent / "tapserve"
+BOUND = re.compile(r"serving gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)")
+
+
+class ServerProcess:
+    """`tapserve serve` on free ports; its log goes to a file the test can read."""
+
+    def __init__(self, repository: Path, log: Path, *flags: str, **env: str) -> None:
+        self.log = log
+        command = [str(TAPSERVE), "serve", "--model-repository", str(repository),
+                   "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *flags]
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **env})
+        deadline = time.monotonic() + 60
+        while not (match := BOUND.search(self.output())):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"tapserve did not start:\n{self.output()}")
+            time.sleep(0.05)
+        self.grpc_port, self.metrics_port = int(match[1]), int(match[2])
+        self.url = f"127.0.0.1:{self.grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def client(self) -> triton.InferenceServerClient:
+        return triton.InferenceServerClient(self.url)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while not client.is_server_ready():
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tapserve never became ready:\n{self.output()}")
+                time.sleep(0.1)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def infer(client: triton.InferenceServerClient, model: str, feeds: dict[str, np.ndarray],
+          outputs: list[str] | None = None, **kwargs: object) -> triton.InferResult:
+    """One ModelInfer through the stock client, the way a user writes it."""
+    inputs = []
+    for name, array in feeds.items():
+        tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    requested = [triton.InferRequestedOutput(o) for o in outputs] if outputs else None
+    return client.infer(model, inputs, outputs=requested, **kwargs)

@@ -1,0 +1,161 @@
+"""ErrorStatusInterceptor on any service: a tiny bytes-in/bytes-out service on a real server."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from service.errors import ConfigError, NotFound, NotReady, Overloaded
+from service.protocol.status import STATUS_CODES, status_code
+
+
+class ModelNotFound(NotFound):
+    """A subclass a core might define: it keeps its parent's status."""
+
+
+async def _abort(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "handler's own status")
+    return b""
+
+
+async def _raise_subclass(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise ModelNotFound("no model 'x'")
+
+
+async def _raise_not_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise NotReady("draining")
+
+
+async def _raise_config_error(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise ConfigError("/secret/path/config.yaml is broken")
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+def _sync_raise(request: bytes, context: grpc.ServicerContext) -> bytes:
+    time.sleep(0.01)  # runs off the event loop
+    raise Overloaded("queue full")
+
+
+def _sync_echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return request
+
+
+async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+    for i in range(3):
+        yield bytes([i])
+
+
+HANDLERS = {
+    "Abort": grpc.unary_unary_rpc_method_handler(_abort),
+    "Subclass": grpc.unary_unary_rpc_method_handler(_raise_subclass),
+    "NotReady": grpc.unary_unary_rpc_method_handler(_raise_not_ready),
+    "Unmapped": grpc.unary_unary_rpc_method_handler(_raise_config_error),
+    "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+    "SyncRaise": grpc.unary_unary_rpc_method_handler(_sync_raise),
+    "SyncEcho": grpc.unary_unary_rpc_method_handler(_sync_echo),
+    "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+}
+
+
+# (method, code) pairs the interceptor reports through its on_done hook. context.abort sends
+# the status before the hook runs, so a test waits for reported rather than racing it.
+reports: list[tuple[str, str]] = []
+reported = threading.Event()
+
+
+def _record(method: str, code: str) -> None:
+    reports.append((method, code))
+    reported.set()
+
+
+@pytest.fixture(scope="module")
+def channel(serve: Callable[..., Any]) -> Iterator[grpc.Channel]:
+    handler = grpc.method_handlers_generic_handler("test.Probe", HANDLERS)
+    with (
+        serve(lambda server: server.add_generic_rpc_handlers((handler,)),
+              _record) as port,
+        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        yield channel
+
+
+def _call(channel: grpc.Channel, method: str, payload: bytes = b"hi") -> bytes:
+    return channel.unary_unary(f"/test.Probe/{method}")(payload, timeout=10)
+
+
+def _status(channel: grpc.Channel, method: str) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        _call(channel, method)
+    return info.value.code(), info.value.details()
+
+
+def test_handler_abort_propagates_unchanged(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="service.protocol.status"):
+        status = _status(channel, "Abort")
+    assert status == (grpc.StatusCode.PERMISSION_DENIED, "handler's own status")
+    # grpc's AbortError is not an unhandled error: nothing logged, no second abort.
+    assert not [r for r in caplog.records if r.name == "service.protocol.status"]
+
+
+def test_subclass_keeps_parent_status(channel: grpc.Channel) -> None:
+    assert _status(channel, "Subclass") == (grpc.StatusCode.NOT_FOUND, "no model 'x'")
+
+
+def test_any_service_is_covered(channel: grpc.Channel) -> None:
+    assert _status(channel, "NotReady") == (grpc.StatusCode.UNAVAILABLE, "draining")
+
+
+def test_unmapped_domain_error_is_generic_internal(channel: grpc.Channel) -> None:
+    assert _status(channel, "Unmapped") == (grpc.StatusCode.INTERNAL, "internal server error")
+
+
+def test_sync_handlers_are_mapped_too(channel: grpc.Channel) -> None:
+    assert _status(channel, "SyncRaise") == (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+    assert _call(channel, "SyncEcho") == b"hi"
+
+
+def test_success_and_streams_pass_through(channel: grpc.Channel) -> None:
+    assert _call(channel, "Echo", b"payload") == b"payload"
+    stream = channel.unary_stream("/test.Probe/Stream")(b"", timeout=10)
+    assert list(stream) == [b"\x00", b"\x01", b"\x02"]
+
+
+def test_status_code_table() -> None:
+    assert status_code(ModelNotFound("x")) == grpc.StatusCode.NOT_FOUND
+    assert status_code(ConfigError("x")) is None
+    assert status_code(ValueError("x")) is None
+    assert len(set(STATUS_CODES.values())) == len(STATUS_CODES) == 6
+
+
+@pytest.mark.parametrize(("method", "code"), [
+    ("Echo", "OK"), ("SyncEcho", "OK"), ("Subclass", "NOT_FOUND"), ("Abort", "PERMISSION_DENIED"),
+    ("SyncRaise", "RESOURCE_EXHAUSTED"), ("Unmapped", "INTERNAL"),
+])
+def test_on_done_reports_each_call_once(channel: grpc.Channel, method: str, code: str) -> None:
+    reports.clear()
+    reported.clear()
+    with contextlib.suppress(grpc.RpcError):
+        _call(channel, method)
+    assert reported.wait(timeout=10)
+    assert reports == [(f"/test.Probe/{method}", code)]
+
+
+def test_on_done_skips_streams(channel: grpc.Channel) -> None:
+    reports.clear()
+    reported.clear()
+    assert len(list(channel.unary_stream("/test.Probe/Stream")(b"", timeout=10))) == 3
+    _call(channel, "Echo")  # a later unary call's report proves the stream made none
+    assert reported.wait(timeout=10)
+    assert reports == [("/test.Probe/Echo", "OK")]

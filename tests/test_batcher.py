@@ -1,0 +1,455 @@
+"""The batcher alone (service/batcher.py): no server, no TensorFlow, a fake numpy `run`.
+
+Timing is controlled with asyncio.Event gates and huge queue delays wherever possible;
+`asyncio.wait_for(..., SAFETY)` only keeps a broken batcher from hanging the suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from service.batcher import Batch, Batcher, BatchPolicy, Work, merge, slices, split
+from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded
+
+Arrays = dict[str, np.ndarray]
+SAFETY = 5.0  # seconds: a hang guard, never what a test measures
+FOREVER_MS = 60_000.0  # a queue delay no test waits out
+
+
+def compute(feeds: Arrays, outputs: tuple[str, ...], rows: Arrays | None) -> Arrays:
+    x = feeds["x"]
+    full = {"y": x * 2, "z": x + 1}
+    return {o: full[o] if rows is None else full[o][rows[o]] for o in outputs}
+
+
+@dataclass
+class Call:
+    source: Hashable
+    outputs: tuple[str, ...]
+    feeds: Arrays
+    rows: Arrays | None
+
+    @property
+    def size(self) -> int:
+        return len(self.feeds["x"])
+
+
+@dataclass
+class FakeRun:
+    """Computes y = 2x, z = x + 1 honoring row masks; records calls; can block or fail.
+
+    With `gate` set, every call waits for it (and counts how many wait at once).
+    """
+
+    gate: asyncio.Event | None = None
+    calls: list[Call] = field(default_factory=list)
+    running: int = 0
+    max_running: int = 0
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
+                       rows: Arrays | None) -> Arrays:
+        self.calls.append(Call(source, outputs, {k: v.copy() for k, v in feeds.items()}, rows))
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.started.set()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if np.any(feeds["x"] < 0):
+                raise ValueError("negative input")
+            return compute(feeds, outputs, rows)
+        finally:
+            self.running -= 1
+
+    def seen(self) -> np.ndarray:
+        """Every input row `run` was given."""
+        if not self.calls:
+            return np.zeros((0,))
+        return np.concatenate([c.feeds["x"].ravel() for c in self.calls])
+
+
+@asynccontextmanager
+async def batcher(run: FakeRun, concurrency: int = 1, **policy: object
+                  ) -> AsyncIterator[Batcher]:
+    b = Batcher(run, BatchPolicy(**policy), concurrency)
+    b.start()
+    try:
+        yield b
+    finally:
+        if run.gate is not None:
+            run.gate.set()
+        await asyncio.wait_for(b.close(timeout=0.2), SAFETY)
+
+
+def xs(*values: float) -> Arrays:
+    return {"x": np.array(values, dtype=np.float32)}
+
+
+async def settle(rounds: int = 20) -> None:
+    """Let every ready task run (the batcher's loop included) without waiting on a clock."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def submit(b: Batcher, feeds: Arrays, outputs: tuple[str, ...] = ("y",),
+           source: Hashable = "g", deadline: float | None = None) -> asyncio.Task:
+    return asyncio.create_task(b.submit(source, feeds, outputs, deadline))
+
+
+async def result(task: asyncio.Task) -> Arrays:
+    out, _ = await asyncio.wait_for(task, SAFETY)
+    return out
+
+
+def _work(feeds: Arrays, outputs: tuple[str, ...], source: Hashable = "g") -> Work:
+    return Work(source, feeds, outputs, None, asyncio.get_running_loop().create_future())
+
+
+# --- merge / split / slices --------------------------------------------------------------
+
+async def test_merge_same_outputs_has_no_row_masks() -> None:
+    works = [_work(xs(1, 2), ("y", "z")), _work(xs(3), ("y", "z"))]
+    batch = merge(works)
+    assert batch.rows is None and batch.outputs == ("y", "z") and batch.source == "g"
+    np.testing.assert_array_equal(batch.feeds["x"], [1, 2, 3])
+    parts = split(works, batch, compute(batch.feeds, batch.outputs, None))
+    np.testing.assert_array_equal(parts[0]["y"], [2, 4])
+    np.testing.assert_array_equal(parts[0]["z"], [2, 3])
+    np.testing.assert_array_equal(parts[1]["y"], [6])
+    np.testing.assert_array_equal(parts[1]["z"], [4])
+
+
+async def test_merge_different_outputs_masks_rows_and_split_gives_each_its_rows() -> None:
+    works = [_work(xs(1, 2), ("y",)), _work(xs(3), ("z",)), _work(xs(4, 5), ("y", "z"))]
+    batch = merge(works)
+    assert batch.outputs == ("y", "z")
+    np.testing.assert_array_equal(batch.rows["y"], [True, True, False, True, True])
+    np.testing.assert_array_equal(batch.rows["z"], [False, False, True, True, True])
+    parts = split(works, batch, compute(batch.feeds, batch.outputs, batch.rows))
+    assert [set(p) for p in parts] == [{"y"}, {"z"}, {"y", "z"}]
+    np.testing.assert_array_equal(parts[0]["y"], [2, 4])
+    np.testing.assert_array_equal(parts[1]["z"], [4])
+    np.testing.assert_array_equal(parts[2]["y"], [8, 10])
+    np.testing.assert_array_equal(parts[2]["z"], [5, 6])
+
+
+async def test_split_refuses_a_wrong_row_count() -> None:
+    works = [_work(xs(1, 2), ("y",)), _work(xs(3), ("y",))]
+    batch = merge(works)
+    with pytest.raises(RuntimeError, match="2 rows for output 'y', expected 3"):
+        split(works, batch, {"y": np.zeros(2)})
+    masked = [_work(xs(1, 2), ("y",)), _work(xs(3), ("z",))]
+    batch = merge(masked)
+    with pytest.raises(RuntimeError, match="output 'z'"):
+        split(masked, batch, {"y": np.zeros(2), "z": np.zeros(2)})
+    with pytest.raises(RuntimeError):
+        split(works, Batch("g", ("y",), xs(1, 2, 3), None), {"y": np.float32(1)})  # 0-d
+
+
+def test_slices_cut_into_pieces_of_at_most_size_rows() -> None:
+    feeds = {"x": np.arange(7), "w": np.arange(14).reshape(7, 2)}
+    pieces = slices(feeds, 3)
+    assert [len(p["x"]) for p in pieces] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([p["w"] for p in pieces]), feeds["w"])
+    assert len(slices(feeds, 7)) == 1 and len(slices(feeds, 100)) == 1
+
+
+# --- batch forming -----------------------------------------------------------------------
+
+async def test_a_request_larger_than_max_batch_size_is_split_and_reassembled() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=3, max_queue_delay_ms=1) as b:
+        x = np.arange(10, dtype=np.float32)
+        out = await result(submit(b, {"x": x}, ("y", "z")))
+    np.testing.assert_array_equal(out["y"], x * 2)
+    np.testing.assert_array_equal(out["z"], x + 1)
+    assert all(c.size <= 3 for c in run.calls)
+    assert sum(c.size for c in run.calls) == 10
+
+
+async def test_a_batch_closes_at_max_batch_size_without_waiting_for_the_delay() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=4, max_queue_delay_ms=FOREVER_MS) as b:
+        tasks = [submit(b, xs(i)) for i in range(3)]
+        await settle()
+        assert run.calls == [] and b.depth == 3  # not full: still waiting
+        tasks.append(submit(b, xs(3)))
+        outs = [await result(t) for t in tasks]
+    assert [c.size for c in run.calls] == [4]
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], [2 * i])
+
+
+async def test_a_batch_that_is_not_full_closes_after_the_delay() -> None:
+    run = FakeRun()
+    delay_ms = 50
+    async with batcher(run, max_batch_size=8, max_queue_delay_ms=delay_ms) as b:
+        task = submit(b, xs(1))
+        await settle()
+        assert run.calls == []  # did not close early
+        out, queued = await asyncio.wait_for(task, SAFETY)
+    np.testing.assert_array_equal(out["y"], [2])
+    assert queued >= delay_ms / 1000 * 0.9  # waited out the delay (a lower bound only)
+
+
+async def test_batches_grow_while_the_device_is_busy() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    async with batcher(run, concurrency=1, max_batch_size=8, max_queue_delay_ms=0) as b:
+        first = submit(b, xs(0))
+        await asyncio.wait_for(run.started.wait(), SAFETY)
+        rest = [submit(b, xs(i)) for i in range(1, 6)]
+        await settle()
+        assert len(run.calls) == 1
+        run.gate.set()
+        await result(first)
+        for t in rest:
+            await result(t)
+    assert [c.size for c in run.calls] == [1, 5]
+
+
+async def test_different_sources_never_share_a_batch() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=2, max_queue_delay_ms=FOREVER_MS) as b:
+        tasks = [submit(b, xs(1), source="a"), submit(b, xs(10), source="b"),
+                 submit(b, xs(2), source="a"), submit(b, xs(20), source="b")]
+        outs = [await result(t) for t in tasks]
+    assert sorted((c.source, tuple(c.feeds["x"])) for c in run.calls) == [
+        ("a", (1, 2)), ("b", (10, 20))]
+    assert [float(o["y"][0]) for o in outs] == [2, 20, 4, 40]
+
+
+async def test_inputs_of_different_shapes_or_dtypes_never_share_a_batch() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=2, max_queue_delay_ms=FOREVER_MS) as b:
+        wide = {"x": np.ones((1, 3), dtype=np.float32)}
+        narrow = {"x": np.ones((1, 2), dtype=np.float32)}
+        ints = {"x": np.ones((1, 2), dtype=np.int64)}
+        tasks = [submit(b, wide), submit(b, narrow), submit(b, ints),
+                 submit(b, wide), submit(b, narrow), submit(b, ints)]
+        outs = [await result(t) for t in tasks]
+    assert sorted((c.feeds["x"].shape, c.feeds["x"].dtype.str) for c in run.calls) == sorted(
+        [((2, 3), "<f4"), ((2, 2), "<f4"), ((2, 2), "<i8")])
+    assert [o["y"].shape for o in outs] == [(1, 3), (1, 2), (1, 2)] * 2
+    assert outs[2]["y"].dtype == np.int64
+
+
+async def test_without_shared_passes_different_outputs_never_share_a_batch() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=2, max_queue_delay_ms=FOREVER_MS,
+                       shared_passes=False) as b:
+        tasks = [submit(b, xs(1), ("y",)), submit(b, xs(2), ("z",)),
+                 submit(b, xs(3), ("y",)), submit(b, xs(4), ("z",))]
+        outs = [await result(t) for t in tasks]
+    assert sorted((c.outputs, tuple(c.feeds["x"])) for c in run.calls) == [
+        (("y",), (1, 3)), (("z",), (2, 4))]
+    assert all(c.rows is None for c in run.calls)
+    assert [set(o) for o in outs] == [{"y"}, {"z"}, {"y"}, {"z"}]
+    assert [float(next(iter(o.values()))[0]) for o in outs] == [2, 3, 6, 5]
+
+
+async def test_with_shared_passes_different_outputs_share_one_batch() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=4, max_queue_delay_ms=FOREVER_MS,
+                       shared_passes=True) as b:
+        tasks = [submit(b, xs(1), ("y",)), submit(b, xs(2, 3), ("z",)),
+                 submit(b, xs(4), ("y", "z"))]
+        outs = [await result(t) for t in tasks]
+    (call,) = run.calls
+    assert call.outputs == ("y", "z")
+    np.testing.assert_array_equal(call.rows["y"], [True, False, False, True])
+    np.testing.assert_array_equal(call.rows["z"], [False, True, True, True])
+    assert [set(o) for o in outs] == [{"y"}, {"z"}, {"y", "z"}]
+    np.testing.assert_array_equal(outs[0]["y"], [2])
+    np.testing.assert_array_equal(outs[1]["z"], [3, 4])
+    np.testing.assert_array_equal(outs[2]["y"], [8])
+    np.testing.assert_array_equal(outs[2]["z"], [5])
+
+
+async def test_many_concurrent_requests_each_get_their_own_answer() -> None:
+    rng = np.random.default_rng(0)
+    choices = [("y",), ("z",), ("y", "z")]
+    run = FakeRun()
+    async with batcher(run, concurrency=2, max_batch_size=16, max_queue_delay_ms=1) as b:
+        requests, start = [], 0
+        for _ in range(200):
+            n = int(rng.integers(1, 6))
+            requests.append((np.arange(start, start + n, dtype=np.float32),
+                             choices[int(rng.integers(3))]))
+            start += n
+        tasks = [submit(b, {"x": x}, outputs) for x, outputs in requests]
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), SAFETY * 4)
+    for (x, outputs), (out, _) in zip(requests, outs, strict=True):
+        assert set(out) == set(outputs)
+        want = compute({"x": x}, outputs, None)
+        for name in outputs:
+            np.testing.assert_array_equal(out[name], want[name])
+    assert all(c.size <= 16 for c in run.calls)
+    assert len(run.calls) < 200  # requests really were batched together
+    np.testing.assert_array_equal(np.sort(run.seen()), np.arange(start))  # each row once
+
+
+# --- refusals, deadlines, cancellation ---------------------------------------------------
+
+async def test_a_full_queue_is_overloaded() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=100, max_queue_delay_ms=FOREVER_MS,
+                       max_queue_size=4) as b:
+        waiting = [submit(b, xs(1, 2)), submit(b, xs(3, 4))]
+        await settle()
+        assert b.depth == 4
+        with pytest.raises(Overloaded, match="queue is full"):
+            await b.submit("g", xs(5), ("y",))
+        for t in waiting:
+            t.cancel()
+    assert run.calls == []
+
+
+async def test_an_expired_deadline_is_not_computed() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=2, max_queue_delay_ms=FOREVER_MS) as b:
+        late = submit(b, xs(-1), deadline=time.monotonic() - 1)  # -1 would fail `run`
+        ok = submit(b, xs(7), deadline=time.monotonic() + 60)
+        with pytest.raises(DeadlineExceeded, match="not computed"):
+            await result(late)
+        np.testing.assert_array_equal((await result(ok))["y"], [14])
+    np.testing.assert_array_equal(run.seen(), [7])
+
+
+async def test_a_batch_of_only_expired_requests_does_not_run() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=1, max_queue_delay_ms=0) as b:
+        with pytest.raises(DeadlineExceeded):
+            await result(submit(b, xs(1), deadline=time.monotonic() - 1))
+        np.testing.assert_array_equal((await result(submit(b, xs(2))))["y"], [4])
+    np.testing.assert_array_equal(run.seen(), [2])
+
+
+async def test_a_cancelled_request_is_dropped_before_compute() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    async with batcher(run, concurrency=1, max_batch_size=1, max_queue_delay_ms=0) as b:
+        busy = submit(b, xs(1))
+        await asyncio.wait_for(run.started.wait(), SAFETY)
+        gone = submit(b, xs(-5))  # queued behind the busy batch
+        await settle()
+        gone.cancel()
+        await settle()
+        later = submit(b, xs(3))
+        run.gate.set()
+        await result(busy)
+        np.testing.assert_array_equal((await result(later))["y"], [6])
+        assert gone.cancelled()
+    np.testing.assert_array_equal(run.seen(), [1, 3])
+
+
+async def test_a_cancelled_piece_of_a_split_request_frees_its_siblings() -> None:
+    """Cancelling a sliced request drops every one of its queued pieces."""
+    run = FakeRun(gate=asyncio.Event())
+    async with batcher(run, concurrency=1, max_batch_size=2, max_queue_delay_ms=0) as b:
+        busy = submit(b, xs(1))
+        await asyncio.wait_for(run.started.wait(), SAFETY)
+        big = submit(b, xs(-1, -2, -3, -4, -5))
+        await settle()
+        big.cancel()
+        await settle()
+        run.gate.set()
+        await result(busy)
+        await result(submit(b, xs(9)))
+    np.testing.assert_array_equal(run.seen(), [1, 9])
+
+
+# --- concurrency and failures ------------------------------------------------------------
+
+async def test_at_most_concurrency_batches_run_at_once() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    async with batcher(run, concurrency=2, max_batch_size=1, max_queue_delay_ms=0) as b:
+        tasks = [submit(b, xs(i)) for i in range(6)]
+        await settle(50)
+        assert run.running == 2 and len(run.calls) == 2
+        assert b.depth == 4
+        run.gate.set()
+        outs = [await result(t) for t in tasks]
+    assert run.max_running == 2
+    assert len(run.calls) == 6
+    assert [float(o["y"][0]) for o in outs] == [0, 2, 4, 6, 8, 10]
+
+
+async def test_a_failing_run_fails_only_its_batch() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=2, max_queue_delay_ms=FOREVER_MS) as b:
+        bad = [submit(b, xs(-1)), submit(b, xs(1))]  # one batch: both fail
+        with pytest.raises(ValueError, match="negative"):
+            await result(bad[0])
+        with pytest.raises(ValueError, match="negative"):
+            await result(bad[1])
+        good = [submit(b, xs(2)), submit(b, xs(3))]
+        assert [float((await result(t))["y"][0]) for t in good] == [4, 6]
+
+
+async def test_a_run_returning_the_wrong_row_count_fails_its_batch() -> None:
+    calls = 0
+
+    async def short(source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
+                    rows: Arrays | None) -> Arrays:
+        nonlocal calls
+        calls += 1
+        result = compute(feeds, outputs, rows)
+        return {k: v[:-1] for k, v in result.items()} if calls == 1 else result
+
+    b = Batcher(short, BatchPolicy(max_batch_size=1, max_queue_delay_ms=0), 1)
+    b.start()
+    try:
+        with pytest.raises(RuntimeError, match="0 rows for output 'y', expected 1"):
+            await result(submit(b, xs(1)))
+        np.testing.assert_array_equal((await result(submit(b, xs(2))))["y"], [4])
+    finally:
+        await b.close(timeout=1.0)
+
+
+async def test_callbacks_report_batch_rows_and_queue_depth() -> None:
+    batches: list[int] = []
+    depths: list[int] = []
+    run = FakeRun()
+    b = Batcher(run, BatchPolicy(max_batch_size=3, max_queue_delay_ms=FOREVER_MS), 1,
+                on_batch=lambda rows, seconds: batches.append(rows),
+                on_depth=depths.append)
+    b.start()
+    try:
+        await result(submit(b, xs(1, 2, 3)))
+    finally:
+        await b.close(timeout=1.0)
+    assert batches == [3]
+    assert depths[0] == 3 and depths[-1] == 0
+
+
+# --- shutdown ----------------------------------------------------------------------------
+
+async def test_close_finishes_queued_work_then_refuses_new_submits() -> None:
+    run = FakeRun()
+    b = Batcher(run, BatchPolicy(max_batch_size=4, max_queue_delay_ms=20), 1)
+    b.start()
+    tasks = [submit(b, xs(i)) for i in range(6)]
+    await settle()
+    await asyncio.wait_for(b.close(), SAFETY)
+    assert [float((await result(t))["y"][0]) for t in tasks] == [0, 2, 4, 6, 8, 10]
+    with pytest.raises(NotReady):
+        await b.submit("g", xs(1), ("y",))
+
+
+async def test_close_with_a_timeout_cancels_what_is_left() -> None:
+    run = FakeRun()
+    b = Batcher(run, BatchPolicy(max_batch_size=4, max_queue_delay_ms=FOREVER_MS), 1)
+    b.start()
+    task = submit(b, xs(1))
+    await settle()
+    await asyncio.wait_for(b.close(timeout=0.05), SAFETY)
+    with pytest.raises(Cancelled):
+        await result(task)
+    assert run.calls == []
