@@ -65,9 +65,11 @@ class DataPlane:
                                  outputs, request.id)
         except TapserveError as exc:
             code = exc.code
-            log.info("request failed: model=%s endpoint=%s id=%s status=%s latency=%.4fs: %s",
-                     request.model, request.endpoint or "", request.id, code,
-                     time.monotonic() - started, exc)
+            fields = {"model": request.model, "endpoint": request.endpoint or "",
+                      "request_id": request.id, "status": code,
+                      "latency_s": round(time.monotonic() - started, 6)}
+            log.info("request failed: %s (%s)", exc,
+                     " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
             raise
         except BaseException as exc:
             code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
