@@ -29,10 +29,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Only what the wheel is built from (see .dockerignore): metadata, README (the package's
 # long description) and the package itself, generated protobuf modules included.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c constraints.txt . \
     && if [ "$GPU" = "true" ]; then \
          pip install --no-cache-dir "tensorflow[and-cuda]==2.21.0"; \
        fi

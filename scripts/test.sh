@@ -20,5 +20,8 @@ if ! command -v prometheus >/dev/null 2>&1; then
 fi
 echo "lint: ruff"
 .venv/bin/ruff check .
-echo "test: pytest"
-exec .venv/bin/python -m pytest "$@"
+# Two sessions: tritonclient's generated protobufs and ours cannot share a process.
+echo "test: pytest (in-process)"
+.venv/bin/python -m pytest "$@"
+echo "test: pytest --e2e (tapserve serve + stock tritonclient)"
+.venv/bin/python -m pytest --e2e "$@"

@@ -143,9 +143,10 @@ class Batcher:
         """
         if self._closed:
             raise NotReady("the model is shutting down")
-        if self._depth >= self.policy.max_queue_size:
+        rows = len(next(iter(feeds.values())))
+        if self._depth and self._depth + rows > self.policy.max_queue_size:
             raise Overloaded(f"the queue is full ({self._depth} rows waiting, limit "
-                             f"{self.policy.max_queue_size}); retry later")
+                             f"{self.policy.max_queue_size}, this request {rows}); retry later")
         # Only inputs of the same shapes concatenate; without shared passes, only
         # requests for the same outputs share a batch.
         group = (source, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
@@ -181,19 +182,25 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _next_batch(self) -> list[Work]:
-        """Wait for work, then for its batch to fill or its first request's delay."""
-        while not self._pending:
-            self._arrived.clear()
-            await self._arrived.wait()
-        group, queue = next(iter(self._pending.items()))  # the oldest group first
-        close_at = queue[0].enqueued + self.policy.max_queue_delay_ms / 1000
-        while sum(w.rows for w in queue) < self.policy.max_batch_size:
-            remaining = close_at - time.monotonic()
-            if remaining <= 0:
+        """Wait for a group whose batch is full, or whose first request's delay is up."""
+        delay = self.policy.max_queue_delay_ms / 1000
+        while True:
+            now, group, close_at = time.monotonic(), None, float("inf")
+            for key, queue in self._pending.items():  # oldest group first
+                if sum(w.rows for w in queue) >= self.policy.max_batch_size:
+                    group = key
+                    break
+                if queue[0].enqueued + delay < close_at:
+                    close_at, oldest = queue[0].enqueued + delay, key
+            if group is None and close_at <= now:
+                group = oldest
+            if group is not None:
                 break
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._arrived.wait(),
+                                       None if close_at == float("inf") else close_at - now)
+        queue = self._pending[group]
         works, rows = [], 0
         while queue and rows + queue[0].rows <= self.policy.max_batch_size:
             w = queue.popleft()

@@ -20,5 +20,8 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # TensorFlow's Python warnings (e.g. "retracing" while every endpoint compiles at load)
+    # are about its internals, not the server's events.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     # TensorFlow's C++ start-up chatter is not ours to print.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

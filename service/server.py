@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -100,8 +101,13 @@ class TapServer:
         await self.health.enter_graceful_shutdown()
         if self._loading and not self._loading.done():
             self._loading.cancel()
-        await self.server.stop(grace)
+        # Finish the accepted work while gRPC still answers, so requests arriving meanwhile
+        # get the data plane's UNAVAILABLE and health says NOT_SERVING. Stopping gRPC first
+        # closes the port at once and cancels calls it received but had not yet handed to
+        # a handler: their clients saw CANCELLED (no retry), not UNAVAILABLE.
+        deadline = time.monotonic() + grace
         await self.registry.close(grace)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         self._metrics_http.shutdown()
         log.info("stopped")
 

@@ -453,3 +453,31 @@ async def test_close_with_a_timeout_cancels_what_is_left() -> None:
     with pytest.raises(Cancelled):
         await result(task)
     assert run.calls == []
+
+
+async def test_a_full_group_does_not_wait_behind_an_older_partial_one() -> None:
+    # Regression: the loop once waited out the oldest group's delay even when a younger
+    # group already had a full batch.
+    run = FakeRun()
+    async with batcher(run, max_batch_size=2, max_queue_delay_ms=FOREVER_MS) as b:
+        partial = submit(b, xs(1), source="old")
+        await settle()
+        full = submit(b, xs(2, 3), source="young")
+        out = await result(full)
+        np.testing.assert_array_equal(out["y"], [4, 6])
+        assert not partial.done()
+    with pytest.raises(Cancelled):
+        await partial
+
+
+async def test_one_large_request_cannot_overshoot_the_queue_limit() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=8, max_queue_delay_ms=FOREVER_MS,
+                       max_queue_size=4) as b:
+        waiting = submit(b, xs(1))
+        await settle()
+        with pytest.raises(Overloaded, match="this request 4"):
+            await asyncio.wait_for(b.submit("g", xs(1, 2, 3, 4), ("y",)), SAFETY)
+        assert not waiting.done()
+    with pytest.raises(Cancelled):
+        await waiting

@@ -375,6 +375,19 @@ def test_dict_outputs_in_unsorted_key_order_map_to_the_right_tensors(mode: str) 
     assert_same(got["alpha"], want["alpha"])
 
 
+@pytest.mark.filterwarnings("ignore:When providing `inputs` as a dict")  # keys != names
+@pytest.mark.parametrize("mode", MODES)
+def test_dict_inputs_in_unsorted_key_order_map_to_the_right_tensors(mode: str) -> None:
+    zeta, alpha = keras.Input(shape=(2,), name="zin"), keras.Input(shape=(3,), name="ain")
+    model = keras.Model({"zeta": zeta, "alpha": alpha}, L.Concatenate(name="c")([zeta, alpha]))
+    graph = TapGraph(model)
+    assert sorted(graph.input_names) == ["alpha", "zeta"]
+    assert graph.tap("zeta").shape == (None, 2) and graph.tap("alpha").shape == (None, 3)
+    feeds = {"zeta": np.ones((2, 2), np.float32), "alpha": np.zeros((2, 3), np.float32)}
+    got = run_plan(graph.plan(["zeta", "alpha"], ["c"]), feeds, mode)
+    assert_same(got["c"], model(feeds))
+
+
 def test_sequential_input_is_named_after_its_input_layer(models: dict) -> None:
     """Regression: a fresh Sequential's input tensor is named "keras_tensor_<n>"; the tap
     and input name must be the InputLayer's (what the saved file and clients see)."""
@@ -389,6 +402,19 @@ def test_sequential_output_names() -> None:
     """Regression: Sequential has no `output_names`; TapGraph used to crash on it."""
     graph = TapGraph(zoo.build_sequential())
     assert graph.output_names == ["out"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_and_batch_norm_replay_in_inference_mode(mode: str) -> None:
+    keras.utils.set_random_seed(9)
+    x = keras.Input(shape=(4,), name="x")
+    h = L.Dropout(0.9, name="drop")(L.Dense(8, name="d")(x))
+    h = L.BatchNormalization(name="bn")(h)
+    model = keras.Model(x, L.Dense(2, name="o")(h))
+    feeds = {"x": np.random.default_rng(4).random((5, 4), dtype=np.float32)}
+    got = run_plan(TapGraph(model).plan(["x"], ["o", "drop"]), feeds, mode)
+    assert_same(got["o"], model(feeds["x"], training=False))
+    assert_same(got["drop"], model.get_layer("d")(feeds["x"]))  # dropout is the identity
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -529,6 +555,8 @@ def test_keras_internals_graph_surgery_relies_on(models: dict) -> None:
     siamese = models["siamese"]
     assert len(siamese.get_layer("shared")._inbound_nodes) == 2
     assert [t.name for t in siamese._inputs_struct] == ["left", "right"]
+    # Layers that take `training` say so here; graph.py passes training=False to them.
+    assert "training" in L.Dropout(0.5)._call_context_args
     # Keras lists dict outputs in sorted-key order (graph.py's names depend on it).
     assert [t._keras_history.operation.name for t in two.outputs] == ["label_head", "score_head"]
 

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import np_to_triton_dtype
 
 TAPSERVE = Path(sys.executable).parent / "tapserve"
@@ -19,12 +21,17 @@ BOUND = re.compile(r"serving gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)")
 
 
 class ServerProcess:
-    """`tapserve serve` on free ports; its log goes to a file the test can read."""
+    """`tapserve serve` on free ports; its log goes to a file the test can read.
 
-    def __init__(self, repository: Path, log: Path, *flags: str, **env: str) -> None:
+    With `repository=None` nothing but `flags` is passed: the rest comes from `env`
+    (`TAPSERVE_*`), so the env twins of the flags can be tested."""
+
+    def __init__(self, repository: Path | None, log: Path, *flags: str, **env: str) -> None:
         self.log = log
-        command = [str(TAPSERVE), "serve", "--model-repository", str(repository),
-                   "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *flags]
+        command = [str(TAPSERVE), "serve", *flags]
+        if repository is not None:
+            command += ["--model-repository", str(repository), "--host", "127.0.0.1",
+                        "--grpc-port", "0", "--metrics-port", "0"]
         with open(log, "wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                             env={**os.environ, **env})
@@ -51,6 +58,16 @@ class ServerProcess:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"tapserve never became ready:\n{self.output()}")
                 time.sleep(0.1)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample's value from GET /metrics; None if no sample has those labels."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    return sample.value
+        return None
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM, then wait for the exit code."""

@@ -1,0 +1,100 @@
+"""The ceiling: the same Keras model called in-process, no server, no network.
+
+    .venv/bin/python bench/inprocess.py --model M.keras --batch 64 --threads 2 \
+        --duration 10 --out result.json
+
+A fresh process with the server's TensorFlow threading (intra-op 1, inter-op 2 by
+default), one `tf.function` with an input signature whose batch dimension is None,
+called in a closed loop by `--threads` threads (the server computes up to two batches
+at once on the CPU) on numpy batches of `--batch` rows; outputs come back as numpy,
+as the server's do. Reports rows/s and per-call latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--intra-op-threads", type=int, default=1)
+    parser.add_argument("--inter-op-threads", type=int, default=2)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    model = keras.models.load_model(args.model, compile=False)
+    signature = [tf.TensorSpec((None, *t.shape[1:]), t.dtype) for t in model.inputs]
+
+    @tf.function(input_signature=signature)
+    def run(*inputs: tf.Tensor) -> object:
+        return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+
+    rng = np.random.default_rng(0)
+    feeds = [rng.random((args.batch, *t.shape[1:])).astype(t.dtype) for t in model.inputs]
+
+    def call() -> None:
+        out = run(*feeds)
+        for t in tf.nest.flatten(out):
+            np.asarray(t)
+
+    call()  # trace
+    start = time.perf_counter() + args.warmup
+    end = start + args.duration
+    counts = [0] * args.threads
+    latencies: list[list[float]] = [[] for _ in range(args.threads)]
+
+    def loop(i: int) -> None:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= end:
+                return
+            call()
+            t1 = time.perf_counter()
+            if t0 >= start and t1 <= end:
+                counts[i] += 1
+                latencies[i].append(t1 - t0)
+
+    cpu0 = None
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(args.threads)]
+    for t in threads:
+        t.start()
+    time.sleep(max(start - time.perf_counter(), 0))
+    cpu0 = time.process_time()
+    time.sleep(max(end - time.perf_counter(), 0))
+    cpu1 = time.process_time()
+    for t in threads:
+        t.join()
+    lat = np.array([x for per in latencies for x in per]) * 1000
+    calls = sum(counts)
+    result = {
+        "model": args.model, "batch": args.batch, "threads": args.threads,
+        "intra_op_threads": args.intra_op_threads, "inter_op_threads": args.inter_op_threads,
+        "duration_s": args.duration, "calls": calls,
+        "calls_per_s": calls / args.duration,
+        "rows_per_s": calls * args.batch / args.duration,
+        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        "cpu_cores": (cpu1 - cpu0) / args.duration,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""Tapserve's benchmarks: the real server under closed-loop gRPC load, next to the ceiling.
+
+    .venv/bin/python bench/run.py [--scenarios 1,2,3] [--duration 10] [--peers]
+    scripts/bench.sh [same flags]        # sets up what is missing first
+
+1. `ae28`, a conv autoencoder on 28x28x1: 16-row requests, 16 in flight. Served rows/s
+   against the same model called in-process (bench/inprocess.py) at the served mean
+   batch size. Target: ratio >= 0.90.
+2. `dense64`, a 64 -> 64 dense model: 1-row requests, 8 in flight, req/s and p99. With
+   `--peers`, the same .keras file behind Seldon MLServer (adaptive batching,
+   parallel_workers 0) and NVIDIA PyTriton (@batch, dynamic batcher), each from its own
+   venv under bench/.venvs, with the same batching policy, client and request bytes.
+   Target: >= 2x the best peer's req/s at a lower p99.
+3. `trunk3`, one conv trunk and three heads as three endpoints with the same input:
+   mixed traffic (the endpoints in turn), 4-row requests, 12 in flight, shared passes on
+   vs off. Target: req/s ratio >= 1.3.
+
+Each server runs as its own process, the load generator (bench/load.py) as another, and
+this orchestrator only waits while they run. Every point is `--warmup` seconds of load,
+then `--duration` seconds measured. Writes bench/out/results.json and a Markdown report
+bench/out/report.md, and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+TAPSERVE = str(Path(PYTHON).with_name("tapserve"))
+MLSERVER = BENCH / ".venvs" / "mlserver" / "bin" / "mlserver"
+PYTRITON_PY = BENCH / ".venvs" / "pytriton" / "bin" / "python"
+
+# Headline concurrency of each scenario, and the sweep around it.
+HEADLINE = {1: 16, 2: 8, 3: 12}
+SWEEP = {1: [4, 16, 32], 2: [1, 8, 32], 3: [12, 24]}
+
+
+@dataclass
+class Policy:
+    """The batching every server gets in one scenario."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+
+
+@dataclass
+class Point:
+    """One measured load point."""
+
+    server: str
+    concurrency: int
+    load: dict
+    mean_batch: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        d = self.load
+        other = d["machine_cpu_cores"] - d["client_cpu_cores"] - d.get("server_cpu_cores", 0)
+        return {"server": self.server, "concurrency": self.concurrency,
+                "req_per_s": d["req_per_s"], "rows_per_s": d["rows_per_s"],
+                "p50_ms": d["p50_ms"], "p90_ms": d["p90_ms"], "p99_ms": d["p99_ms"],
+                "mean_batch": self.mean_batch, "errors": d["errors"],
+                "server_cpu": d.get("server_cpu_cores"), "client_cpu": d["client_cpu_cores"],
+                "other_cpu": max(other, 0.0), **self.extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class ServerProcess:
+    """A server started in its own session (so its children stop with it), logging to a file."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path, grpc_port: int,
+                 models: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
+        self.name, self.grpc_port, self.models = name, grpc_port, models
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("w")
+        log(f"starting {name}: {' '.join(command)}")
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, cwd=cwd,
+                                     start_new_session=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        """Until every model answers ModelReady true; fails if the process exits first."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelReady",
+                                       request_serializer=None, response_deserializer=None)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before "
+                                       f"it was ready; last lines of {self.log_path}:\n"
+                                       + tail(self.log_path))
+                try:
+                    ready = all(service_pb2.ModelReadyResponse.FromString(call(
+                        service_pb2.ModelReadyRequest(name=m).SerializeToString(),
+                        timeout=2)).ready for m in self.models)
+                except grpc.RpcError:
+                    ready = False
+                if ready:
+                    return
+                time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def tapserve(name: str, repository: Path, out: Path, args: argparse.Namespace,
+             models: list[str]) -> tuple[ServerProcess, str]:
+    grpc_port, metrics_port = free_port(), free_port()
+    command = [TAPSERVE, "serve", "--model-repository", str(repository),
+               "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+               "--metrics-port", str(metrics_port), "--log-level", "WARNING",
+               "--cpu-batches-in-flight", str(args.cpu_batches_in_flight),
+               "--intra-op-threads", str(args.intra_op_threads),
+               "--inter-op-threads", str(args.inter_op_threads)]
+    server = ServerProcess(name, command, out / "logs" / f"{name}.log", grpc_port, models)
+    return server, f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def measure(server: ServerProcess, spec: list[dict], concurrency: int, out: Path,
+            args: argparse.Namespace, tag: str, metrics_url: str | None = None,
+            batch_metric: tuple[str, str] | None = None) -> Point:
+    """One closed-loop point from a separate load process; mean batch from the metrics."""
+    spec_path = out / "specs" / f"{tag}.json"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    result_path = out / "points" / f"{tag}.json"
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [PYTHON, str(BENCH / "load.py"), "--target", server.target,
+               "--spec", str(spec_path), "--concurrency", str(concurrency),
+               "--warmup", str(args.warmup), "--duration", str(args.duration),
+               "--server-pid", str(server.proc.pid), "--out", str(result_path)]
+    if metrics_url and batch_metric:
+        command += ["--metrics-url", metrics_url, "--metric-prefix", batch_metric[0],
+                    "--metric-prefix", batch_metric[1]]
+    subprocess.run(command, check=True)
+    load = json.loads(result_path.read_text())
+    point = Point(server.name, concurrency, load)
+    if batch_metric and "metrics_after" in load:
+        point.mean_batch = mean_batch(load["metrics_before"], load["metrics_after"],
+                                      *batch_metric)
+    r = point.row()
+    log(f"{server.name} c={concurrency}: {r['req_per_s']:.0f} req/s, {r['rows_per_s']:.0f} "
+        f"rows/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, mean batch "
+        f"{fmt(r['mean_batch'], 1)}, cpu server {fmt(r['server_cpu'], 2)} client "
+        f"{r['client_cpu']:.2f} other {r['other_cpu']:.2f}"
+        + (f", errors {r['errors']}" if r["errors"] else ""))
+    return point
+
+
+def mean_batch(before: dict, after: dict, rows_metric: str, batches_metric: str) -> float | None:
+    """Rows per executed batch over the window, from two counters' deltas (all labels)."""
+    def delta(prefix: str) -> float:
+        return sum(v - before.get(k, 0.0) for k, v in after.items()
+                   if k.split("{")[0] == prefix)
+    batches = delta(batches_metric)
+    return delta(rows_metric) / batches if batches else None
+
+
+def fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def variant(model_name: str, input_name: str, shape: list[int]) -> dict:
+    return {"model_name": model_name,
+            "inputs": [{"name": input_name, "datatype": "FP32", "shape": shape}]}
+
+
+def concurrencies(scenario: int, args: argparse.Namespace) -> list[int]:
+    return SWEEP[scenario] if args.sweep else [HEADLINE[scenario]]
+
+
+TAPSERVE_BATCH = ("tapserve_batch_size_sum", "tapserve_batch_size_count")
+
+
+def scenario1(models: dict, out: Path, args: argparse.Namespace) -> dict:
+    spec = [variant("ae28", "image", [16, 28, 28, 1])]
+    server, metrics_url = tapserve("tapserve-s1", out / "models" / "s1", out, args, ["ae28"])
+    points = []
+    with running(server):
+        for c in concurrencies(1, args):
+            points.append(measure(server, spec, c, out, args, f"s1_tapserve_c{c}",
+                                  metrics_url, TAPSERVE_BATCH))
+    head = next(p for p in points if p.concurrency == HEADLINE[1])
+    batch = round(head.mean_batch or args.s1_batch)
+    result_path = out / "points" / "s1_inprocess.json"
+    command = [PYTHON, str(BENCH / "inprocess.py"), "--model", models["paths"]["ae28"],
+               "--batch", str(batch), "--threads", str(args.cpu_batches_in_flight),
+               "--intra-op-threads", str(args.intra_op_threads),
+               "--inter-op-threads", str(args.inter_op_threads),
+               "--warmup", str(args.warmup), "--duration", str(args.duration),
+               "--out", str(result_path)]
+    log(f"in-process ceiling: ae28 at batch {batch}, {args.cpu_batches_in_flight} threads")
+    subprocess.run(command, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    inproc = json.loads(result_path.read_text())
+    ratio = head.row()["rows_per_s"] / inproc["rows_per_s"]
+    log(f"in-process: {inproc['rows_per_s']:.0f} rows/s ({inproc['cpu_cores']:.2f} cores); "
+        f"served/in-process = {ratio:.3f}")
+    return {"points": [p.row() for p in points], "inprocess": inproc,
+            "headline_concurrency": HEADLINE[1], "ratio": ratio, "target": 0.90,
+            "met": ratio >= 0.90}
+
+
+def mlserver(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess, str]:
+    """MLServer on free ports, serving the model with bench/peers/mlserver_model.py."""
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    repo = out / "peers" / "mlserver"
+    shutil.rmtree(repo, ignore_errors=True)
+    (repo / "dense64").mkdir(parents=True)
+    (repo / "settings.json").write_text(json.dumps({
+        "parallel_workers": 0, "host": "127.0.0.1", "http_port": http_port,
+        "grpc_port": grpc_port, "metrics_port": metrics_port}, indent=2))
+    settings = json.loads((BENCH / "peers" / "model-settings.json").read_text())
+    settings["parameters"]["uri"] = model_path
+    settings["max_batch_size"] = policy.max_batch_size
+    settings["max_batch_time"] = policy.max_queue_delay_ms / 1000
+    (repo / "dense64" / "model-settings.json").write_text(json.dumps(settings, indent=2))
+    server = ServerProcess("mlserver", [str(MLSERVER), "start", str(repo)],
+                           out / "logs" / "mlserver.log", grpc_port, ["dense64"],
+                           env={"PYTHONPATH": str(BENCH / "peers")}, cwd=repo)
+    return server, f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def pytriton(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess, str]:
+    """PyTriton on free ports; its Triton server needs the venv's libpython on the path."""
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    libdir = subprocess.run(
+        [str(PYTRITON_PY), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    env = {"LD_LIBRARY_PATH": ":".join(filter(None, [libdir,
+                                                     os.environ.get("LD_LIBRARY_PATH")]))}
+    command = [str(PYTRITON_PY), str(BENCH / "peers" / "pytriton_server.py"),
+               "--model", model_path, "--name", "dense64",
+               "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+               "--metrics-port", str(metrics_port),
+               "--max-batch-size", str(policy.max_batch_size),
+               "--max-queue-delay-us", str(round(policy.max_queue_delay_ms * 1000))]
+    server = ServerProcess("pytriton", command, out / "logs" / "pytriton.log", grpc_port,
+                           ["dense64"], env=env)
+    return server, f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def scenario2(models: dict, out: Path, args: argparse.Namespace) -> dict:
+    spec = [variant("dense64", "x", [1, 64])]
+    policy = Policy(args.s2_batch, args.delay_ms)
+    servers = [("tapserve", lambda: tapserve("tapserve", out / "models" / "s2", out, args,
+                                             ["dense64"]), TAPSERVE_BATCH)]
+    if args.peers:
+        path = models["paths"]["dense64"]
+        servers += [("mlserver", lambda: mlserver(out, path, policy),
+                     ("bench_batch_rows_sum", "bench_batch_rows_count")),
+                    ("pytriton", lambda: pytriton(out, path, policy),
+                     ("nv_inference_count", "nv_inference_exec_count"))]
+    points, failures = [], {}
+    for name, start, batch_metric in servers:
+        try:
+            server, metrics_url = start()
+            with running(server):
+                for c in concurrencies(2, args):
+                    points.append(measure(server, spec, c, out, args, f"s2_{name}_c{c}",
+                                          metrics_url, batch_metric))
+        except Exception as exc:  # a peer that cannot run is reported, not faked
+            if name == "tapserve":
+                raise
+            log(f"{name} failed: {exc}")
+            failures[name] = str(exc)
+    head = {p.server: p.row() for p in points if p.concurrency == HEADLINE[2]}
+    result = {"points": [p.row() for p in points], "failures": failures,
+              "policy": policy.__dict__, "headline_concurrency": HEADLINE[2]}
+    peers = [r for s, r in head.items() if s != "tapserve"]
+    if peers:
+        best = max(peers, key=lambda r: r["req_per_s"])
+        ours = head["tapserve"]
+        result.update({
+            "best_peer": best["server"],
+            "ratio": ours["req_per_s"] / best["req_per_s"],
+            "p99_tapserve_ms": ours["p99_ms"], "p99_best_peer_ms": best["p99_ms"],
+            "target": "req/s >= 2x best peer, lower p99",
+            "met": ours["req_per_s"] >= 2 * best["req_per_s"]
+            and ours["p99_ms"] < best["p99_ms"]})
+        log(f"tapserve/{best['server']} req/s = {result['ratio']:.2f}, p99 "
+            f"{ours['p99_ms']:.2f} vs {best['p99_ms']:.2f} ms")
+    return result
+
+
+def scenario3(models: dict, out: Path, args: argparse.Namespace) -> dict:
+    spec = [variant(f"trunk3.{e}", "image", [4, 28, 28, 1])
+            for e in ("classify", "embed", "decode")]
+    points = []
+    for repo in ("s3_shared", "s3_separate"):
+        name = f"tapserve-{repo.split('_')[1]}"
+        server, metrics_url = tapserve(name, out / "models" / repo, out, args, ["trunk3"])
+        with running(server):
+            for c in concurrencies(3, args):
+                points.append(measure(server, spec, c, out, args, f"s3_{repo}_c{c}",
+                                      metrics_url, TAPSERVE_BATCH))
+    head = {p.server: p.row() for p in points if p.concurrency == HEADLINE[3]}
+    on, off = head["tapserve-shared"], head["tapserve-separate"]
+    ratio = on["req_per_s"] / off["req_per_s"]
+    log(f"shared/separate req/s = {ratio:.2f}, p99 {on['p99_ms']:.2f} vs {off['p99_ms']:.2f} ms")
+    return {"points": [p.row() for p in points], "headline_concurrency": HEADLINE[3],
+            "ratio": ratio, "p99_shared_ms": on["p99_ms"], "p99_separate_ms": off["p99_ms"],
+            "target": 1.3, "met": ratio >= 1.3}
+
+
+def machine() -> dict:
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    model = next((line.split(":", 1)[1].strip() for line in run("lscpu").splitlines()
+                  if line.startswith("Model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    versions = run(PYTHON, "-c", "import importlib.metadata as m; print(' '.join("
+                   "f'{p} {m.version(p)}' for p in ('tensorflow', 'keras', 'grpcio', 'tapserve')))")
+    return {"nproc": os.cpu_count(), "cpu": model, "memory_gib": round(mem_kb / 2**20, 1),
+            "python": platform.python_version(), "packages": versions,
+            "kernel": platform.release(), "loadavg_at_start": os.getloadavg()}
+
+
+def report(results: dict) -> str:
+    """The run as Markdown tables."""
+    lines = [f"Run {results['date']}: `{results['command']}`", "",
+             f"Machine: {results['machine']['nproc']} cores ({results['machine']['cpu']}), "
+             f"{results['machine']['memory_gib']} GiB, Python {results['machine']['python']}, "
+             f"{results['machine']['packages']}; load average at start "
+             f"{', '.join(f'{x:.2f}' for x in results['machine']['loadavg_at_start'])}.", ""]
+    header = ("| server | in flight | req/s | rows/s | p50 ms | p90 ms | p99 ms | mean batch "
+              "| server cores | client cores | other cores |")
+    for key, title in (("s1", "1. Conv autoencoder, 16-row requests"),
+                       ("s2", "2. Dense 64->64, 1-row requests"),
+                       ("s3", "3. Three heads on one trunk, mixed traffic, 4-row requests")):
+        if key not in results["scenarios"]:
+            continue
+        s = results["scenarios"][key]
+        lines += [f"### {title}", "", header, "|" + " --- |" * 11]
+        for r in s["points"]:
+            lines.append(
+                f"| {r['server']} | {r['concurrency']} | {r['req_per_s']:.0f} | "
+                f"{r['rows_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {fmt(r['mean_batch'], 1)} | {fmt(r['server_cpu'], 2)} | "
+                f"{r['client_cpu']:.2f} | {r['other_cpu']:.2f} |"
+                + (f" errors {r['errors']}" if r["errors"] else ""))
+        lines.append("")
+        if key == "s1":
+            ip = s["inprocess"]
+            lines.append(f"In-process ceiling: batch {ip['batch']}, {ip['threads']} threads: "
+                         f"{ip['rows_per_s']:.0f} rows/s (p50 {ip['p50_ms']:.2f} ms per call, "
+                         f"{ip['cpu_cores']:.2f} cores). **Served / in-process at "
+                         f"{s['headline_concurrency']} in flight: {s['ratio']:.3f}** "
+                         f"(target >= 0.90: {'met' if s['met'] else 'not met'}).")
+        elif key == "s2":
+            for name, error in s["failures"].items():
+                lines.append(f"{name} could not run: {error.splitlines()[0]}")
+            if "ratio" in s:
+                lines.append(
+                    f"**Tapserve / best peer ({s['best_peer']}) req/s at "
+                    f"{s['headline_concurrency']} in flight: {s['ratio']:.2f}**, p99 "
+                    f"{s['p99_tapserve_ms']:.2f} ms vs {s['p99_best_peer_ms']:.2f} ms "
+                    f"(target >= 2x at a lower p99: {'met' if s['met'] else 'not met'}). "
+                    f"Batching for all: max batch {s['policy']['max_batch_size']}, "
+                    f"max delay {s['policy']['max_queue_delay_ms']} ms.")
+        else:
+            lines.append(f"**Shared / separate req/s at {s['headline_concurrency']} in flight: "
+                         f"{s['ratio']:.2f}**, p99 {s['p99_shared_ms']:.2f} ms vs "
+                         f"{s['p99_separate_ms']:.2f} ms (target >= 1.3: "
+                         f"{'met' if s['met'] else 'not met'}).")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", default="1,2,3", help="comma-separated: 1,2,3")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds/point")
+    parser.add_argument("--warmup", type=float, default=3.0, help="load seconds before each")
+    parser.add_argument("--peers", action="store_true",
+                        help="scenario 2 also on MLServer and PyTriton (bench/.venvs)")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
+                        help="only each scenario's headline concurrency")
+    parser.add_argument("--s1-batch", type=int, default=64, help="max_batch_size, scenario 1")
+    parser.add_argument("--s2-batch", type=int, default=32, help="max batch size, scenario 2")
+    parser.add_argument("--s3-batch", type=int, default=32, help="max_batch_size, scenario 3")
+    parser.add_argument("--delay-ms", type=float, default=2.0, help="max queue delay, all")
+    parser.add_argument("--cpu-batches-in-flight", type=int, default=2)
+    parser.add_argument("--intra-op-threads", type=int, default=1)
+    parser.add_argument("--inter-op-threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=BENCH / "out")
+    args = parser.parse_args()
+    scenarios = sorted({int(s) for s in args.scenarios.split(",")})
+    if args.peers and not (MLSERVER.exists() and PYTRITON_PY.exists()):
+        log("--peers: bench/.venvs/{mlserver,pytriton} are missing; scripts/bench.sh makes "
+            "them (a peer that is missing is reported as failed)")
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               "command": " ".join([Path(PYTHON).relative_to(ROOT).as_posix()
+                                    if Path(PYTHON).is_relative_to(ROOT) else PYTHON,
+                                    *sys.argv]),
+               "machine": machine(), "scenarios": {}}
+    log(f"building models into {out / 'models'}")
+    built = subprocess.run(
+        [PYTHON, str(BENCH / "models.py"), "--out", str(out / "models"),
+         "--s1-batch", str(args.s1_batch), "--s2-batch", str(args.s2_batch),
+         "--s3-batch", str(args.s3_batch), "--delay-ms", str(args.delay_ms)],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    models = json.loads(built.stdout.strip().splitlines()[-1])
+    results["models"] = models
+    runners = {1: scenario1, 2: scenario2, 3: scenario3}
+    for s in scenarios:
+        log(f"scenario {s}")
+        results["scenarios"][f"s{s}"] = runners[s](models, out, args)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    text = report(results)
+    (out / "report.md").write_text(text + "\n")
+    print()
+    print(text)
+    log(f"done in {results['seconds']:.0f}s: {out / 'results.json'}, {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

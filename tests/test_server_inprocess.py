@@ -1,0 +1,147 @@
+"""A TapServer in this process (tests/harness.py), called through our generated stubs:
+readiness while a model loads, model metadata, and the metrics the server exports."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import zoo
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import RunningServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import registry
+from service.protocol.generated import grpc_predict_v2_pb2 as pb
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+INFERENCE = "/inference.GRPCInferenceService/"
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("models")
+    zoo.write_model("autoencoder", repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(start_server, repository: Path) -> RunningServer:
+    return start_server(repository)
+
+
+def sample(server: RunningServer, name: str, **labels: str) -> float | None:
+    """One sample's value from GET /metrics; None when no sample has those labels."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+def health(server: RunningServer, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def images(rows: int) -> np.ndarray:
+    return np.random.default_rng(rows).random((rows, 8, 8, 1), dtype=np.float32)
+
+
+def test_a_model_still_loading_is_unavailable_until_loaded(
+        repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loading, release = threading.Event(), threading.Event()
+    build = registry.build_keras_model
+
+    def held_build(*args: object, **kwargs: object) -> object:
+        loading.set()  # the single loader thread is now inside this load...
+        assert release.wait(60)  # ...and stays there until the test lets it go
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "build_keras_model", held_build)
+    server = RunningServer(repository, wait_loaded=False)
+    try:
+        assert loading.wait(60)
+        stub = server.stub
+        assert stub.ServerLive(pb.ServerLiveRequest()).live
+        assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+        assert not stub.ModelReady(pb.ModelReadyRequest(name="autoencoder")).ready
+        assert health(server) == NOT_SERVING
+        assert health(server, "autoencoder") == NOT_SERVING
+        assert sample(server, "tapserve_model_ready", model="autoencoder") == 0
+        for call in (lambda: server.infer("autoencoder", {"image": images(1)}),
+                     lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="autoencoder"))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "model 'autoencoder' is still loading" in err.value.details()
+        release.set()
+        server.call(server.server.loaded())
+        assert stub.ServerReady(pb.ServerReadyRequest()).ready
+        assert stub.ModelReady(pb.ModelReadyRequest(name="autoencoder")).ready
+        assert health(server) == SERVING and health(server, "autoencoder") == SERVING
+        assert server.infer("autoencoder", {"image": images(2)})["recon"].shape == (2, 8, 8, 1)
+        assert sample(server, "tapserve_model_ready", model="autoencoder") == 1
+    finally:
+        release.set()
+        server.stop(grace=1.0)
+
+
+def test_model_metadata_of_endpoints(server: RunningServer) -> None:
+    meta = server.stub.ModelMetadata(pb.ModelMetadataRequest(name="autoencoder.decoder"))
+    assert meta.name == "autoencoder.decoder"
+    assert list(meta.versions) == ["1"] and meta.platform == "tensorflow_keras"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("code", "FP32", [-1, 4])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("recon", "FP32", [-1, 8, 8, 1])]
+    default = server.stub.ModelMetadata(pb.ModelMetadataRequest(name="autoencoder", version="1"))
+    assert default.name == "autoencoder"
+    assert [t.name for t in default.inputs] == ["image"]
+    assert [t.name for t in default.outputs] == ["recon"]
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.ModelMetadata(pb.ModelMetadataRequest(name="autoencoder.nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "autoencoder, encoder, decoder" in err.value.details()
+
+
+def test_grpc_calls_counted_by_method_and_code(server: RunningServer) -> None:
+    def count(method: str, code: str) -> float:
+        return sample(server, "tapserve_grpc_requests_total", method=INFERENCE + method,
+                      code=code) or 0
+
+    before = {key: count(*key) for key in [("ModelMetadata", "OK"),
+                                            ("ModelMetadata", "NOT_FOUND"),
+                                            ("ServerLive", "OK")]}
+    for _ in range(3):
+        server.stub.ModelMetadata(pb.ModelMetadataRequest(name="autoencoder.encoder"))
+    with pytest.raises(grpc.RpcError):
+        server.stub.ModelMetadata(pb.ModelMetadataRequest(name="ghost"))
+    for _ in range(2):
+        server.stub.ServerLive(pb.ServerLiveRequest())
+    assert count("ModelMetadata", "OK") == before["ModelMetadata", "OK"] + 3
+    assert count("ModelMetadata", "NOT_FOUND") == before["ModelMetadata", "NOT_FOUND"] + 1
+    assert count("ServerLive", "OK") == before["ServerLive", "OK"] + 2
+
+
+def test_metrics_exist_with_model_and_endpoint_labels(server: RunningServer) -> None:
+    server.infer("autoencoder", {"image": images(3)})
+    server.infer("autoencoder.encoder", {"image": images(2)})
+    for endpoint in ("autoencoder", "encoder"):
+        labels = {"model": "autoencoder", "endpoint": endpoint}
+        assert sample(server, "tapserve_requests_total", code="OK", **labels) >= 1
+        assert sample(server, "tapserve_request_duration_seconds_count", **labels) >= 1
+        assert sample(server, "tapserve_queue_duration_seconds_count", **labels) >= 1
+    model = {"model": "autoencoder"}
+    assert sample(server, "tapserve_compute_duration_seconds_count", **model) >= 1
+    assert sample(server, "tapserve_batch_size_count", **model) >= 1
+    assert sample(server, "tapserve_batch_size_sum", **model) >= 5
+    assert sample(server, "tapserve_queue_depth", **model) == 0
+    assert sample(server, "tapserve_model_ready", **model) == 1
+    assert sample(server, "tapserve_model_load_duration_seconds", **model) > 0
