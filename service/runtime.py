@@ -35,18 +35,21 @@ def configure_tensorflow(intra_op_threads: int, inter_op_threads: int,
 
     GPUs get memory growth, so a server does not grab the whole card at start.
     """
-    gpus = tf.config.list_physical_devices("GPU")
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
         tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
-        for gpu in gpus:
+    except RuntimeError:  # a second server in one process: TensorFlow already started
+        log.warning("TensorFlow already started: its threading is left as it is")
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
             if gpu_memory_limit_mb:
                 tf.config.set_logical_device_configuration(gpu, [
                     tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_limit_mb)])
             else:
                 tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError:  # a second server in one process: TensorFlow already started
-        log.warning("TensorFlow already started: threading and GPU settings left as they are")
+        except RuntimeError:
+            log.warning("TensorFlow already started: memory settings of %s unchanged", gpu.name)
     devices = [f"/GPU:{i}" for i in range(len(gpus))] or ["/CPU:0"]
     log.info("devices: %s", ", ".join(devices))
     return devices

@@ -1,0 +1,119 @@
+"""The TensorFlow runtime alone: compiled cuts, XLA padding, devices (GPUs mocked: none here)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import zoo
+
+from service import runtime as runtime_module
+from service.graph import TapGraph
+from service.runtime import KerasRuntime, _pad_rows, configure_tensorflow
+
+
+@pytest.fixture(scope="module")
+def two_heads():
+    model = zoo.build_two_heads()
+    return model, TapGraph(model)
+
+
+def reference(model, feeds):
+    out = model(feeds["x"])
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_runtime_matches_keras_with_and_without_xla(two_heads, jit: bool) -> None:
+    model, graph = two_heads
+    rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
+    feeds = zoo.sample_inputs(model, batch=3)  # XLA pads 3 rows to 4, then trims
+    got = asyncio.run(rt.run(("x",), ("label", "score"), feeds))
+    want = reference(model, feeds)
+    for name in ("label", "score"):
+        assert got[name].shape[0] == 3
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5)
+    rt.close()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_shared_pass_rows_with_and_without_xla(two_heads, jit: bool) -> None:
+    model, graph = two_heads
+    rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
+    feeds = zoo.sample_inputs(model, batch=5)
+    rows = {"label": np.array([1, 0, 1, 1, 0], bool), "score": np.array([0, 1, 1, 0, 1], bool)}
+    got = asyncio.run(rt.run(("x",), ("label", "score"), feeds, rows))
+    want = reference(model, feeds)
+    for name, mask in rows.items():
+        np.testing.assert_allclose(got[name], want[name][mask], atol=1e-5)
+    rt.close()
+
+
+def test_padding_sizes_are_powers_of_two_within_the_batch_limit() -> None:
+    assert [_pad_rows(n, 32) for n in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
+    assert _pad_rows(40, 32) == 40  # beyond the limit (a split never sends it): as is
+
+
+def test_compiled_cuts_are_cached_and_bounded(two_heads) -> None:
+    _, graph = two_heads
+    rt = KerasRuntime(graph, ["/CPU:0"], 1, cache_size=2)
+    first = rt.function(("x",), ("label",), False)
+    assert rt.function(("x",), ("label",), False) is first
+    rt.function(("x",), ("score",), False)
+    rt.function(("x",), ("branch_a",), False)
+    assert len(rt._cache) == 2 and rt.function(("x",), ("label",), False) is not first
+    rt.close()
+
+
+class FakeGPU:
+    def __init__(self, i: int) -> None:
+        self.name = f"/physical_device:GPU:{i}"
+        self.device_type = "GPU"
+
+
+def test_gpus_get_memory_growth_and_one_device_each(monkeypatch) -> None:
+    grown, limited = [], []
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: [FakeGPU(0), FakeGPU(1)] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth",
+                        lambda gpu, on: grown.append((gpu.name, on)))
+    monkeypatch.setattr(tf.config, "set_logical_device_configuration",
+                        lambda gpu, conf: limited.append((gpu.name, conf[0].memory_limit)))
+    assert configure_tensorflow(1, 2, None) == ["/GPU:0", "/GPU:1"]
+    assert grown == [("/physical_device:GPU:0", True), ("/physical_device:GPU:1", True)]
+    assert configure_tensorflow(1, 2, 2048) == ["/GPU:0", "/GPU:1"]
+    assert limited == [("/physical_device:GPU:0", 2048), ("/physical_device:GPU:1", 2048)]
+
+
+def test_no_gpu_means_the_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert configure_tensorflow(1, 2, None) == ["/CPU:0"]
+
+
+def test_batches_alternate_between_devices_each_on_its_own_threads(two_heads,
+                                                                   monkeypatch) -> None:
+    model, graph = two_heads
+    placed = []
+    real_device = runtime_module.tf.device
+
+    def recording_device(name: str):
+        placed.append((name, threading.current_thread().name))
+        return real_device("/CPU:0")  # no GPU here: place on the CPU, record the intent
+
+    monkeypatch.setattr(runtime_module.tf, "device", recording_device)
+    rt = KerasRuntime(graph, ["/GPU:0", "/GPU:1"], batches_per_device=1)
+    assert rt.slots == 2
+    feeds = zoo.sample_inputs(model, batch=2)
+
+    async def four() -> list:
+        return await asyncio.gather(*(rt.run(("x",), ("label",), feeds) for _ in range(4)))
+
+    results = asyncio.run(four())
+    assert sorted(device for device, _ in placed) == ["/GPU:0", "/GPU:0", "/GPU:1", "/GPU:1"]
+    assert all(thread.startswith(f"compute{device}") for device, thread in placed)
+    for got in results:
+        np.testing.assert_allclose(got["label"], reference(model, feeds)["label"], atol=1e-5)
+    rt.close()
