@@ -49,4 +49,4 @@ class Cancelled(TapserveError):
 class ConfigError(TapserveError):
     """A model's config.yaml or files are unusable; raised at load, never per request."""
 
-    code = "FAILED_PRECONDITION"
+    code = "INTERNAL"  # reaching a client would be the server's bug

@@ -13,36 +13,22 @@ from typing import Any
 
 import grpc
 
-from service.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    InvalidInput,
-    NotFound,
-    NotReady,
-    Overloaded,
-    TapserveError,
-)
+from service.errors import TapserveError
 
 _log = logging.getLogger(__name__)
 
-STATUS_CODES: dict[type[TapserveError], grpc.StatusCode] = {
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
-}
 # What the client sees for anything unexpected: the traceback stays in the server's log.
 INTERNAL_MESSAGE = "internal server error"
 
 
 def status_code(error: BaseException) -> grpc.StatusCode | None:
-    """The gRPC code of a domain error (subclasses included), or None if it has none."""
-    for cls in type(error).__mro__:
-        code = STATUS_CODES.get(cls)  # type: ignore[call-overload]
-        if code is not None:
-            return code
+    """The gRPC code of a domain error, or None for anything that is the server's fault.
+
+    Domain errors carry their canonical status name (google.rpc.Code), which gRPC's
+    StatusCode shares, so this mapping is by name.
+    """
+    if isinstance(error, TapserveError) and error.code != "INTERNAL":
+        return grpc.StatusCode[error.code]
     return None
 
 

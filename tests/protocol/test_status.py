@@ -12,8 +12,16 @@ from typing import Any
 import grpc
 import pytest
 
-from service.errors import ConfigError, NotFound, NotReady, Overloaded
-from service.protocol.status import STATUS_CODES, status_code
+from service.errors import (
+    Cancelled,
+    ConfigError,
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+)
+from service.protocol.status import status_code
 
 
 class ModelNotFound(NotFound):
@@ -136,7 +144,11 @@ def test_status_code_table() -> None:
     assert status_code(ModelNotFound("x")) == grpc.StatusCode.NOT_FOUND
     assert status_code(ConfigError("x")) is None
     assert status_code(ValueError("x")) is None
-    assert len(set(STATUS_CODES.values())) == len(STATUS_CODES) == 6
+    table = {NotFound: "NOT_FOUND", InvalidInput: "INVALID_ARGUMENT",
+             Overloaded: "RESOURCE_EXHAUSTED", NotReady: "UNAVAILABLE",
+             DeadlineExceeded: "DEADLINE_EXCEEDED", Cancelled: "CANCELLED"}
+    for error, code in table.items():
+        assert status_code(error("x")) == grpc.StatusCode[code], error
 
 
 @pytest.mark.parametrize(("method", "code"), [
