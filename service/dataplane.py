@@ -56,8 +56,8 @@ class DataPlane:
                 raise NotReady("the server is shutting down; retry on another replica")
             served = self.registry.get(request.model, request.version)
             model = served.model
+            endpoint_label = model.endpoint(request.endpoint).name  # errors below count here
             prepared = model.prepare(request.endpoint, request.inputs, request.outputs)
-            endpoint_label = prepared.endpoint.name
             outputs, queued = await served.batcher.submit(
                 prepared.endpoint.source, prepared.feeds, prepared.outputs, request.deadline)
             self.metrics.queue_duration.labels(model_label, endpoint_label).observe(queued)
