@@ -126,7 +126,10 @@ class TapGraph:
         return key
 
     def _make_tap(self, name: str, key: Key, kt: Any, layer: str) -> Tap:
-        return Tap(name, key, tuple(kt.shape), _dtype_name(kt.dtype), layer)
+        # The first dimension is the batch, whatever size the graph was built with (a
+        # Sequential built by an eager call keeps that call's batch size): any goes.
+        shape = (None, *kt.shape[1:]) if kt.shape else ()
+        return Tap(name, key, shape, _dtype_name(kt.dtype), layer)
 
     def _flatten(self, graph: Any, scope: tuple[int, ...], prefix: str) -> None:
         """Append `graph`'s steps (recursing into nested models) and name its taps."""

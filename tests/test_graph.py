@@ -576,3 +576,15 @@ def test_saved_and_reloaded_models_give_the_same_taps(name: str, tmp_path: Path,
     assert graph.input_names == original.input_names
     assert graph.output_names == original.output_names
     assert_all_same(got, want)
+
+
+def test_a_graph_built_with_a_fixed_batch_size_serves_any_batch() -> None:
+    # Regression: a Sequential built by an eager call keeps that call's batch size in its
+    # graph; taps must still accept any number of rows.
+    model = keras.Sequential([keras.layers.Dense(3, name="d")], name="eager_built")
+    model(np.zeros((2, 5), np.float32))
+    graph = TapGraph(model)
+    assert graph.tap("d").shape == (None, 3)
+    x = np.random.default_rng(0).random((7, 5), dtype=np.float32)
+    got = graph.plan(graph.input_names, ["d"])({graph.input_names[0]: tf.constant(x)})
+    np.testing.assert_allclose(got["d"], np.asarray(model(x)), atol=1e-5)
