@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     # TensorFlow reads this when imported: quiet its C++ start-up lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.command == "inspect":
+        if not args.path.exists():  # say so before TensorFlow's seconds of start-up
+            print(f"tapserve inspect: {args.path} does not exist", file=sys.stderr)
+            return 2
         from service.errors import TapserveError
         from service.inspect import describe
 

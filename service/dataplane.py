@@ -47,35 +47,40 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic()
-        # Label values only from names the server knows: bounded time series.
-        model_label = request.model if request.model in self.registry.models else UNKNOWN
-        endpoint_label = UNKNOWN
-        code = "OK"
+        endpoint = UNKNOWN
         try:
             if self.draining:
                 raise NotReady("the server is shutting down; retry on another replica")
             served = self.registry.get(request.model, request.version)
             model = served.model
-            endpoint_label = model.endpoint(request.endpoint).name  # errors below count here
+            endpoint = model.endpoint(request.endpoint).name  # errors below count here
             prepared = model.prepare(request.endpoint, request.inputs, request.outputs)
             outputs, queued = await served.batcher.submit(
                 prepared.endpoint.source, prepared.feeds, prepared.outputs, request.deadline)
-            self.metrics.queue_duration.labels(model_label, endpoint_label).observe(queued)
-            return InferResponse(model.name, prepared.endpoint.name, model.version,
-                                 outputs, request.id)
+            self.metrics.queue_duration.labels(request.model, endpoint).observe(queued)
         except TapserveError as exc:
-            code = exc.code
-            fields = {"model": request.model, "endpoint": request.endpoint or "",
-                      "request_id": request.id, "status": code,
-                      "latency_s": round(time.monotonic() - started, 6)}
-            log.info("request failed: %s (%s)", exc,
-                     " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+            self.rejected(request.model, request.endpoint, request.id, exc, started, endpoint)
             raise
         except BaseException as exc:
             code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
+            self._count(request.model, endpoint, code, started)
             raise
-        finally:
-            self.metrics.requests.labels(model_label, endpoint_label, code).inc()
-            self.metrics.request_duration.labels(model_label, endpoint_label).observe(
-                time.monotonic() - started)
+        self._count(request.model, endpoint, "OK", started)
+        return InferResponse(model.name, endpoint, model.version, outputs, request.id)
 
+    def rejected(self, model: str, endpoint: str | None, request_id: str,
+                 error: TapserveError, started: float | None = None,
+                 endpoint_label: str = UNKNOWN) -> None:
+        """Count and log a failed request, also one refused before it reached `infer`."""
+        started = time.monotonic() if started is None else started
+        fields = {"model": model, "endpoint": endpoint or "", "request_id": request_id,
+                  "status": error.code, "latency_s": round(time.monotonic() - started, 6)}
+        log.info("request failed: %s (%s)", error,
+                 " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+        self._count(model, endpoint_label, error.code, started)
+
+    def _count(self, model: str, endpoint: str, code: str, started: float) -> None:
+        # Label values only from names the server knows: bounded time series.
+        model = model if model in self.registry.models else UNKNOWN
+        self.metrics.requests.labels(model, endpoint, code).inc()
+        self.metrics.request_duration.labels(model, endpoint).observe(time.monotonic() - started)

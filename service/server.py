@@ -107,7 +107,9 @@ class TapServer:
         # a handler: their clients saw CANCELLED (no retry), not UNAVAILABLE.
         deadline = time.monotonic() + grace
         await self.registry.close(grace)
-        await self.server.stop(max(0.0, deadline - time.monotonic()))
+        # What is left are answers on their way out and open health Watch streams, which
+        # never end by themselves: a short grace, not the whole remainder.
+        await self.server.stop(min(1.0, max(0.0, deadline - time.monotonic())))
         self._metrics_http.shutdown()
         log.info("stopped")
 

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import grpc
 
+from service.errors import TapserveError
 from service.protocol import convert
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
@@ -39,6 +40,11 @@ class DataPlane(Protocol):
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Raises TapserveError subclasses."""
+        ...
+
+    def rejected(self, model: str, endpoint: str | None, request_id: str,
+                 error: TapserveError) -> None:
+        """Count and log a request refused before it reached `infer` (e.g. bad bytes)."""
         ...
 
 
@@ -82,7 +88,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        infer_request = convert.decode_infer_request(request, deadline=_deadline(context))
+        try:
+            infer_request = convert.decode_infer_request(request, deadline=_deadline(context))
+        except TapserveError as exc:  # counted and logged like every failed request
+            model, endpoint = request.model_name.partition(".")[::2]
+            self._dataplane.rejected(model, endpoint or None, request.id, exc)
+            raise
         response = await self._dataplane.infer(infer_request)
         return convert.encode_infer_response(response, request.model_name)
 

@@ -17,7 +17,7 @@ import tritonclient.grpc as triton
 import yaml
 import zoo
 from stock import ServerProcess, infer
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 # One request waits in the queue for its batch to fill for 1.5 s: long enough to race.
 SLOW_BATCHING = {"max_queue_size": 1, "max_queue_delay_ms": 1500, "max_batch_size": 64}
@@ -81,7 +81,7 @@ def send(client: triton.InferenceServerClient, model: str, feeds: dict[str, np.n
         return infer(client, model, feeds, outputs, **kwargs)
     inputs = []
     for name, array in feeds.items():
-        tensor = triton.InferInput(name, list(array.shape), "FP32")
+        tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         tensor._raw_content = tensor._raw_content[:-cut_bytes]  # what a buggy client sends
         inputs.append(tensor)

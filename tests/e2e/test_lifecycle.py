@@ -65,6 +65,11 @@ def autoencoder(repository: Path) -> keras.Model:
 
 def test_sigterm_under_load_finishes_what_it_accepted(
         start_process, repository: Path, autoencoder: keras.Model) -> None:
+    """Every client is either served right or told UNAVAILABLE by the data plane.
+
+    Regression: the drain used to stop gRPC first, which closed the port at once and
+    cancelled the calls gRPC had received but not yet handed to a handler: under load a
+    few clients got CANCELLED (which clients do not retry) instead of UNAVAILABLE."""
     server = start_process(repository, "--drain-grace-seconds", "20")
     rng = np.random.default_rng(0)
     feeds = [rng.random((1 + i % 3, 8, 8, 1), dtype=np.float32) for i in range(16)]
@@ -113,11 +118,9 @@ def test_sigterm_under_load_finishes_what_it_accepted(
         holder.start()
         wait_for(lambda: server.metric("tapserve_queue_depth", model="slow") == 1,
                  "the long request to be queued")
-        signalled = time.monotonic()
         server.process.terminate()  # SIGTERM
         # Health says NOT_SERVING at once, while the long request still holds the drain.
         wait_for(lambda: health_status() == NOT_SERVING, "NOT_SERVING", timeout=1.0)
-        assert time.monotonic() - signalled < 1.0
         assert holder.is_alive()
     except BaseException:
         stop.set()  # let the clients go if the test fails before they are refused

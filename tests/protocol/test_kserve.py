@@ -46,6 +46,7 @@ class EchoDataPlane:
 
     def __init__(self) -> None:
         self.requests: list[InferRequest] = []
+        self.rejections: list[tuple[str, str | None, str, str]] = []
 
     def live(self) -> bool:
         return True
@@ -68,6 +69,10 @@ class EchoDataPlane:
         self._check(model, endpoint, version)
         spec = TensorSpec("x", "float32", (None, 3))
         return EndpointMetadata(model, endpoint or "echo", (1,), "test_echo", (spec,), (spec,))
+
+    def rejected(self, model: str, endpoint: str | None, request_id: str,
+                 error: Exception) -> None:
+        self.rejections.append((model, endpoint, request_id, type(error).__name__))
 
     async def infer(self, request: InferRequest) -> InferResponse:
         self.requests.append(request)
@@ -254,8 +259,10 @@ def test_typed_contents_with_generated_stub(stub: GRPCInferenceServiceStub) -> N
     assert c == b"\x00\x00\x00\x00" + b"\x02\x00\x00\x00" + "ü".encode()
 
 
-def test_bad_request_is_invalid_argument_naming_the_input(stub: GRPCInferenceServiceStub) -> None:
-    request = pb.ModelInferRequest(model_name="echo")
+def test_bad_request_is_invalid_argument_naming_the_input(
+    stub: GRPCInferenceServiceStub, server: tuple[str, EchoDataPlane]
+) -> None:
+    request = pb.ModelInferRequest(model_name="echo.twin", id="r-7")
     request.inputs.add(name="img", datatype="FP32", shape=[2, 3]).contents.fp32_contents.extend(
         [1.0] * 5
     )
@@ -265,6 +272,8 @@ def test_bad_request_is_invalid_argument_naming_the_input(stub: GRPCInferenceSer
     assert info.value.details() == (
         "input 'img': shape [2, 3] needs 6 elements in contents.fp32_contents, got 5"
     )
+    # Refused while decoding, before the core's infer: still counted and logged there.
+    assert server[1].rejections[-1] == ("echo", "twin", "r-7", "InvalidInput")
 
 
 def test_bad_model_name_is_not_found(stub: GRPCInferenceServiceStub) -> None:
