@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure(settings.log_format, settings.log_level)
     asyncio.run(run(settings))
+    # Drained: a late signal (the loop has let go of its handlers) must not turn a clean
+    # exit into a killed one while the interpreter shuts TensorFlow down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

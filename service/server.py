@@ -123,4 +123,6 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the drain
+        loop.add_signal_handler(sig, log.info, "already draining")
     await server.stop()
