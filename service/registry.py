@@ -64,8 +64,9 @@ class ModelRegistry:
         log.info("loading model %s", name)
         try:
             source = resolve(repository, name)
+            policy = self._policy(source)
             model = await asyncio.get_running_loop().run_in_executor(
-                self._loader, self._build, source)
+                self._loader, self._build, source, policy)
         except TapserveError as exc:
             self._fail(served, str(exc))
             return
@@ -73,7 +74,6 @@ class ModelRegistry:
             log.exception("model %s failed to load", name)
             self._fail(served, f"{type(exc).__name__}: {exc}")
             return
-        policy = self._policy(source)
         batcher = Batcher(
             model.runtime.run, policy, model.runtime.slots,
             on_batch=lambda rows, seconds: self._on_batch(name, rows, seconds),
@@ -86,14 +86,13 @@ class ModelRegistry:
         log.info("model %s version %d ready in %.1fs: endpoints %s (default %s)", name,
                  model.version, seconds, ", ".join(model.endpoints), model.default_endpoint)
 
-    def _build(self, source: ModelSource) -> LoadedModel:
-        s = self.settings
+    def _build(self, source: ModelSource, policy: BatchPolicy) -> LoadedModel:
         if source.format == "saved_model":
             model = build_saved_model(source, self.devices, self._slots_per_device())
         else:
             model = build_keras_model(source, self.devices, self._slots_per_device(),
-                                      s.compiled_cache_size, self._policy(source).max_batch_size)
-        model.warm_up(self._policy(source).shared_passes)
+                                      self.settings.compiled_cache_size, policy.max_batch_size)
+        model.warm_up(policy.shared_passes)
         return model
 
     def _slots_per_device(self) -> int:
