@@ -32,6 +32,8 @@ def test_runtime_matches_keras_with_and_without_xla(two_heads, jit: bool) -> Non
     rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
     feeds = zoo.sample_inputs(model, batch=3)  # XLA pads 3 rows to 4, then trims
     got = asyncio.run(rt.run(("x",), ("label", "score"), feeds))
+    compiled = rt.function(("x",), ("label", "score"), False).function_def.attr
+    assert ("_XlaMustCompile" in compiled and compiled["_XlaMustCompile"].b) == jit
     want = reference(model, feeds)
     for name in ("label", "score"):
         assert got[name].shape[0] == 3
