@@ -74,8 +74,10 @@ class ModelRegistry:
             log.exception("model %s failed to load", name)
             self._fail(served, f"{type(exc).__name__}: {exc}")
             return
+        # One batch more than the compute threads: it waits in the runtime's executor, so a
+        # thread that finishes starts the next batch at once, not after an event-loop turn.
         batcher = Batcher(
-            model.runtime.run, policy, model.runtime.slots,
+            model.runtime.run, policy, model.runtime.slots + 1,
             on_batch=lambda rows, seconds: self._on_batch(name, rows, seconds),
             on_depth=self.metrics.queue_depth.labels(name).set)
         batcher.start()
