@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -33,11 +34,33 @@ class Settings(BaseSettings):
         2, ge=1, description="Batches computed at once per model on the CPU.")
     gpu_batches_in_flight: int = Field(
         1, ge=1, description="Batches computed at once per model on each GPU.")
-    intra_op_threads: int = Field(
-        1, ge=0, description="TensorFlow intra-op threads (0: TensorFlow's default).")
+    intra_op_threads: int | None = Field(
+        None, ge=0, description="TensorFlow intra-op threads (0: TensorFlow's default; unset: "
+        "the CPUs this process may use, shared by the batches in flight).")
     inter_op_threads: int = Field(
         2, ge=0, description="TensorFlow inter-op threads (0: TensorFlow's default).")
     gpu_memory_limit_mb: int | None = Field(
         None, ge=1, description="Cap on the memory TensorFlow takes on each GPU.")
     compiled_cache_size: int = Field(
         64, ge=1, description="Compiled (inputs, outputs) functions kept per model.")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
+    container's limit), which os.cpu_count() does not see."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def intra_op_threads(settings: Settings) -> int:
+    """The intra-op threads to give TensorFlow: the setting, else a share of the CPUs for
+    each batch in flight (1 on 2 cores, where that measured best for small batches)."""
+    if settings.intra_op_threads is not None:
+        return settings.intra_op_threads
+    return max(1, available_cpus() // settings.cpu_batches_in_flight)
