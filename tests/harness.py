@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
+import scrape
 
 from service.protocol import convert
 from service.protocol.datatypes import to_kserve
@@ -57,13 +56,7 @@ class RunningServer:
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample's value from GET /metrics (0 if absent)."""
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v
-                                               for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        return scrape.metric(self.metrics_url, name, **labels) or 0.0
 
     def stop(self, grace: float = 5.0) -> None:
         if not self.loop.is_running():

@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+import scrape
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import np_to_triton_dtype
 
 TAPSERVE = Path(sys.executable).parent / "tapserve"
@@ -61,13 +60,7 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample's value from GET /metrics; None if no sample has those labels."""
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v
-                                               for k, v in labels.items()):
-                    return sample.value
-        return None
+        return scrape.metric(self.metrics_url, name, **labels)
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM, then wait for the exit code."""

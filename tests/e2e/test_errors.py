@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import tritonclient.grpc as triton
 import yaml
 import zoo
+from scrape import wait_for
 from stock import ServerProcess, infer
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -61,16 +60,6 @@ def assert_serves(client: triton.InferenceServerClient, autoencoder: keras.Model
     x = images(3, seed=7)
     got = infer(client, model, {"image": x}).as_numpy("recon")
     np.testing.assert_allclose(got, np.asarray(autoencoder(x)), atol=1e-5)
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    """Poll `condition` until it is truthy (its value is returned) or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 def send(client: triton.InferenceServerClient, model: str, feeds: dict[str, np.ndarray],

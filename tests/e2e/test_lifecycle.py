@@ -8,9 +8,7 @@ import re
 import socket
 import subprocess
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +19,12 @@ import pytest
 import yaml
 import zoo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from scrape import wait_for
 from stock import TAPSERVE, ServerProcess, infer
 from tritonclient.utils import InferenceServerException
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    """Poll `condition` until it is truthy (its value is returned) or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 def free_port() -> int:
