@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.errors import TapserveError
 from service.settings import Settings
 
 
@@ -37,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.path.exists():  # say so before TensorFlow's seconds of start-up
             print(f"tapserve inspect: {args.path} does not exist", file=sys.stderr)
             return 2
-        from service.errors import TapserveError
         from service.inspect import describe
 
         try:
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from service.server import run
 
     logs.configure(settings.log_format, settings.log_level)
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except (TapserveError, OSError) as exc:  # a missing repository, a port in use
+        logging.getLogger("tapserve").error("cannot start: %s", exc)
+        return 2
     # Drained: a late signal (the loop has let go of its handlers) must not turn a clean
     # exit into a killed one while the interpreter shuts TensorFlow down.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

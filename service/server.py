@@ -50,13 +50,18 @@ class TapServer:
         self._loading: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Bind both ports and start loading; raises ConfigError or OSError (a port in use)
+        before anything is left running."""
         s = self.settings
+        models = self.registry.discover(s.model_repository)  # a missing folder fails here
         self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
             interceptors=[ErrorStatusInterceptor(on_done=self._count_rpc)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     # A second server on a taken port must fail, not share it silently.
+                     ("grpc.so_reuseport", 0)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -64,12 +69,16 @@ class TapServer:
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME], self.server)
-        self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        try:
+            self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError:
+            self.grpc_port = 0
         if not self.grpc_port:
-            raise OSError(f"cannot bind gRPC to {s.host}:{s.grpc_port}")
+            self._metrics_http.shutdown()
+            raise OSError(f"cannot bind gRPC to {s.host}:{s.grpc_port} (in use?)")
         await self.server.start()
         await self.health.set("", NOT_SERVING)
-        for name in self.registry.discover(s.model_repository):
+        for name in models:
             await self.health.set(name, NOT_SERVING)
         log.info("serving gRPC on %s:%d, metrics on %s:%d", s.host, self.grpc_port,
                  s.host, self.metrics_port)

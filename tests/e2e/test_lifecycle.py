@@ -303,3 +303,28 @@ def test_inspect_a_bad_path_fails_with_a_reason(inspected) -> None:
     assert result.stdout == ""
     assert "no_such_model does not exist" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def start_failure(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TAPSERVE), "serve", "--host", "127.0.0.1",
+                           "--metrics-port", "0", *flags],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_missing_repository_is_a_clear_start_failure(tmp_path: Path) -> None:
+    done = start_failure("--model-repository", str(tmp_path / "nope"), "--grpc-port", "0")
+    assert done.returncode == 2
+    assert "cannot start: model repository" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_taken_port_is_a_clear_start_failure(repository: Path) -> None:
+    # Regression: gRPC's SO_REUSEPORT let a second server share a taken port silently.
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a gRPC server does
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = start_failure("--model-repository", str(repository), "--grpc-port", str(port))
+    assert done.returncode == 2
+    assert f"cannot bind gRPC to 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
