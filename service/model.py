@@ -83,7 +83,6 @@ class LoadedModel:
         self.name = source.name
         self.version = source.version
         self.versions = source.versions
-        self.config = source.config
         self.runtime = runtime
         self.endpoints = endpoints
         self.default_endpoint = default_endpoint

@@ -53,10 +53,6 @@ class ModelRegistry:
             self.metrics.model_ready.labels(name).set(0)
         return list(self.models)
 
-    async def load_all(self, repository: Path) -> None:
-        for name in self.discover(repository):
-            await self.load(repository, name)
-
     async def load(self, repository: Path, name: str) -> None:
         """Load, warm up, start batching; a broken model only fails itself."""
         served = self.models.setdefault(name, ServedModel(name))
