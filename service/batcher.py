@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded
+from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded, TapserveError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
             offsets[name] += w.rows
         parts.append(part)
     return parts
+
+
+def batch_rows(works: Sequence[Work]) -> int:
+    return sum(w.rows for w in works)
 
 
 def slices(feeds: Arrays, size: int) -> list[Arrays]:
@@ -217,27 +221,38 @@ class Batcher:
     async def _compute(self, works: list[Work]) -> None:
         try:
             works = self._drop_expired(works)
-            if not works:
-                return
-            batch = merge(works)
-            started = time.monotonic()
-            for w in works:
-                w.started = started
-            try:
-                result = await self.run(batch.source, batch.outputs, batch.feeds, batch.rows)
-                parts = split(works, batch, result)
-            except Exception as exc:
-                log.exception("batch of %d requests failed", len(works))
-                for w in works:
-                    if not w.future.done():
-                        w.future.set_exception(exc)
-                return
-            self._on_batch(sum(w.rows for w in works), time.monotonic() - started)
-            for w, part in zip(works, parts, strict=True):
-                if not w.future.done():
-                    w.future.set_result(part)
+            if works:
+                await self._run_batch(works, isolate=len(works) > 1)
         finally:
             self._slots.release()
+
+    async def _run_batch(self, works: list[Work], isolate: bool) -> None:
+        """Run works as one batch. If it fails, run each alone (isolate): a request the
+        model cannot compute (say, a token out of its vocabulary) fails by itself."""
+        batch = merge(works)
+        started = time.monotonic()
+        for w in works:
+            w.started = w.started or started
+        try:
+            result = await self.run(batch.source, batch.outputs, batch.feeds, batch.rows)
+            parts = split(works, batch, result)
+        except Exception as exc:
+            if isolate:
+                log.warning("batch of %d requests failed (%s); running each alone",
+                            len(works), exc)
+                for w in works:
+                    await self._run_batch([w], isolate=False)
+                return
+            if not isinstance(exc, TapserveError):
+                log.exception("batch of %d rows failed", batch_rows(works))
+            for w in works:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            return
+        self._on_batch(batch_rows(works), time.monotonic() - started)
+        for w, part in zip(works, parts, strict=True):
+            if not w.future.done():
+                w.future.set_result(part)
 
     @staticmethod
     def _drop_expired(works: list[Work]) -> list[Work]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from service.errors import ConfigError
+from service.errors import ConfigError, InvalidInput
 from service.graph import TapGraph
 from service.types import STRING, TensorSpec
 
@@ -59,6 +59,15 @@ def gpu_memory_in_use() -> dict[str, int]:
     """Bytes TensorFlow holds on each GPU (empty without GPUs)."""
     return {f"GPU:{i}": tf.config.experimental.get_memory_info(f"GPU:{i}")["current"]
             for i in range(len(tf.config.list_physical_devices("GPU")))}
+
+
+def _reason(exc: tf.errors.OpError) -> str:
+    """TensorFlow's own sentence from an op error, without its traceback of graph frames."""
+    lines = [line.strip() for line in exc.message.splitlines()]
+    said = [line for line in lines if line and not line.startswith(
+        ("File ", "[[", "Detected at node", "Graph execution error"))]
+    node = next((line.split()[3] for line in lines if line.startswith("Detected at node")), "")
+    return (said[-1] if said else lines[0]) + (f" (at {node})" if node else "")
 
 
 def _zeros(spec: TensorSpec, rows: int) -> np.ndarray:
@@ -102,8 +111,12 @@ class Runtime:
             self._executors[device], self._on_device, device, source, outputs, feeds, rows)
 
     def _on_device(self, device: str, *args: Any) -> Arrays:
-        with tf.device(device):
-            return self._compute(*args)
+        try:
+            with tf.device(device):
+                return self._compute(*args)
+        except tf.errors.InvalidArgumentError as exc:  # the values, not the shapes: e.g.
+            # a token outside an Embedding's vocabulary
+            raise InvalidInput(f"the model cannot compute this input: {_reason(exc)}") from exc
 
     def warm_up(self, source: Hashable, outputs: tuple[str, ...],
                 rows: Arrays | None = None) -> None:

@@ -381,16 +381,19 @@ async def test_at_most_concurrency_batches_run_at_once() -> None:
     assert [float(o["y"][0]) for o in outs] == [0, 2, 4, 6, 8, 10]
 
 
-async def test_a_failing_run_fails_only_its_batch() -> None:
+async def test_a_request_the_model_cannot_compute_fails_alone() -> None:
+    # Regression: one bad request once failed every request batched with it.
     run = FakeRun()
-    async with batcher(run, max_batch_size=2, max_queue_delay_ms=FOREVER_MS) as b:
-        bad = [submit(b, xs(-1)), submit(b, xs(1))]  # one batch: both fail
+    async with batcher(run, max_batch_size=3, max_queue_delay_ms=FOREVER_MS) as b:
+        tasks = [submit(b, xs(1)), submit(b, xs(-1)), submit(b, xs(2))]  # one batch
         with pytest.raises(ValueError, match="negative"):
-            await result(bad[0])
-        with pytest.raises(ValueError, match="negative"):
-            await result(bad[1])
-        good = [submit(b, xs(2)), submit(b, xs(3))]
-        assert [float((await result(t))["y"][0]) for t in good] == [4, 6]
+            await result(tasks[1])
+        assert float((await result(tasks[0]))["y"][0]) == 2
+        assert float((await result(tasks[2]))["y"][0]) == 4
+        # The batch, then each request alone.
+        assert [len(c.feeds["x"]) for c in run.calls] == [3, 1, 1, 1]
+        later = [submit(b, xs(2)), submit(b, xs(3)), submit(b, xs(4))]
+        assert [float((await result(t))["y"][0]) for t in later] == [4, 6, 8]
 
 
 async def test_a_run_returning_the_wrong_row_count_fails_its_batch() -> None:

@@ -119,3 +119,15 @@ def test_batches_alternate_between_devices_each_on_its_own_threads(two_heads,
     for got in results:
         np.testing.assert_allclose(got["label"], reference(model, feeds)["label"], atol=1e-5)
     rt.close()
+
+
+def test_values_the_model_cannot_compute_are_invalid_input() -> None:
+    from service.errors import InvalidInput
+
+    model = zoo.build_multi_dtype()
+    rt = KerasRuntime(TapGraph(model), ["/CPU:0"], 1)
+    feeds = zoo.sample_inputs(model, batch=2)
+    feeds["tokens"][1, 2] = zoo.TOKEN_VOCAB_SIZE + 10
+    with pytest.raises(InvalidInput, match=r"indices\[1,2\] = 60 is not in \[0, 50\)"):
+        asyncio.run(rt.run(("tokens", "features"), ("cls",), feeds))
+    rt.close()

@@ -27,6 +27,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("models")
     zoo.write_model("autoencoder", repo)  # batching.max_batch_size 8
     zoo.write_model("siamese", repo)  # two inputs: one can go missing
+    zoo.save(zoo.ZOO["multi_dtype"](), repo / "tokens")  # int64 tokens into an Embedding
+    (repo / "tokens" / "config.yaml").write_text(yaml.safe_dump(
+        {"batching": {"max_batch_size": 9, "max_queue_delay_ms": 60_000}}))
     # Same weights as the autoencoder, slow queues; one model per test that reads its
     # metrics, so their counts do not mix.
     for name in ("queued", "delayed", "draining"):
@@ -204,3 +207,33 @@ def test_draining_refuses_new_requests_and_finishes_accepted_ones(
     np.testing.assert_allclose(accepted["recon"], np.asarray(autoencoder(x)), atol=1e-5)
     assert process.process.wait(30) == 0  # it exits by itself once drained
     assert "stopped" in process.output()
+
+
+def test_a_request_the_model_cannot_compute_fails_alone(server, repository: Path) -> None:
+    # Regression: one request with a token outside the Embedding's vocabulary once failed
+    # every request batched with it. Three 3-row requests fill one 9-row batch.
+    model = keras.models.load_model(repository / "tokens" / "1" / "model.keras")
+    feeds = [zoo.sample_inputs(model, batch=3, seed=i) for i in range(3)]
+    feeds[1]["tokens"][1, 2] = zoo.TOKEN_VOCAB_SIZE + 10
+    results: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        with server.client() as c:
+            try:
+                results[i] = infer(c, "tokens", feeds[i]).as_numpy("cls")
+            except InferenceServerException as exc:
+                results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    bad = results[1]
+    assert isinstance(bad, InferenceServerException), bad
+    assert bad.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "cannot compute this input" in bad.message() and "60" in bad.message()
+    for i in (0, 2):
+        want = np.asarray(model([feeds[i]["tokens"], feeds[i]["features"]])[0])
+        np.testing.assert_allclose(results[i], want, atol=1e-5)
+    assert server.metric("tapserve_batch_size_count", model="tokens") >= 1
