@@ -75,11 +75,14 @@ def merge(works: Sequence[Work]) -> Batch:
     return Batch(works[0].source, outputs, feeds, rows)
 
 
+def batch_rows(works: Sequence[Work]) -> int:
+    return sum(w.rows for w in works)
+
+
 def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
     """Each work's slice of the batch result, checking every output's row count."""
     for name in batch.outputs:
-        want = int(batch.rows[name].sum()) if batch.rows is not None else sum(
-            w.rows for w in works)
+        want = int(batch.rows[name].sum()) if batch.rows is not None else batch_rows(works)
         got = result[name].shape[0] if result[name].ndim else None
         if got != want:
             raise RuntimeError(f"the model returned {got} rows for output {name!r}, "
@@ -94,10 +97,6 @@ def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
             offsets[name] += w.rows
         parts.append(part)
     return parts
-
-
-def batch_rows(works: Sequence[Work]) -> int:
-    return sum(w.rows for w in works)
 
 
 def slices(feeds: Arrays, size: int) -> list[Arrays]:
@@ -191,7 +190,7 @@ class Batcher:
         while True:
             now, group, close_at = time.monotonic(), None, float("inf")
             for key, queue in self._pending.items():  # oldest group first
-                if sum(w.rows for w in queue) >= self.policy.max_batch_size:
+                if batch_rows(queue) >= self.policy.max_batch_size:
                     group = key
                     break
                 if queue[0].enqueued + delay < close_at:

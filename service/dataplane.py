@@ -53,8 +53,9 @@ class DataPlane:
                 raise NotReady("the server is shutting down; retry on another replica")
             served = self.registry.get(request.model, request.version)
             model = served.model
-            endpoint = model.endpoint(request.endpoint).name  # errors below count here
-            prepared = model.prepare(request.endpoint, request.inputs, request.outputs)
+            ep = model.endpoint(request.endpoint)
+            endpoint = ep.name  # errors below count under it
+            prepared = model.prepare(ep, request.inputs, request.outputs)
             outputs, queued = await served.batcher.submit(
                 prepared.endpoint.source, prepared.feeds, prepared.outputs, request.deadline)
             self.metrics.queue_duration.labels(request.model, endpoint).observe(queued)

@@ -114,10 +114,9 @@ class LoadedModel:
         return EndpointMetadata(self.name, ep.name, self.versions, self.platform,
                                 ep.inputs, ep.outputs)
 
-    def prepare(self, endpoint: str | None, inputs: dict[str, np.ndarray],
+    def prepare(self, ep: Endpoint, inputs: dict[str, np.ndarray],
                 outputs: Sequence[str]) -> Prepared:
-        """Check a request's inputs and asked-for outputs against the endpoint."""
-        ep = self.endpoint(endpoint)
+        """Check a request's inputs and asked-for outputs against endpoint `ep`."""
         for name in outputs:
             if name not in ep.askable:
                 raise NotFound(f"endpoint {self.name}.{ep.name} has no output {name!r}: "
