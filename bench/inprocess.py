@@ -3,11 +3,12 @@
     .venv/bin/python bench/inprocess.py --model M.keras --batch 64 --threads 2 \
         --duration 10 --out result.json
 
-A fresh process with the server's TensorFlow threading (intra-op 1, inter-op 2 by
-default), one `tf.function` with an input signature whose batch dimension is None,
-called in a closed loop by `--threads` threads (the server computes up to two batches
-at once on the CPU) on numpy batches of `--batch` rows; outputs come back as numpy,
-as the server's do. Reports rows/s and per-call latency.
+A fresh process with TensorFlow given the whole machine (bench/run.py passes intra-op
+threads = CPUs / threads, inter-op = every CPU: no front end to leave room for), one
+`tf.function` with an input signature whose batch dimension is None, called in a closed
+loop by `--threads` threads (the server computes up to two batches at once on the CPU)
+on numpy batches of `--batch` rows; outputs come back as numpy, as the server's do.
+Reports rows/s and per-call latency.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ import grpc
 import yaml
 from tritonclient.grpc import service_pb2
 
+from service.settings import Settings, available_cpus, inter_op_threads, intra_op_threads
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PYTHON = sys.executable
@@ -167,8 +169,8 @@ def tapserve(name: str, repository: Path, out: Path, args: argparse.Namespace,
                "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
                "--metrics-port", str(metrics_port), "--log-level", "WARNING",
                "--cpu-batches-in-flight", str(args.cpu_batches_in_flight),
-               "--intra-op-threads", str(args.intra_op_threads),
-               "--inter-op-threads", str(args.inter_op_threads)]
+               "--intra-op-threads", str(args.threading["intra_op_threads"]),
+               "--inter-op-threads", str(args.threading["inter_op_threads"])]
     server = ServerProcess(name, command, out / "logs" / f"{name}.log", grpc_port, models)
     return server, f"http://127.0.0.1:{metrics_port}/metrics"
 
@@ -260,8 +262,8 @@ def scenario1(models: dict, out: Path, args: argparse.Namespace) -> dict:
     result_path = out / "points" / "s1_inprocess.json"
     command = [PYTHON, str(BENCH / "inprocess.py"), "--model", models["paths"]["ae28"],
                "--batch", str(batch), "--threads", str(args.cpu_batches_in_flight),
-               "--intra-op-threads", str(args.intra_op_threads),
-               "--inter-op-threads", str(args.inter_op_threads),
+               "--intra-op-threads", str(args.ceiling_intra_op_threads),
+               "--inter-op-threads", str(args.ceiling_inter_op_threads),
                "--warmup", str(args.warmup), "--duration", str(args.duration),
                "--out", str(result_path)]
     log(f"in-process ceiling: ae28 at batch {batch}, {args.cpu_batches_in_flight} threads")
@@ -280,7 +282,8 @@ def scenario1(models: dict, out: Path, args: argparse.Namespace) -> dict:
             "ratio_per_cpu_second": per_core, "target": 0.90, "met": ratio >= 0.90}
 
 
-def mlserver(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess, str]:
+def mlserver(out: Path, model_path: str, policy: Policy,
+             threading: dict) -> tuple[ServerProcess, str]:
     """MLServer on free ports, serving the model with bench/peers/mlserver_model.py."""
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     repo = out / "peers" / "mlserver"
@@ -291,6 +294,8 @@ def mlserver(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess,
         "grpc_port": grpc_port, "metrics_port": metrics_port}, indent=2))
     settings = json.loads((BENCH / "peers" / "model-settings.json").read_text())
     settings["parameters"]["uri"] = model_path
+    settings["parameters"]["extra"] = {"intra_op": threading["intra_op_threads"],
+                                       "inter_op": threading["inter_op_threads"]}
     settings["max_batch_size"] = policy.max_batch_size
     settings["max_batch_time"] = policy.max_queue_delay_ms / 1000
     (repo / "dense64" / "model-settings.json").write_text(json.dumps(settings, indent=2))
@@ -300,7 +305,8 @@ def mlserver(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess,
     return server, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
-def pytriton(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess, str]:
+def pytriton(out: Path, model_path: str, policy: Policy,
+             threading: dict) -> tuple[ServerProcess, str]:
     """PyTriton on free ports; its Triton server needs the venv's libpython on the path."""
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     libdir = subprocess.run(
@@ -313,7 +319,9 @@ def pytriton(out: Path, model_path: str, policy: Policy) -> tuple[ServerProcess,
                "--grpc-port", str(grpc_port), "--http-port", str(http_port),
                "--metrics-port", str(metrics_port),
                "--max-batch-size", str(policy.max_batch_size),
-               "--max-queue-delay-us", str(round(policy.max_queue_delay_ms * 1000))]
+               "--max-queue-delay-us", str(round(policy.max_queue_delay_ms * 1000)),
+               "--intra-op-threads", str(threading["intra_op_threads"]),
+               "--inter-op-threads", str(threading["inter_op_threads"])]
     server = ServerProcess("pytriton", command, out / "logs" / "pytriton.log", grpc_port,
                            ["dense64"], env=env)
     return server, f"http://127.0.0.1:{metrics_port}/metrics"
@@ -342,9 +350,9 @@ def scenario2(models: dict, out: Path, args: argparse.Namespace) -> dict:
         servers = [("tapserve", lambda p=policy: tapserve(
             "tapserve", s2_repository(out, p), out, args, ["dense64"]), TAPSERVE_BATCH)]
         if args.peers:
-            servers += [("mlserver", lambda p=policy: mlserver(out, path, p),
+            servers += [("mlserver", lambda p=policy: mlserver(out, path, p, args.threading),
                          ("bench_batch_rows_sum", "bench_batch_rows_count")),
-                        ("pytriton", lambda p=policy: pytriton(out, path, p),
+                        ("pytriton", lambda p=policy: pytriton(out, path, p, args.threading),
                          ("nv_inference_count", "nv_inference_exec_count"))]
         for name, start, batch_metric in servers:
             try:
@@ -443,6 +451,11 @@ def report(results: dict) -> str:
              f"Python {m['python']}, {m['packages']}, kernel {m['kernel']}; Tapserve at "
              f"{m['tapserve_commit']}; load average "
              f"at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}.", "",
+             "TensorFlow threading of Tapserve and of the peers (Tapserve's defaults on "
+             f"this machine unless the command sets them): intra-op "
+             f"{results['threading']['intra_op_threads']}, inter-op "
+             f"{results['threading']['inter_op_threads']}; Tapserve computes "
+             f"{results['threading']['batches_in_flight']} batches at once.", "",
              "Columns: latencies are per request at the client; mean batch is rows per "
              "executed batch (server metrics); cores are CPU-seconds per second over the "
              "window: the server's process tree, the load client, and everything else on "
@@ -521,11 +534,27 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=2.0,
                         help="max queue delay, scenarios 1 and 3")
     parser.add_argument("--cpu-batches-in-flight", type=int, default=2)
-    parser.add_argument("--intra-op-threads", type=int, default=1)
-    parser.add_argument("--inter-op-threads", type=int, default=2)
+    parser.add_argument("--intra-op-threads", type=int, default=None,
+                        help="TensorFlow threading of Tapserve and the peers (default: what "
+                        "Tapserve picks on this machine)")
+    parser.add_argument("--inter-op-threads", type=int, default=None)
+    parser.add_argument("--ceiling-intra-op-threads", type=int, default=None,
+                        help="the in-process ceiling's threading (default: the CPUs shared by "
+                        "its threads; inter-op: every CPU, as it has no front end to leave "
+                        "room for)")
+    parser.add_argument("--ceiling-inter-op-threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     args = parser.parse_args()
     scenarios = sorted({int(s) for s in args.scenarios.split(",")})
+    settings = Settings(cpu_batches_in_flight=args.cpu_batches_in_flight,
+                        intra_op_threads=args.intra_op_threads,
+                        inter_op_threads=args.inter_op_threads)
+    args.threading = {"intra_op_threads": intra_op_threads(settings),
+                      "inter_op_threads": inter_op_threads(settings)}
+    if args.ceiling_intra_op_threads is None:
+        args.ceiling_intra_op_threads = max(1, available_cpus() // args.cpu_batches_in_flight)
+    if args.ceiling_inter_op_threads is None:
+        args.ceiling_inter_op_threads = available_cpus()
     args.s2_delays = [float(d) for d in args.s2_delays.split(",")]
     if args.peers and not (MLSERVER.exists() and PYTRITON_PY.exists()):
         log("--peers: bench/.venvs/{mlserver,pytriton} are missing; scripts/bench.sh makes "
@@ -538,7 +567,9 @@ def main() -> None:
                "command": " ".join([Path(PYTHON).relative_to(ROOT).as_posix()
                                     if Path(PYTHON).is_relative_to(ROOT) else PYTHON,
                                     *sys.argv]),
-               "machine": machine(), "delay_ms": args.delay_ms, "scenarios": {}}
+               "machine": machine(), "delay_ms": args.delay_ms,
+               "threading": {**args.threading, "batches_in_flight": args.cpu_batches_in_flight},
+               "scenarios": {}}
     log(f"building models into {out / 'models'}")
     built = subprocess.run(
         [PYTHON, str(BENCH / "models.py"), "--out", str(out / "models"),

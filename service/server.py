@@ -21,7 +21,7 @@ from service.protocol.kserve import InferenceServicer
 from service.protocol.status import ErrorStatusInterceptor
 from service.registry import READY, ModelRegistry
 from service.runtime import configure_tensorflow, gpu_memory_in_use
-from service.settings import Settings, intra_op_threads
+from service.settings import Settings, inter_op_threads, intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class TapServer:
         self.settings = settings
         self.metrics = Metrics()
         self.devices = configure_tensorflow(
-            intra_op_threads(settings), settings.inter_op_threads, settings.gpu_memory_limit_mb)
+            intra_op_threads(settings), inter_op_threads(settings), settings.gpu_memory_limit_mb)
         for device in gpu_memory_in_use():
             self.metrics.gpu_memory.labels(device).set_function(
                 lambda d=device: gpu_memory_in_use().get(d, 0))

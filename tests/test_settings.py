@@ -8,7 +8,7 @@ import pytest
 
 from service import settings as settings_module
 from service.cli import _parser
-from service.settings import Settings, available_cpus, intra_op_threads
+from service.settings import Settings, available_cpus, inter_op_threads, intra_op_threads
 
 
 def test_env_twins_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,6 +33,18 @@ def test_intra_op_threads_share_the_cpus(monkeypatch: pytest.MonkeyPatch) -> Non
     assert intra_op_threads(Settings(intra_op_threads=3)) == 3
     monkeypatch.setattr(settings_module, "available_cpus", lambda: 1)
     assert intra_op_threads(Settings()) == 1
+
+
+def test_inter_op_threads_leave_one_cpu_to_the_front_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_module, "available_cpus", lambda: 16)
+    assert inter_op_threads(Settings()) == 15
+    assert inter_op_threads(Settings(inter_op_threads=4)) == 4
+    assert inter_op_threads(Settings(inter_op_threads=0)) == 0  # TensorFlow's own default
+    monkeypatch.setattr(settings_module, "available_cpus", lambda: 2)
+    assert inter_op_threads(Settings()) == 1
+    monkeypatch.setattr(settings_module, "available_cpus", lambda: 1)
+    assert inter_op_threads(Settings()) == 1
 
 
 def test_a_container_quota_caps_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:

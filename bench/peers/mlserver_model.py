@@ -4,7 +4,7 @@ What a user would write: load the .keras file once, wrap the model in a `tf.func
 with a None-batch input signature (as Tapserve does; `model.predict` costs ~40 ms a
 call), and let MLServer's adaptive batching merge requests (model-settings.json:
 `max_batch_size`, `max_batch_time`). `parallel_workers: 0` (settings.json) runs it in
-the server's own process. TensorFlow gets Tapserve's threading (intra-op 1, inter-op 2)
+the server's own process. TensorFlow gets Tapserve's threading (bench/run.py passes it)
 so only the serving stack differs. Each predict call records its rows in the histogram
 `bench_batch_rows`, so the bench can report the mean batch size.
 """

@@ -6,7 +6,7 @@
 
 What a user would write: `@batch` on an infer function over a `tf.function` with a
 None-batch input signature, bound with Triton's dynamic batcher. TensorFlow gets
-Tapserve's threading (intra-op 1, inter-op 2) so only the serving stack differs.
+Tapserve's threading (bench/run.py passes it) so only the serving stack differs.
 The Triton server PyTriton starts needs the running Python's libpython: on a
 pyenv/virtualenv Python, set LD_LIBRARY_PATH to its lib directory (bench/run.py does).
 """

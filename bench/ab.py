@@ -1,0 +1,127 @@
+"""A/B: two Tapserve configurations side by side, in alternating short load windows.
+
+    .venv/bin/python bench/ab.py --scenario 1 --b "--inter-op-threads 2"
+    .venv/bin/python bench/ab.py --scenario 2 --a "--cpu-batches-in-flight 2" \
+        --b "--cpu-batches-in-flight 1" --rounds 6
+
+Single windows on a shared machine swing by tens of percent; a change worth a few
+percent is only visible when both sides see the same background. Both servers start
+once and stay up (idle, they cost nothing); the load (bench/load.py, the headline
+concurrency of the scenario, see bench/run.py) then alternates between them, A B, B A,
+A B..., and the result is the median over rounds of B's req/s over A's in the same
+round. `--a` and `--b` are extra `tapserve serve` flags (Tapserve's own defaults
+otherwise); `--a-env`/`--b-env` set environment variables (KEY=VALUE,...). Writes
+bench/out/ab.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from run import (
+    BENCH,
+    HEADLINE,
+    PYTHON,
+    TAPSERVE,
+    Policy,
+    ServerProcess,
+    free_port,
+    log,
+    running,
+    s2_repository,
+    variant,
+)
+
+
+def workload(scenario: int, models: Path, delay_ms: float) -> tuple[Path, list[dict], str]:
+    """The repository, request mix and model name of one bench/run.py scenario."""
+    if scenario == 1:
+        return models / "s1", [variant("ae28", "image", [16, 28, 28, 1])], "ae28"
+    if scenario == 2:
+        repo = s2_repository(models.parent, Policy(32, delay_ms))
+        return repo, [variant("dense64", "x", [1, 64])], "dense64"
+    return (models / "s3_shared", [variant(f"trunk3.{e}", "image", [4, 28, 28, 1])
+                                   for e in ("classify", "embed", "decode")], "trunk3")
+
+
+def window(server: ServerProcess, spec: Path, concurrency: int, seconds: float,
+           out: Path) -> dict:
+    subprocess.run([PYTHON, str(BENCH / "load.py"), "--target", server.target,
+                    "--spec", str(spec), "--concurrency", str(concurrency),
+                    "--warmup", "1", "--duration", str(seconds),
+                    "--server-pid", str(server.proc.pid), "--out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", type=int, choices=(1, 2, 3), required=True)
+    parser.add_argument("--a", default="", help="extra `tapserve serve` flags of side A")
+    parser.add_argument("--b", default="", help="extra `tapserve serve` flags of side B")
+    parser.add_argument("--a-env", default="", help="KEY=VALUE,... for side A")
+    parser.add_argument("--b-env", default="", help="KEY=VALUE,... for side B")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds/window")
+    parser.add_argument("--delay-ms", type=float, default=2.0, help="scenario 2's max delay")
+    parser.add_argument("--out", type=Path, default=BENCH / "out")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    (out / "ab").mkdir(parents=True, exist_ok=True)
+    if not (out / "models" / "s1").exists():
+        log(f"building models into {out / 'models'}")
+        subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(out / "models"),
+                        "--s1-batch", "64", "--s2-batch", "32", "--s3-batch", "64"],  # as run.py
+                       check=True, capture_output=True)
+    repo, spec, model = workload(args.scenario, out / "models", args.delay_ms)
+    spec_path = out / "ab" / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    concurrency = HEADLINE[args.scenario]
+    sides = {}
+    for side, flags, env in (("A", args.a, args.a_env), ("B", args.b, args.b_env)):
+        port = free_port()
+        command = [TAPSERVE, "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+                   "--grpc-port", str(port), "--metrics-port", str(free_port()),
+                   "--log-level", "WARNING", *shlex.split(flags)]
+        sides[side] = ServerProcess(side, command, out / "ab" / f"{side}.log", port, [model],
+                                    env=dict(kv.split("=", 1) for kv in env.split(",") if kv))
+    results: dict[str, list[dict]] = {"A": [], "B": []}
+    with running(sides["A"]), running(sides["B"]):
+        for r in range(args.rounds):
+            order = ("A", "B") if r % 2 == 0 else ("B", "A")  # neither always goes first
+            for side in order:
+                load = window(sides[side], spec_path, concurrency, args.seconds,
+                              out / "ab" / f"{side}{r}.json")
+                results[side].append({k: load[k] for k in ("req_per_s", "p50_ms", "p99_ms")}
+                                     | {"server_cores": load.get("server_cpu_cores")})
+                log(f"round {r + 1} {side}: {load['req_per_s']:.0f} req/s, "
+                    f"p99 {load['p99_ms']:.2f} ms")
+    summary = {side: {k: statistics.median(w[k] for w in windows)
+                      for k in ("req_per_s", "p50_ms", "p99_ms")}
+               for side, windows in results.items()}
+    # Each round's B over the same round's A: background load that drifts over the run
+    # moves both sides of a round together, so the ratio cancels it.
+    paired = [b["req_per_s"] / a["req_per_s"]
+              for a, b in zip(results["A"], results["B"], strict=True)]
+    ratio = statistics.median(paired)
+    report = {"scenario": args.scenario, "concurrency": concurrency, "a": args.a,
+              "b": args.b, "a_env": args.a_env, "b_env": args.b_env, "windows": results,
+              "median": summary, "b_over_a_per_round": paired,
+              "b_over_a_req_per_s": ratio, "command": " ".join(sys.argv)}
+    (out / "ab.json").write_text(json.dumps(report, indent=2))
+    for side in ("A", "B"):
+        s = summary[side]
+        print(f"{side} ({getattr(args, side.lower()) or 'defaults'}): median "
+              f"{s['req_per_s']:.0f} req/s, p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms; "
+              f"windows {[round(w['req_per_s']) for w in results[side]]}")
+    print(f"B / A req/s, median of the rounds' ratios: {ratio:.3f} "
+          f"(rounds: {', '.join(f'{x:.2f}' for x in paired)})")
+
+
+if __name__ == "__main__":
+    main()
