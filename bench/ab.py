@@ -10,8 +10,8 @@ once and stay up (idle, they cost nothing); the load (bench/load.py, the headlin
 concurrency of the scenario, see bench/run.py) then alternates between them, A B, B A,
 A B..., and the result is the median over rounds of B's req/s over A's in the same
 round. `--a` and `--b` are extra `tapserve serve` flags (Tapserve's own defaults
-otherwise); `--a-env`/`--b-env` set environment variables (KEY=VALUE,...). Writes
-bench/out/ab.json.
+otherwise); `--a-env`/`--b-env` set environment variables (KEY=VALUE,...); `--a-models`/`--b-models`
+another repository under bench/out/models. Writes bench/out/ab.json.
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ def main() -> None:
     parser.add_argument("--b", default="", help="extra `tapserve serve` flags of side B")
     parser.add_argument("--a-env", default="", help="KEY=VALUE,... for side A")
     parser.add_argument("--b-env", default="", help="KEY=VALUE,... for side B")
+    parser.add_argument("--a-models", default=None,
+                        help="side A's repository under bench/out/models (default: the "
+                        "scenario's), e.g. --b-models s3_separate for shared passes off")
+    parser.add_argument("--b-models", default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds/window")
     parser.add_argument("--delay-ms", type=float, default=2.0, help="scenario 2's max delay")
@@ -83,9 +87,11 @@ def main() -> None:
     spec_path.write_text(json.dumps(spec))
     concurrency = HEADLINE[args.scenario]
     sides = {}
-    for side, flags, env in (("A", args.a, args.a_env), ("B", args.b, args.b_env)):
+    for side, flags, env, models in (("A", args.a, args.a_env, args.a_models),
+                                     ("B", args.b, args.b_env, args.b_models)):
         port = free_port()
-        command = [TAPSERVE, "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+        folder = out / "models" / models if models else repo
+        command = [TAPSERVE, "serve", "--model-repository", str(folder), "--host", "127.0.0.1",
                    "--grpc-port", str(port), "--metrics-port", str(free_port()),
                    "--log-level", "WARNING", *shlex.split(flags)]
         sides[side] = ServerProcess(side, command, out / "ab" / f"{side}.log", port, [model],
@@ -110,13 +116,17 @@ def main() -> None:
               for a, b in zip(results["A"], results["B"], strict=True)]
     ratio = statistics.median(paired)
     report = {"scenario": args.scenario, "concurrency": concurrency, "a": args.a,
-              "b": args.b, "a_env": args.a_env, "b_env": args.b_env, "windows": results,
+              "b": args.b, "a_env": args.a_env, "b_env": args.b_env,
+              "a_models": args.a_models, "b_models": args.b_models, "windows": results,
               "median": summary, "b_over_a_per_round": paired,
               "b_over_a_req_per_s": ratio, "command": " ".join(sys.argv)}
     (out / "ab.json").write_text(json.dumps(report, indent=2))
     for side in ("A", "B"):
         s = summary[side]
-        print(f"{side} ({getattr(args, side.lower()) or 'defaults'}): median "
+        what = " ".join(filter(None, (getattr(args, side.lower()),
+                                      getattr(args, f"{side.lower()}_env"),
+                                      getattr(args, f"{side.lower()}_models"))))
+        print(f"{side} ({what or 'defaults'}): median "
               f"{s['req_per_s']:.0f} req/s, p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms; "
               f"windows {[round(w['req_per_s']) for w in results[side]]}")
     print(f"B / A req/s, median of the rounds' ratios: {ratio:.3f} "
