@@ -144,7 +144,7 @@ def env_server(start_process, repository: Path, env_ports: tuple[int, int]) -> S
                          TAPSERVE_MODEL_REPOSITORY=str(repository),
                          TAPSERVE_GRPC_PORT=str(env_ports[0]),
                          TAPSERVE_METRICS_PORT=str(env_ports[1]),
-                         TAPSERVE_HOST="127.0.0.1")
+                         TAPSERVE_HOST="127.0.0.1", TAPSERVE_INTER_OP_THREADS="3")
 
 
 def test_env_twins_set_repository_and_ports(env_server: ServerProcess, env_ports,
@@ -155,6 +155,8 @@ def test_env_twins_set_repository_and_ports(env_server: ServerProcess, env_ports
         got = infer(client, "autoencoder", {"image": x}).as_numpy("recon")
     np.testing.assert_allclose(got, np.asarray(autoencoder(x)), atol=1e-5)
     assert env_server.metric("tapserve_model_ready", model="autoencoder") == 1
+    # The threading TensorFlow got is in the start-up log, here from the env twin.
+    assert re.search(r"TensorFlow threads: intra-op \d+, inter-op 3\b", env_server.output())
 
 
 def log_lines(server: ServerProcess) -> list[str]:
