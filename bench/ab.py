@@ -11,7 +11,8 @@ concurrency of the scenario, see bench/run.py) then alternates between them, A B
 A B..., and the result is the median over rounds of B's req/s over A's in the same
 round. `--a` and `--b` are extra `tapserve serve` flags (Tapserve's own defaults
 otherwise); `--a-env`/`--b-env` set environment variables (KEY=VALUE,...); `--a-models`/`--b-models`
-another repository under bench/out/models. Writes bench/out/ab.json.
+another repository under bench/out/models. Writes bench/out/ab.json (each window's
+client result under bench/out/points/ab_*).
 """
 
 from __future__ import annotations
@@ -20,43 +21,33 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 from run import (
     BENCH,
     HEADLINE,
-    PYTHON,
-    TAPSERVE,
+    S2_BATCH,
     Policy,
     ServerProcess,
+    build_models,
     free_port,
     log,
+    measure,
+    request_mix,
     running,
     s2_repository,
-    variant,
+    serve_command,
 )
 
+MODEL = {1: "ae28", 2: "dense64", 3: "trunk3"}
 
-def workload(scenario: int, models: Path, delay_ms: float) -> tuple[Path, list[dict], str]:
-    """The repository, request mix and model name of one bench/run.py scenario."""
-    if scenario == 1:
-        return models / "s1", [variant("ae28", "image", [16, 28, 28, 1])], "ae28"
+
+def repository(scenario: int, models: Path, delay_ms: float) -> Path:
+    """The model repository bench/run.py serves in one scenario (3: shared passes on)."""
     if scenario == 2:
-        repo = s2_repository(models.parent, Policy(32, delay_ms))
-        return repo, [variant("dense64", "x", [1, 64])], "dense64"
-    return (models / "s3_shared", [variant(f"trunk3.{e}", "image", [4, 28, 28, 1])
-                                   for e in ("classify", "embed", "decode")], "trunk3")
-
-
-def window(server: ServerProcess, spec: Path, concurrency: int, seconds: float,
-           out: Path) -> dict:
-    subprocess.run([PYTHON, str(BENCH / "load.py"), "--target", server.target,
-                    "--spec", str(spec), "--concurrency", str(concurrency),
-                    "--warmup", "1", "--duration", str(seconds),
-                    "--server-pid", str(server.proc.pid), "--out", str(out)], check=True)
-    return json.loads(out.read_text())
+        return s2_repository(models.parent, Policy(S2_BATCH, delay_ms))
+    return models / ("s1" if scenario == 1 else "s3_shared")
 
 
 def main() -> None:
@@ -71,7 +62,8 @@ def main() -> None:
                         "scenario's), e.g. --b-models s3_separate for shared passes off")
     parser.add_argument("--b-models", default=None)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds/window")
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds/window")
+    parser.add_argument("--warmup", type=float, default=1.0, help="load seconds before each")
     parser.add_argument("--delay-ms", type=float, default=2.0, help="scenario 2's max delay")
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     args = parser.parse_args()
@@ -79,21 +71,15 @@ def main() -> None:
     (out / "ab").mkdir(parents=True, exist_ok=True)
     if not (out / "models" / "s1").exists():
         log(f"building models into {out / 'models'}")
-        subprocess.run([PYTHON, str(BENCH / "models.py"), "--out", str(out / "models"),
-                        "--s1-batch", "64", "--s2-batch", "32", "--s3-batch", "64"],  # as run.py
-                       check=True, capture_output=True)
-    repo, spec, model = workload(args.scenario, out / "models", args.delay_ms)
-    spec_path = out / "ab" / "spec.json"
-    spec_path.write_text(json.dumps(spec))
+        build_models(out / "models")
+    repo, model = repository(args.scenario, out / "models", args.delay_ms), MODEL[args.scenario]
     concurrency = HEADLINE[args.scenario]
     sides = {}
     for side, flags, env, models in (("A", args.a, args.a_env, args.a_models),
                                      ("B", args.b, args.b_env, args.b_models)):
         port = free_port()
         folder = out / "models" / models if models else repo
-        command = [TAPSERVE, "serve", "--model-repository", str(folder), "--host", "127.0.0.1",
-                   "--grpc-port", str(port), "--metrics-port", str(free_port()),
-                   "--log-level", "WARNING", *shlex.split(flags)]
+        command = serve_command(folder, port, free_port()) + shlex.split(flags)
         sides[side] = ServerProcess(side, command, out / "ab" / f"{side}.log", port, [model],
                                     env=dict(kv.split("=", 1) for kv in env.split(",") if kv))
     results: dict[str, list[dict]] = {"A": [], "B": []}
@@ -101,12 +87,10 @@ def main() -> None:
         for r in range(args.rounds):
             order = ("A", "B") if r % 2 == 0 else ("B", "A")  # neither always goes first
             for side in order:
-                load = window(sides[side], spec_path, concurrency, args.seconds,
-                              out / "ab" / f"{side}{r}.json")
+                load = measure(sides[side], request_mix(args.scenario), concurrency, out, args,
+                               f"ab_{side}{r}").load
                 results[side].append({k: load[k] for k in ("req_per_s", "p50_ms", "p99_ms")}
                                      | {"server_cores": load.get("server_cpu_cores")})
-                log(f"round {r + 1} {side}: {load['req_per_s']:.0f} req/s, "
-                    f"p99 {load['p99_ms']:.2f} ms")
     summary = {side: {k: statistics.median(w[k] for w in windows)
                       for k in ("req_per_s", "p50_ms", "p99_ms")}
                for side, windows in results.items()}

@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--s1-batch", type=int, default=64)
     parser.add_argument("--s2-batch", type=int, default=32)
-    parser.add_argument("--s3-batch", type=int, default=32)
+    parser.add_argument("--s3-batch", type=int, default=64)  # as bench/run.py
     parser.add_argument("--delay-ms", type=float, default=2.0)
     args = parser.parse_args()
     info = build(args.out, args.s1_batch, args.s2_batch, args.s3_batch, args.delay_ms)

@@ -52,6 +52,8 @@ TAPSERVE = str(Path(PYTHON).with_name("tapserve"))
 MLSERVER = BENCH / ".venvs" / "mlserver" / "bin" / "mlserver"
 PYTRITON_PY = BENCH / ".venvs" / "pytriton" / "bin" / "python"
 
+# Each scenario's max batch size, and the max queue delay of scenarios 1 and 3.
+S1_BATCH, S2_BATCH, S3_BATCH, DELAY_MS = 64, 32, 64, 2.0
 # Headline concurrency of each scenario, and the sweep around it.
 HEADLINE = {1: 16, 2: 8, 3: 12}
 SWEEP = {1: [4, 16, 32], 2: [1, 8, 32], 3: [12, 24]}
@@ -162,15 +164,20 @@ def running(server: ServerProcess) -> Iterator[ServerProcess]:
         server.stop()
 
 
+def serve_command(repository: Path, grpc_port: int, metrics_port: int) -> list[str]:
+    """`tapserve serve` on 127.0.0.1, logging only warnings; add flags to the end."""
+    return [TAPSERVE, "serve", "--model-repository", str(repository),
+            "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+            "--metrics-port", str(metrics_port), "--log-level", "WARNING"]
+
+
 def tapserve(name: str, repository: Path, out: Path, args: argparse.Namespace,
              models: list[str]) -> tuple[ServerProcess, str]:
     grpc_port, metrics_port = free_port(), free_port()
-    command = [TAPSERVE, "serve", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-               "--metrics-port", str(metrics_port), "--log-level", "WARNING",
-               "--cpu-batches-in-flight", str(args.cpu_batches_in_flight),
-               "--intra-op-threads", str(args.threading["intra_op_threads"]),
-               "--inter-op-threads", str(args.threading["inter_op_threads"])]
+    command = serve_command(repository, grpc_port, metrics_port) + [
+        "--cpu-batches-in-flight", str(args.cpu_batches_in_flight),
+        "--intra-op-threads", str(args.threading["intra_op_threads"]),
+        "--inter-op-threads", str(args.threading["inter_op_threads"])]
     server = ServerProcess(name, command, out / "logs" / f"{name}.log", grpc_port, models)
     return server, f"http://127.0.0.1:{metrics_port}/metrics"
 
@@ -242,6 +249,28 @@ def variant(model_name: str, input_name: str, shape: list[int]) -> dict:
             "inputs": [{"name": input_name, "datatype": "FP32", "shape": shape}]}
 
 
+def request_mix(scenario: int) -> list[dict]:
+    """The request variants of one scenario (mixed traffic draws among them)."""
+    if scenario == 1:
+        return [variant("ae28", "image", [16, 28, 28, 1])]
+    if scenario == 2:
+        return [variant("dense64", "x", [1, 64])]
+    return [variant(f"trunk3.{e}", "image", [4, 28, 28, 1])
+            for e in ("classify", "embed", "decode")]
+
+
+def build_models(out: Path, s1_batch: int = S1_BATCH, s2_batch: int = S2_BATCH,
+                 s3_batch: int = S3_BATCH, delay_ms: float = DELAY_MS) -> dict:
+    """The bench's models and repositories under `out` (bench/models.py), and their info."""
+    built = subprocess.run(
+        [PYTHON, str(BENCH / "models.py"), "--out", str(out),
+         "--s1-batch", str(s1_batch), "--s2-batch", str(s2_batch),
+         "--s3-batch", str(s3_batch), "--delay-ms", str(delay_ms)],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return json.loads(built.stdout.strip().splitlines()[-1])
+
+
 def concurrencies(scenario: int, args: argparse.Namespace) -> list[int]:
     return SWEEP[scenario] if args.sweep else [HEADLINE[scenario]]
 
@@ -250,7 +279,7 @@ TAPSERVE_BATCH = ("tapserve_batch_size_sum", "tapserve_batch_size_count")
 
 
 def scenario1(models: dict, out: Path, args: argparse.Namespace) -> dict:
-    spec = [variant("ae28", "image", [16, 28, 28, 1])]
+    spec = request_mix(1)
     server, metrics_url = tapserve("tapserve-s1", out / "models" / "s1", out, args, ["ae28"])
     points = []
     with running(server):
@@ -342,7 +371,7 @@ def s2_repository(out: Path, policy: Policy) -> Path:
 
 def scenario2(models: dict, out: Path, args: argparse.Namespace) -> dict:
     """Every server under every batching policy (max delay), same max batch size."""
-    spec = [variant("dense64", "x", [1, 64])]
+    spec = request_mix(2)
     path = models["paths"]["dense64"]
     points, failures = [], {}
     for delay in args.s2_delays:
@@ -403,8 +432,7 @@ def scenario2(models: dict, out: Path, args: argparse.Namespace) -> dict:
 
 
 def scenario3(models: dict, out: Path, args: argparse.Namespace) -> dict:
-    spec = [variant(f"trunk3.{e}", "image", [4, 28, 28, 1])
-            for e in ("classify", "embed", "decode")]
+    spec = request_mix(3)
     points = []
     for repo in ("s3_shared", "s3_separate"):
         name = f"tapserve-{repo.split('_')[1]}"
@@ -526,12 +554,15 @@ def main() -> None:
                         help="scenario 2 also on MLServer and PyTriton (bench/.venvs)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="only each scenario's headline concurrency")
-    parser.add_argument("--s1-batch", type=int, default=64, help="max_batch_size, scenario 1")
-    parser.add_argument("--s2-batch", type=int, default=32, help="max batch size, scenario 2")
+    parser.add_argument("--s1-batch", type=int, default=S1_BATCH,
+                        help="max_batch_size, scenario 1")
+    parser.add_argument("--s2-batch", type=int, default=S2_BATCH,
+                        help="max batch size, scenario 2")
     parser.add_argument("--s2-delays", default="2,0",
                         help="max queue delays (ms) scenario 2 runs every server with")
-    parser.add_argument("--s3-batch", type=int, default=64, help="max_batch_size, scenario 3")
-    parser.add_argument("--delay-ms", type=float, default=2.0,
+    parser.add_argument("--s3-batch", type=int, default=S3_BATCH,
+                        help="max_batch_size, scenario 3")
+    parser.add_argument("--delay-ms", type=float, default=DELAY_MS,
                         help="max queue delay, scenarios 1 and 3")
     parser.add_argument("--cpu-batches-in-flight", type=int, default=2)
     parser.add_argument("--intra-op-threads", type=int, default=None,
@@ -551,8 +582,9 @@ def main() -> None:
                         inter_op_threads=args.inter_op_threads)
     args.threading = {"intra_op_threads": intra_op_threads(settings),
                       "inter_op_threads": inter_op_threads(settings)}
-    if args.ceiling_intra_op_threads is None:
-        args.ceiling_intra_op_threads = max(1, available_cpus() // args.cpu_batches_in_flight)
+    if args.ceiling_intra_op_threads is None:  # Tapserve's own default for these threads
+        args.ceiling_intra_op_threads = intra_op_threads(
+            Settings(cpu_batches_in_flight=args.cpu_batches_in_flight, intra_op_threads=None))
     if args.ceiling_inter_op_threads is None:
         args.ceiling_inter_op_threads = available_cpus()
     args.s2_delays = [float(d) for d in args.s2_delays.split(",")]
@@ -571,13 +603,8 @@ def main() -> None:
                "threading": {**args.threading, "batches_in_flight": args.cpu_batches_in_flight},
                "scenarios": {}}
     log(f"building models into {out / 'models'}")
-    built = subprocess.run(
-        [PYTHON, str(BENCH / "models.py"), "--out", str(out / "models"),
-         "--s1-batch", str(args.s1_batch), "--s2-batch", str(args.s2_batch),
-         "--s3-batch", str(args.s3_batch), "--delay-ms", str(args.delay_ms)],
-        check=True, capture_output=True, text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    models = json.loads(built.stdout.strip().splitlines()[-1])
+    models = build_models(out / "models", args.s1_batch, args.s2_batch, args.s3_batch,
+                          args.delay_ms)
     results["models"] = models
     runners = {1: scenario1, 2: scenario2, 3: scenario3}
     for s in scenarios:

@@ -70,7 +70,7 @@ def intra_op_threads(settings: Settings) -> int:
 def inter_op_threads(settings: Settings) -> int:
     """The inter-op threads to give TensorFlow: the setting, else every CPU but one. The
     gRPC front end's event loop needs about one core under load; on 2 cores, TensorFlow
-    taking both measured 13-15% fewer requests per second (bench/RESULTS.md)."""
+    taking both served 16% fewer 16-row conv requests per second (bench/RESULTS.md)."""
     if settings.inter_op_threads is not None:
         return settings.inter_op_threads
     return max(1, available_cpus() - 1)
