@@ -1,0 +1,21 @@
+#!/bin/sh
+# Run inside the image by scripts/test-image.sh: the test suite on the image's own Python,
+# TensorFlow (tensorflow-cpu, stripped) and installed tapserve, so nothing the Dockerfile
+# removes or swaps is something the server needs. The repository is mounted read-only at
+# /src; the test tools go into a venv under /tmp that sees the image's packages.
+# Left out: tests/deploy (linters of files, not the image) and the dashboard's load test
+# (it needs Debian's prometheus binary).
+set -eu
+python -m venv /tmp/suite
+echo /opt/venv/lib/python3.11/site-packages > /tmp/suite/lib/python3.11/site-packages/image.pth
+/tmp/suite/bin/pip install --quiet --disable-pip-version-check -c /src/constraints.txt \
+  "tritonclient[grpc]==2.73.0" pytest==9.2.0 pytest-asyncio==1.5.0 scikit-learn==1.9.1 \
+  grpcio-tools==1.81.1
+# The e2e tests start the `tapserve` beside their Python: the image's.
+ln -s /opt/venv/bin/tapserve /tmp/suite/bin/tapserve
+/tmp/suite/bin/python -c "import service; assert service.__file__.startswith('/opt/venv/')"
+cd /src
+# The pytest script, not `python -m pytest`, which would import /src/service instead.
+/tmp/suite/bin/pytest -q -p no:cacheprovider --ignore=tests/deploy \
+  --deselect tests/test_dashboard.py::test_every_dashboard_panel_and_adapter_rule_has_sane_data_under_load
+/tmp/suite/bin/pytest -q -p no:cacheprovider --e2e --ignore=tests/e2e/test_deploy_image.py

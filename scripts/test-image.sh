@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Build the Dockerfile with podman (daemonless, Debian's package) and test the image:
+# tests/e2e/test_deploy_image.py runs it as a user would (stock tritonclient, /metrics,
+# HEALTHCHECK, read-only root filesystem as non-root, SIGTERM under load).
+#   scripts/test-image.sh [pytest args]     # CI runs it from .ci/run
+# Rootful podman (as root, or through sudo). The base image comes from
+# scripts/base-image.sh, as no container registry is reachable from CI.
+# The build's log: /tmp/tapserve-image-build.log.
+set -euo pipefail
+[ "$(id -u)" = 0 ] || exec sudo -E "$0" "$@"
+cd "$(dirname "$0")/.."
+image="${TAPSERVE_TEST_IMAGE:-localhost/tapserve:test}"
+if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null \
+    || ! command -v runc >/dev/null; then
+  echo "setup: installing Debian's podman, runc and debootstrap"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    podman runc debootstrap >/dev/null
+fi
+# Settings for this host, in a config of this run only (CONTAINERS_CONF):
+# - runc: Debian 12's crun refuses a hybrid cgroup layout (cgroup v1 plus a cgroup2 mount
+#   with controllers: "cgroups in hybrid mode not supported"), as on this CI machine;
+# - podman's default limit of 1048576 open files is above a hard limit such as 20000, and
+#   raising it needs CAP_SYS_RESOURCE ("setrlimit RLIMIT_NOFILE: Operation not
+#   permitted"): ask for the hard limit this shell has.
+conf=$(mktemp)
+trap 'rm -f "$conf"' EXIT
+cat >"$conf" <<EOF
+[containers]
+default_ulimits = ["nofile=$(ulimit -Hn):$(ulimit -Hn)", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+EOF
+export CONTAINERS_CONF="$conf"
+scripts/base-image.sh
+# Where PyPI is reached through a TLS-intercepting proxy, the host trusts its CA (pip's
+# PIP_CERT): the build's pip must too. Mounted for the build only, so nothing of it is in
+# the image (the final stage runs no pip; its test checks the bundle is Debian's own).
+mounts=()
+if [ -n "${PIP_CERT:-}" ]; then
+  pipconf=$(mktemp)
+  trap 'rm -f "$conf" "$pipconf"' EXIT
+  printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$pipconf"
+  chmod 644 "$pipconf"
+  mounts=(--volume "$PIP_CERT:/etc/ssl/certs/ca-certificates.crt:ro"
+          --volume "$pipconf:/etc/pip.conf:ro")
+fi
+echo "build: $image (--format docker keeps the HEALTHCHECK)"
+start=$SECONDS
+podman build --pull=never --format docker \
+  "${mounts[@]}" --tag "$image" . >/tmp/tapserve-image-build.log 2>&1 \
+  || { tail -40 /tmp/tapserve-image-build.log >&2; exit 1; }
+size=$(podman image inspect "$image" --format '{{.Size}}')
+echo "build: done in $((SECONDS - start)) s, image $((size / 1000000)) MB"
+if ! .venv/bin/python -c "import tritonclient.grpc" 2>/dev/null; then
+  scripts/setup.sh examples,test
+fi
+echo "test: the image, run as a user runs it"
+TAPSERVE_TEST_IMAGE="$image" .venv/bin/python -m pytest --e2e \
+  tests/e2e/test_deploy_image.py "$@"
+echo "test: the suite inside the image (scripts/suite-in-image.sh)"
+ca=()
+[ -z "${PIP_CERT:-}" ] || ca=(--volume "$PIP_CERT:/run/ca.crt:ro" --env PIP_CERT=/run/ca.crt)
+podman run --rm --no-healthcheck --read-only --tmpfs /tmp:rw,exec,size=4g "${ca[@]}" \
+  --volume "$PWD:/src:ro" --entrypoint sh "$image" /src/scripts/suite-in-image.sh 2>&1 \
+  | grep -v -E '^(I0000|WARNING: All log messages before absl|To enable the following)'
