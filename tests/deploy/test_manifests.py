@@ -338,9 +338,10 @@ def test_dockerfile_matches_the_readme_install() -> None:
     if not readme.exists():
         pytest.skip("README.md is not written yet")
     text = readme.read_text()
-    assert re.search(r"pip install (-e )?['\"]?\.(\[[\w,-]+\])?['\"]?", text), (
+    assert re.search(r"pip install (-e |--no-deps )?['\"]?\.(\[[\w,-]+\])?['\"]?", text), (
         "the README installs the project with `pip install .`, as the Dockerfile does"
     )
+    assert "pip install --no-deps ." in text, "the README says how the image installs it"
     assert "tapserve serve" in text
 
 
