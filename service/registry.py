@@ -120,8 +120,10 @@ class ModelRegistry:
             raise NotReady(f"model {name!r} version {number} is unloading")
         if slot and slot.error:
             raise NotReady(f"model {name!r} version {number} failed to load: {slot.error}")
-        raise NotFound(f"model {name!r} does not serve version {number}; it serves "
-                       f"{entry.serving() or 'none'}")
+        serving = entry.serving()
+        raise NotFound(f"model {name!r} serves " + (
+            f"version{'s' if len(serving) > 1 else ''} {', '.join(map(str, serving))}"
+            if serving else "no version now") + f", not {number}")
 
     def _version_number(self, entry: ModelEntry, version: str) -> int:
         if version.isdigit():

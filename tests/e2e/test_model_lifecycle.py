@@ -200,7 +200,7 @@ def test_version_policies_and_labels(polling: ServerProcess, repository: Path) -
         assert client.get_model_metadata("m", as_json=True)["versions"] == ["2", "3"]
         with pytest.raises(InferenceServerException, match="no version or label 'beta'"):
             infer(client, "m", {"x": np.ones((1, 4), np.float32)}, model_version="beta")
-        with pytest.raises(InferenceServerException, match=r"does not serve version 1"):
+        with pytest.raises(InferenceServerException, match=r"serves versions 2, 3, not 1"):
             infer(client, "m", {"x": np.ones((1, 4), np.float32)}, model_version="1")
 
     write_config(model_dir, {"version_policy": {"specific": [1, 3]}})
