@@ -2,40 +2,61 @@
 #
 # Tapserve container image.
 #
-#   docker build -t tapserve:0.1.0 .                          # CPU (the tensorflow wheel)
-#   docker build --build-arg GPU=true -t tapserve:0.1.0-gpu .  # adds TensorFlow's CUDA wheels
+#   docker build -t tapserve:0.1.0 .                          # CPU (tensorflow-cpu)
+#   docker build --build-arg GPU=true -t tapserve:0.1.0-gpu .  # tensorflow + pinned CUDA wheels
 #   docker run --rm -p 8001:8001 -p 8002:8002 --read-only --tmpfs /tmp \
 #       -v "$PWD/models:/models:ro" tapserve:0.1.0
 #
-# The builder installs the project exactly as the README does (`pip install .`) into a
-# virtual environment at /opt/venv; the final stage copies only that venv, so no build
-# tooling, pip cache or source tree ships. Both stages use the same base image, so the
-# venv's interpreter symlinks (/usr/local/bin/python3.11) resolve in the final stage.
+# With podman or buildah add `--format docker`: the default OCI format has no HEALTHCHECK
+# and drops it. scripts/test-image.sh builds this file with podman and tests the image.
+#
+# The builder installs the project's pinned dependencies (constraints.txt) and the project
+# into a virtual environment at /opt/venv; the final stage copies only that venv, so no
+# build tooling, pip cache or source tree ships. Both stages use the same base image, so
+# the venv's interpreter symlinks (/usr/local/bin/python3.11) resolve in the final stage.
 
 # ---- builder ---------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm AS builder
 
-# GPU=true also installs tensorflow[and-cuda]: the CUDA/cuDNN runtime as pip wheels, found
-# by TensorFlow on its own. The NVIDIA driver comes from the node (device plugin).
+# GPU=true: TensorFlow's CUDA/cuDNN runtime as pip wheels (tensorflow[and-cuda]), pinned
+# by deploy/constraints-cuda.txt, found by TensorFlow on its own. The NVIDIA driver comes
+# from the node (device plugin).
 ARG GPU=false
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
+# binutils for `strip` below; the builder's only, it does not ship.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils=2.40-2 \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
 # Only what the wheel is built from (see .dockerignore): metadata, README (the package's
-# long description) and the package itself, generated protobuf modules included.
+# long description), the pins and the package itself, generated protobuf modules included.
 COPY pyproject.toml README.md constraints.txt ./
+COPY deploy/constraints-cuda.txt deploy/
 COPY service/ service/
 
-RUN pip install --no-cache-dir -c constraints.txt . \
-    && if [ "$GPU" = "true" ]; then \
-         pip install --no-cache-dir "tensorflow[and-cuda]==2.21.0"; \
-       fi
+# pyproject.toml's dependencies, except that the CPU image takes tensorflow-cpu (the same
+# version and `tensorflow` package without the CUDA kernels a CPU never runs: ~600 MB
+# less) and the GPU image tensorflow[and-cuda]; then the project itself with --no-deps,
+# or pip would add the full tensorflow wheel back (so `pip check` names it as missing in
+# the CPU image). Then what the server never reads: TensorFlow's C++ headers (~290 MB,
+# for building extensions) and its shared libraries' full symbol tables (~240 MB, for
+# debuggers; the dynamic symbols the loader needs stay).
+RUN pip install --no-cache-dir pip==26.3 \
+    && if [ "$GPU" = "true" ]; then tf="tensorflow[and-cuda]"; else tf="tensorflow-cpu"; fi \
+    && python -c "import sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d.replace('tensorflow==', sys.argv[1] + '==') for d in deps))" "$tf" > requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -c deploy/constraints-cuda.txt -r requirements.txt \
+    && pip install --no-cache-dir --no-deps . \
+    && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include \
+    && find /opt/venv/lib/python3.11/site-packages/tensorflow -name "*.so*" -type f \
+         -exec strip --strip-unneeded {} +
 
 # ---- runtime ---------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm
@@ -49,6 +70,7 @@ RUN groupadd --system --gid 10001 tapserve \
        --shell /usr/sbin/nologin tapserve
 
 COPY --from=builder /opt/venv /opt/venv
+COPY scripts/healthcheck.py /opt/tapserve/healthcheck.py
 
 # Read-only root filesystem friendly: every place Python, Keras or TensorFlow might write
 # (home dir, ~/.keras, temp files, bytecode) points under /tmp, the one writable mount
@@ -73,9 +95,10 @@ EXPOSE 8001 8002
 
 # Kubernetes ignores HEALTHCHECK (it runs its own native gRPC probes, see
 # deploy/k8s/deployment.yaml); this one serves `docker run` / Compose. It asks the same
-# grpc.health.v1 service "" with the grpcio-health-checking client already in the venv.
+# grpc.health.v1 service "" on the ports the server process really listens on (read from
+# /proc), so `serve --grpc-port 9001` stays healthy; see scripts/healthcheck.py.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os,sys,grpc;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;c=grpc.insecure_channel('127.0.0.1:'+os.environ.get('TAPSERVE_GRPC_PORT','8001'));r=g.HealthStub(c).Check(h.HealthCheckRequest(service=''),timeout=4);sys.exit(r.status!=h.HealthCheckResponse.SERVING)"]
+    CMD ["python", "/opt/tapserve/healthcheck.py"]
 
 # SIGTERM (docker stop, Kubernetes) goes straight to the server, which drains in-flight
 # requests within TAPSERVE_DRAIN_GRACE_SECONDS (default 30) and exits 0: give

@@ -61,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tapserve serve: {exc}", file=sys.stderr)
         return 2
     from service import logs
+
+    # Before the server's imports bring TensorFlow in: its C++ start-up lines must find
+    # the log set-up in place (JSON mode relays them as JSON objects).
+    logs.configure(settings.log_format, settings.log_level)
     from service.server import run
 
-    logs.configure(settings.log_format, settings.log_level)
     try:
         asyncio.run(run(settings))
     except (TapserveError, OSError) as exc:  # a missing repository, a port in use

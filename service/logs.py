@@ -1,27 +1,134 @@
-"""Log set-up: one line per event, as text or JSON (python-json-logger)."""
+"""Log set-up: one line per event, as text or JSON (python-json-logger).
+
+In JSON mode every line on stderr must be a JSON object, for log shippers that parse each
+line. Python's records are formatted as JSON directly; what native code writes to file
+descriptor 2 (TensorFlow's and absl's C++ logging, e.g. `failed call to cuInit` on every
+CPU host) cannot be, so fd 2 becomes a pipe that a thread reads, wrapping each line that is
+not already a JSON object into one. The original stderr stays the one place lines go.
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
+import re
 import sys
+import threading
+import time
 
 from pythonjsonlogger.json import JsonFormatter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+RENAME = {"levelname": "level", "asctime": "time"}
+
+# absl / TensorFlow C++ prefixes: `E0000 00:00:1796135327.425922   28645 file.cc:52] msg`
+# (absl) and `2025-01-01 00:00:00.000000: W tensorflow/core/x.cc:12] msg` (TF's own).
+NATIVE = re.compile(
+    r"^(?:(?P<absl>[IWEF])\d{4} [\d:.]+\s+\d+|[\d-]+ [\d:.]+: (?P<tf>[IWEF]))"
+    r"\s+(?P<source>[^\s\]]+:\d+)\] ?(?P<message>.*)$")
+LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
+# absl's `WARNING: All log messages before absl::InitializeLog() ...`, Python's warnings.
+NAMED = re.compile(r"^(?:\S+: )?(INFO|WARNING|ERROR|CRITICAL|FATAL)\b")
 
 
 def configure(fmt: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Call before TensorFlow is imported: its C++ start-up lines come at import."""
+    # TensorFlow's C++ INFO and WARNING start-up chatter (oneDNN, CPU features) is not
+    # ours to print; its errors still come, as JSON objects in JSON mode.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if fmt == "json":
-        handler.setFormatter(JsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
-            rename_fields={"levelname": "level", "asctime": "time"}))
+        stream = _relay_native_stderr()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields=RENAME))
     else:
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # TensorFlow's Python warnings (e.g. "retracing" while every endpoint compiles at load)
     # are about its internals, not the server's events.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    # TensorFlow's C++ start-up chatter is not ours to print.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def wrap(line: str, level: str) -> tuple[str, str]:
+    """One stderr line as a JSON object (unchanged if it already is one), and the level
+    the next unprefixed line inherits (a continuation line, a traceback's frames)."""
+    try:
+        if isinstance(json.loads(line), dict):
+            return line, level
+    except ValueError:
+        pass
+    record = {"time": _now(), "level": level, "name": "stderr", "message": line}
+    if match := NATIVE.match(line):
+        level = LEVELS[match["absl"] or match["tf"]]
+        record.update(level=level, name="native", source=match["source"],
+                      message=match["message"])
+    elif line.startswith("Traceback (most recent call last)"):
+        level = record["level"] = "ERROR"
+    elif match := NAMED.match(line):
+        level = record["level"] = "CRITICAL" if match[1] == "FATAL" else match[1]
+    elif "Warning: " in line:  # Python's warnings module: `file.py:3: UserWarning: ...`
+        level = record["level"] = "WARNING"
+    return json.dumps(record), level
+
+
+def _now() -> str:
+    # The same shape as logging's asctime in the Python records: 2025-01-01 12:00:00,123
+    now = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+
+
+def _relay_native_stderr():
+    """Point fd 2 at a pipe relayed as JSON; return a text stream on the real stderr."""
+    sys.stderr.flush()
+    real = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    # Python's own writes to sys.stderr (warnings, a traceback) go to fd 2, so through
+    # the relay too; only the log handler writes to the real stderr directly.
+    out = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="replace")
+    lock = threading.Lock()  # the relay and the log handler share `out`
+
+    def relay() -> None:
+        level, pending = "WARNING", b""
+        while chunk := os.read(read, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for raw in lines:
+                if raw.strip():
+                    text, level = wrap(raw.decode("utf-8", "replace").rstrip(), level)
+                    with lock:
+                        out.write(text + "\n")
+        if pending.strip():
+            with lock:
+                out.write(wrap(pending.decode("utf-8", "replace").rstrip(), level)[0] + "\n")
+        os.close(read)
+
+    thread = threading.Thread(target=relay, name="stderr-json-relay", daemon=True)
+    thread.start()
+
+    def drain() -> None:
+        # At exit: close the pipe's last write end (fd 2) so the relay reads to the end.
+        sys.stderr.flush()
+        os.dup2(real, 2)
+        thread.join(timeout=2)
+
+    atexit.register(drain)
+    return _Locked(out, lock)
+
+
+class _Locked:
+    """The real stderr for the log handler, serialised with the relay's writes."""
+
+    def __init__(self, stream, lock: threading.Lock) -> None:
+        self.stream, self.lock = stream, lock
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.stream.flush()

@@ -7,6 +7,7 @@ pins; these tests call them there by path and fail, not skip, when it is missing
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -290,10 +293,31 @@ def test_dockerfile_installs_the_project_and_runs_tapserve() -> None:
     assert "TAPSERVE_MODEL_REPOSITORY=/models" in envs
     assert "HOME=/tmp" in envs
 
-    # The GPU build's tensorflow pin follows the project's.
-    (tf_pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("tensorflow==")]
-    gpu_pins = re.findall(r"tensorflow\[and-cuda\](==[\w.]+)", DOCKERFILE.read_text())
-    assert gpu_pins and all("tensorflow" + pin == tf_pin for pin in gpu_pins), gpu_pins
+    # TensorFlow's version follows the project's pin: the Dockerfile swaps only the wheel's
+    # name (tensorflow-cpu / tensorflow[and-cuda]) and names no version of its own.
+    text = DOCKERFILE.read_text()
+    assert not re.findall(r"tensorflow(?:-cpu|\[and-cuda\])?==[\d.]", text)
+    assert '"tensorflow-cpu"' in text and '"tensorflow[and-cuda]"' in text
+    assert "'tensorflow=='" in text and "pip install --no-cache-dir --no-deps ." in text
+
+
+def test_cuda_wheels_are_pinned_within_tensorflows_ranges() -> None:
+    """deploy/constraints-cuda.txt pins every wheel tensorflow[and-cuda] asks for, each
+    inside the range the installed tensorflow (the project's pin) allows."""
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints-cuda.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    cuda = [Requirement(r) for r in importlib.metadata.requires("tensorflow") or []]
+    cuda = [r for r in cuda if r.marker and r.marker.evaluate({"extra": "and-cuda"})
+            and not r.marker.evaluate({"extra": ""})]
+    assert len(cuda) >= 10, cuda
+    for requirement in cuda:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not pinned"
+        assert requirement.specifier.contains(pins[name]), (requirement, pins[name])
+    assert set(pins) == {canonicalize_name(r.name) for r in cuda}
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:
@@ -335,6 +359,14 @@ def test_deployment_drains_within_the_grace_period(name: str) -> None:
     # A liveness probe that could fail during the drain must not fail before it ends.
     live = c["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > drain + pre_stop
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_deployment_sets_no_tensorflow_threading(name: str) -> None:
+    # The server sizes TensorFlow's thread pools itself (service/settings.py) and
+    # overrides these: a TF_NUM_*_THREADS here would only mislead whoever reads it.
+    names = [e["name"] for e in container(document(name)).get("env", [])]
+    assert not [n for n in names if n.startswith("TF_NUM_")], names
 
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)
@@ -410,6 +442,16 @@ def test_service_pdb_and_hpa_point_at_the_deployment() -> None:
     assert ports["grpc"]["appProtocol"] == "grpc"
     assert ports["grpc"]["port"] == port(c, "grpc")
     assert ports["metrics"]["port"] == port(c, "metrics")
+
+    # Client-side round-robin: DNS lists the ready pods themselves, on the same gRPC port.
+    headless = document("service-headless.yaml")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"].get("publishNotReadyAddresses", False) is False
+    assert headless["spec"]["selector"].items() <= pod_labels.items()
+    (grpc_port,) = headless["spec"]["ports"]
+    assert grpc_port["port"] == port(c, "grpc") and grpc_port["appProtocol"] == "grpc"
+    assert grpc_port["targetPort"] == "grpc"
+    assert headless["metadata"]["name"] != service["metadata"]["name"]
 
     pdb = document("pdb.yaml")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
