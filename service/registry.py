@@ -175,6 +175,10 @@ class ModelRegistry:
             missing = sorted(set(load) - set(names) - {"*"})
             if missing:
                 log.error("--load-model names models the repository lacks: %s", missing)
+        if not names:
+            log.warning("NO MODELS: the model repository %s holds no model folder to load "
+                        "(<model>/<version>/model.keras); the server serves nothing",
+                        self.repository)
         for name in names:
             self.models[name] = ModelEntry(name)
         await self._changed()
