@@ -1,11 +1,11 @@
 """Dynamic batching: requests queue per model and leave together as one forward pass.
 
-The batcher takes a function, not a model: `run(source, outputs, feeds, rows)` computes
-one merged batch. Requests with the same `source` (what the runtime computes from, e.g.
-the endpoint's inputs) whose inputs have the same non-batch shapes and dtypes may share
-a batch even when they ask for different outputs: then `rows` holds a
-boolean mask per output, and each output comes back holding only the rows that asked
-for it (a shared pass). `merge` and `split` are pure numpy, tested alone.
+The batcher takes a function, not a model: `run(batch)` computes one merged Batch.
+Requests with the same `source` (what the runtime computes from, e.g. the endpoint's
+inputs) whose inputs have the same non-batch shapes and dtypes may share a batch even
+when they ask for different outputs: then `batch.masks` holds a boolean mask per output,
+and each output comes back holding only the rows that asked for it (a shared pass).
+`merge` and `split` are pure numpy, tested alone.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded, TapserveError
+from service.types import Batch
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
-RunBatch = Callable[[Hashable, tuple[str, ...], Arrays, Arrays | None], Awaitable[Arrays]]
+RunBatch = Callable[[Batch], Awaitable[Arrays]]
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,8 @@ class Work:
 
     @property
     def rows(self) -> int:
+        """How many rows it holds."""
         return len(next(iter(self.feeds.values())))
-
-
-@dataclass
-class Batch:
-    """Works merged into one call of `run`."""
-
-    source: Hashable
-    outputs: tuple[str, ...]
-    feeds: Arrays
-    rows: Arrays | None  # per-output row masks, None when every row wants every output
 
 
 def merge(works: Sequence[Work]) -> Batch:
@@ -70,9 +62,9 @@ def merge(works: Sequence[Work]) -> Batch:
     if all(w.outputs == works[0].outputs for w in works):
         return Batch(works[0].source, works[0].outputs, feeds, None)
     outputs = tuple(sorted({o for w in works for o in w.outputs}))
-    rows = {o: np.concatenate([np.full(w.rows, o in w.outputs) for w in works])
-            for o in outputs}
-    return Batch(works[0].source, outputs, feeds, rows)
+    masks = {o: np.concatenate([np.full(w.rows, o in w.outputs) for w in works])
+             for o in outputs}
+    return Batch(works[0].source, outputs, feeds, masks)
 
 
 def batch_rows(works: Sequence[Work]) -> int:
@@ -82,7 +74,7 @@ def batch_rows(works: Sequence[Work]) -> int:
 def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
     """Each work's slice of the batch result, checking every output's row count."""
     for name in batch.outputs:
-        want = int(batch.rows[name].sum()) if batch.rows is not None else batch_rows(works)
+        want = int(batch.masks[name].sum()) if batch.masks is not None else batch_rows(works)
         got = result[name].shape[0] if result[name].ndim else None
         if got != want:
             raise RuntimeError(f"the model returned {got} rows for output {name!r}, "
@@ -93,7 +85,7 @@ def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
         part = {}
         for name in w.outputs:
             part[name] = result[name][offsets[name]:offsets[name] + w.rows]
-        for name in batch.outputs if batch.rows is None else w.outputs:
+        for name in batch.outputs if batch.masks is None else w.outputs:
             offsets[name] += w.rows
         parts.append(part)
     return parts
@@ -233,7 +225,7 @@ class Batcher:
         for w in works:
             w.started = w.started or started
         try:
-            result = await self.run(batch.source, batch.outputs, batch.feeds, batch.rows)
+            result = await self.run(batch)
             parts = split(works, batch, result)
         except Exception as exc:
             if isolate:

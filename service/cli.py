@@ -23,8 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the model repository over gRPC")
     for name, field in Settings.model_fields.items():
         env = f"TAPSERVE_{name.upper()}"
-        serve.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                           help=f"{field.description} (env {env}; default {field.default})")
+        default = field.default if field.default_factory is None else field.default_factory()
+        kind = {}
+        if field.annotation is bool:  # --allow-model-code / --no-allow-model-code
+            kind = {"action": argparse.BooleanOptionalAction}
+        elif isinstance(default, list):  # repeatable
+            kind = {"action": "append"}
+        serve.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kind,
+                           help=f"{field.description} (env {env}; default {default})")
     inspect = commands.add_parser(
         "inspect", help="print a model's inputs, outputs, taps and endpoints")
     inspect.add_argument("path", type=Path, help="a model file, version folder or model folder")

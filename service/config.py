@@ -1,16 +1,27 @@
-"""A model's config.yaml: endpoints, taps, batching. Every key optional (SPEC)."""
+"""A model's config.yaml: endpoints, taps, batching, versions, code. Every key optional (SPEC)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+# A label stands where a version number does, so it starts with a letter.
+LABEL_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 
 
 class _Strict(BaseModel):
@@ -31,11 +42,36 @@ class BatchingConfig(_Strict):
         True, description="Batch requests to different endpoints/taps in one forward pass.")
 
 
+class LatestPolicy(_Strict):
+    latest: int = Field(ge=1, description="Serve the N highest versions.")
+
+
+class SpecificPolicy(_Strict):
+    specific: list[int] = Field(min_length=1, description="Serve exactly these versions.")
+
+    @field_validator("specific")
+    @classmethod
+    def _positive(cls, versions: list[int]) -> list[int]:
+        if any(v < 1 for v in versions):
+            raise ValueError(f"versions are positive integers: {versions}")
+        return versions
+
+
+VersionPolicy = Literal["all"] | LatestPolicy | SpecificPolicy
+
+
 class ModelConfig(_Strict):
     endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
     default_endpoint: str | None = None
     taps: bool = True
-    version: int | None = Field(None, ge=1, description="Serve this version, not the highest.")
+    version: int | None = Field(None, ge=1, description="Short for {specific: [N]}.")
+    version_policy: VersionPolicy = Field(
+        default_factory=lambda: LatestPolicy(latest=1), description="Which versions serve.")
+    labels: dict[str, int] = Field(
+        default_factory=dict, description="Names that stand for a version number.")
+    code: list[str] = Field(
+        default_factory=list, description="Python files or packages in each version folder, "
+        "imported before the model loads (needs --allow-model-code).")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     allow_lambda: bool = Field(
         False, description="Load Lambda layers (runs code stored in the model file).")
@@ -48,6 +84,52 @@ class ModelConfig(_Strict):
         if bad:
             raise ValueError(f"endpoint names must match {NAME_PATTERN}: {bad}")
         return endpoints
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, labels: dict[str, int]) -> dict[str, int]:
+        bad = [n for n in labels if not re.match(LABEL_PATTERN, n)]
+        if bad:
+            raise ValueError(f"labels must match {LABEL_PATTERN}: {bad}")
+        low = {n: v for n, v in labels.items() if v < 1}
+        if low:
+            raise ValueError(f"labels must name positive versions: {low}")
+        return labels
+
+    @field_validator("code")
+    @classmethod
+    def _code_inside_version(cls, code: list[str]) -> list[str]:
+        for entry in code:
+            path = PurePosixPath(entry)
+            if path.is_absolute() or ".." in path.parts or not path.parts or not re.match(
+                    r"^[A-Za-z_][A-Za-z0-9_]*$", path.parts[-1].removesuffix(".py")):
+                raise ValueError(
+                    f"code entry {entry!r} must be a .py file or package folder inside the "
+                    "version folder, named as a Python module (no '..', not absolute)")
+        return code
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_versions(self) -> ModelConfig:
+        if self.version is not None:
+            if "version_policy" in self.model_fields_set:
+                raise ValueError("set `version` or `version_policy`, not both")
+            self.version_policy = SpecificPolicy(specific=[self.version])
+        return self
+
+    def select(self, versions: Iterable[int]) -> set[int]:
+        """The versions the policy serves out of those available."""
+        available = sorted(set(versions))
+        policy = self.version_policy
+        if policy == "all":
+            return set(available)
+        if isinstance(policy, LatestPolicy):
+            return set(available[-policy.latest:])
+        return set(available) & set(policy.specific)
+
+    def load_key(self) -> str:
+        """What a loaded version depends on: everything but the version picking and the
+        labels, which apply without a reload."""
+        return self.model_dump_json(exclude={"version", "version_policy", "labels"})
 
 
 def load_config(path: Path) -> ModelConfig:

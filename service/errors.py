@@ -50,3 +50,15 @@ class ConfigError(TapserveError):
     """A model's config.yaml or files are unusable; raised at load, never per request."""
 
     code = "INTERNAL"  # reaching a client would be the server's bug
+
+
+class LoadFailed(TapserveError):
+    """A model the repository API was asked to load failed to (the reason says why)."""
+
+    code = "INVALID_ARGUMENT"  # as Triton answers a failed explicit load
+
+
+class Unsupported(TapserveError):
+    """A call this server's configuration does not allow (e.g. a load in poll mode)."""
+
+    code = "UNIMPLEMENTED"  # Triton's UNSUPPORTED

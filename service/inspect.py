@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.model import LoadedModel, build_keras_model, build_saved_model
+from service.loading import build_keras_model, build_saved_model
+from service.model import LoadedModel
 from service.repository import source_for_path
 from service.types import TensorSpec
 

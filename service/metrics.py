@@ -31,8 +31,8 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.requests = Counter(
-            "tapserve_requests", "Inference requests by gRPC status code.",
-            ["model", "endpoint", "code"], registry=r)
+            "tapserve_requests", "Inference requests by status code and front door.",
+            ["model", "endpoint", "code", "protocol"], registry=r)
         self.request_duration = Histogram(
             "tapserve_request_duration_seconds", "Inference request latency, end to end.",
             ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
@@ -46,11 +46,16 @@ class Metrics:
             "tapserve_batch_size", "Rows per executed batch.",
             ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge(
-            "tapserve_queue_depth", "Rows waiting to be batched.", ["model"], registry=r)
+            "tapserve_queue_depth", "Rows waiting to be batched.", ["model", "version"],
+            registry=r)
         self.model_ready = Gauge(
-            "tapserve_model_ready", "1 when the model serves, else 0.", ["model"], registry=r)
+            "tapserve_model_ready", "1 while a model version serves, 0 while it loads or after "
+            "it failed to; gone once unloaded.", ["model", "version"], registry=r)
         self.model_load = Gauge(
             "tapserve_model_load_duration_seconds", "Seconds the last load and warm-up took.",
+            ["model", "version"], registry=r)
+        self.model_load_failures = Counter(
+            "tapserve_model_load_failures", "Loads that failed (a broken file or config.yaml).",
             ["model"], registry=r)
         self.grpc_requests = Counter(
             "tapserve_grpc_requests", "Every gRPC call by method and status code.",

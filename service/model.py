@@ -1,22 +1,20 @@
-"""A loaded model version: its endpoints, and the checks a request must pass for one."""
+"""One served model version: its endpoints, the checks a request must pass for one, and
+its batcher. Its life: start → infer … → close (stop taking work, finish it, free it)."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
-import keras
 import numpy as np
 
-from service.config import ModelConfig
-from service.errors import ConfigError, InvalidInput, NotFound
-from service.graph import TapGraph, suggest
+from service.batcher import Batcher, BatchPolicy
+from service.errors import InvalidInput, NotFound, NotReady
+from service.graph import suggest
+from service.modelcode import forget_model_code
 from service.repository import ModelSource
-from service.runtime import KerasRuntime, Runtime, SavedModelRuntime
+from service.runtime import Runtime
 from service.types import STRING, EndpointMetadata, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -46,47 +44,55 @@ class Prepared:
     rows: int
 
 
-def _uses_lambda(config: object) -> bool:
-    if isinstance(config, dict):
-        return config.get("class_name") == "Lambda" or any(
-            _uses_lambda(v) for v in config.values())
-    if isinstance(config, list):
-        return any(_uses_lambda(v) for v in config)
-    return False
-
-
-def load_keras(path: Path, fmt: str, allow_lambda: bool) -> keras.Model:
-    """Load a .keras or legacy .h5 model, refusing Lambda layers unless allowed."""
-    lambda_refused = ConfigError(
-        f"{path}: the model has a Lambda layer, and loading it runs code stored in the file; "
-        "set `allow_lambda: true` in its config.yaml if you trust the file")
-    if fmt == "h5" and not allow_lambda:
-        with h5py.File(path, "r") as f:
-            raw = f.attrs.get("model_config")
-        if raw is not None and _uses_lambda(json.loads(raw)):
-            raise lambda_refused
-    try:
-        return keras.models.load_model(path, compile=False, safe_mode=not allow_lambda)
-    except ValueError as exc:
-        if "Lambda" in str(exc) and "safe_mode" in str(exc):
-            raise lambda_refused from None
-        raise ConfigError(f"{path}: cannot load model: {exc}") from exc
-    except Exception as exc:
-        raise ConfigError(f"{path}: cannot load model: {exc}") from exc
-
-
 class LoadedModel:
-    """One version of one model, loaded, its endpoints defined and warmed up."""
+    """One version of one model, loaded, its endpoints defined and warmed up; once
+    started, the front door of that version: every request to it goes through `infer`."""
 
     def __init__(self, source: ModelSource, runtime: Runtime, endpoints: dict[str, Endpoint],
-                 default_endpoint: str, platform: str) -> None:
+                 default_endpoint: str, platform: str, code_modules: Sequence[str] = ()) -> None:
         self.name = source.name
         self.version = source.version
-        self.versions = source.versions
+        self.source = source
         self.runtime = runtime
         self.endpoints = endpoints
         self.default_endpoint = default_endpoint
         self.platform = platform
+        self.policy = BatchPolicy()
+        self._code_modules = list(code_modules)
+        self._batcher: Batcher | None = None
+
+    def start(self, on_batch: Callable[[int, float], None] | None = None,
+              on_depth: Callable[[int], None] | None = None) -> None:
+        """Start batching (inside the running event loop)."""
+        # One batch more than the compute threads: it waits in the runtime's executor, so a
+        # thread that finishes starts the next batch at once, not after an event-loop turn.
+        self._batcher = Batcher(self.runtime.run, self.policy, self.runtime.slots + 1,
+                                on_batch=on_batch, on_depth=on_depth)
+        self._batcher.start()
+
+    async def infer(self, endpoint: Endpoint, inputs: dict[str, np.ndarray],
+                    outputs: Sequence[str], deadline: float | None
+                    ) -> tuple[dict[str, np.ndarray], float]:
+        """Check a request, queue it, and return its outputs and the seconds it queued.
+
+        Everything before the first await runs at once: a request that found this version
+        is queued before anything can close it, so a swap never fails it."""
+        if self._batcher is None:
+            raise NotReady(f"model {self.name!r} version {self.version} is not started")
+        prepared = self.prepare(endpoint, inputs, outputs)
+        return await self._batcher.submit(endpoint.source, prepared.feeds, prepared.outputs,
+                                          deadline)
+
+    async def close(self, grace: float) -> None:
+        """Stop taking requests, finish the ones held (within `grace` seconds), free."""
+        if self._batcher is not None:
+            await self._batcher.close(grace)
+        self.release()
+
+    def release(self) -> None:
+        """Free the compute threads and forget the version's own code modules."""
+        self.runtime.close()
+        forget_model_code(self._code_modules)
 
     def warm_up(self, shared_passes: bool) -> None:
         """Compile every endpoint's function (and the shared pass of endpoints with the
@@ -109,9 +115,10 @@ class LoadedModel:
                            f"endpoints: {', '.join(self.endpoints)}")
         return self.endpoints[name]
 
-    def metadata(self, endpoint: str | None) -> EndpointMetadata:
+    def metadata(self, endpoint: str | None, versions: tuple[int, ...]) -> EndpointMetadata:
+        """An endpoint's metadata, listing the model's `versions` that serve."""
         ep = self.endpoint(endpoint)
-        return EndpointMetadata(self.name, ep.name, self.versions, self.platform,
+        return EndpointMetadata(self.name, ep.name, versions, self.platform,
                                 ep.inputs, ep.outputs)
 
     def prepare(self, ep: Endpoint, inputs: dict[str, np.ndarray],
@@ -157,62 +164,3 @@ def _check_input(spec: TensorSpec, array: np.ndarray) -> int:
     if shape[0] == 0:
         raise InvalidInput(f"input {spec.name!r} has no rows: send at least one")
     return shape[0]
-
-
-def _keras_endpoints(graph: TapGraph, config: ModelConfig) -> dict[str, tuple[list, list]]:
-    declared = {n: (e.inputs, e.outputs) for n, e in config.endpoints.items()}
-    return declared or {DEFAULT_ENDPOINT: (graph.input_names, graph.output_names)}
-
-
-def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_device: int,
-                      cache_size: int, max_batch_size: int) -> LoadedModel:
-    """Load a .keras/.h5 model, check its config against the graph, define endpoints."""
-    config = source.config
-    model = load_keras(source.path, source.format, config.allow_lambda)
-    try:
-        graph = TapGraph(model)
-    except TypeError as exc:
-        raise ConfigError(f"{source.path}: {exc}") from None
-    runtime = KerasRuntime(graph, devices, batches_per_device, cache_size,
-                           config.jit_compile, max_batch_size)
-    endpoints = {}
-    for name, (inputs, outputs) in _keras_endpoints(graph, config).items():
-        try:
-            graph.plan(inputs, outputs)  # every name exists and outputs follow from inputs
-        except NotFound as exc:
-            raise ConfigError(f"model {source.name!r}, endpoint {name!r}: {exc}") from None
-        askable = graph.computable(inputs) if config.taps else set(outputs)
-        hint = ("taps must be computable from its inputs " + str(list(inputs))
-                if config.taps else "taps are off for this model (config.yaml `taps: false`)")
-        endpoints[name] = Endpoint(name, tuple(inputs), tuple(runtime.spec(n) for n in inputs),
-                                   tuple(runtime.spec(n) for n in outputs),
-                                   frozenset(askable) | frozenset(outputs), hint)
-    return LoadedModel(source, runtime, endpoints,
-                       _default(source, endpoints, next(iter(endpoints))), "tensorflow_keras")
-
-
-def build_saved_model(source: ModelSource, devices: Sequence[str],
-                      batches_per_device: int) -> LoadedModel:
-    """A SavedModel folder: each signature is an endpoint; it has no graph to tap."""
-    if source.config.endpoints:
-        raise ConfigError(f"model {source.name!r}: a SavedModel serves its signatures "
-                          "as endpoints; config.yaml endpoints need a .keras or .h5 model")
-    runtime = SavedModelRuntime(source.path, devices, batches_per_device)
-    endpoints = {}
-    for name in runtime.signatures:
-        inputs, outputs = runtime.specs(name)
-        endpoints[name] = Endpoint(
-            name, name, tuple(inputs.values()), tuple(outputs.values()), frozenset(outputs),
-            "a SavedModel has no layer graph, so only its signature's outputs can be asked "
-            "for; serve a .keras or .h5 file for taps")
-    fallback = "serving_default" if "serving_default" in endpoints else next(iter(endpoints))
-    return LoadedModel(source, runtime, endpoints,
-                       _default(source, endpoints, fallback), "tensorflow_savedmodel")
-
-
-def _default(source: ModelSource, endpoints: dict[str, Endpoint], fallback: str) -> str:
-    default = source.config.default_endpoint or fallback
-    if default not in endpoints:
-        raise ConfigError(f"model {source.name!r}: default_endpoint {default!r} is not "
-                          f"one of its endpoints {list(endpoints)}")
-    return default

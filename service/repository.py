@@ -1,8 +1,13 @@
-"""The model repository on disk: which models exist, which version and file each serves."""
+"""The model repository on disk: which models exist, their versions, files and config.
+
+Read-only and stateless: the registry compares what it serves against a fresh `scan`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +20,46 @@ FORMATS = {"model.keras": "keras", "model.h5": "h5", "saved_model.pb": "saved_mo
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where one model's served version lives, and its config."""
+    """One version of one model to load: its files and its config."""
 
     name: str
     version: int
     path: Path  # the model file, or the SavedModel folder
     format: str  # "keras" | "h5" | "saved_model"
     config: ModelConfig
-    versions: tuple[int, ...]  # every version on disk
+
+    @property
+    def folder(self) -> Path:
+        """The version folder (where `code:` entries live)."""
+        return self.path if self.format == "saved_model" else self.path.parent
+
+
+@dataclass(frozen=True)
+class VersionOnDisk:
+    folder: Path
+    stamp: str  # changes whenever a file in the folder changes
+    changed: float  # newest modification time in the folder (time.time() clock)
+
+
+@dataclass(frozen=True)
+class ModelOnDisk:
+    """One model folder as it is now. `config` is None when config.yaml is unusable."""
+
+    name: str
+    config: ModelConfig | None
+    config_error: str
+    config_stamp: str
+    versions: dict[int, VersionOnDisk]
+
+    def settled(self, quiet_seconds: float) -> dict[int, VersionOnDisk]:
+        """Versions whose files have not changed for `quiet_seconds`: a folder still being
+        copied in must not be loaded half-written."""
+        now = time.time()
+        return {v: d for v, d in self.versions.items() if now - d.changed >= quiet_seconds}
+
+    def source(self, version: int, config: ModelConfig) -> ModelSource:
+        path, fmt = find_model_file(self.versions[version].folder)
+        return ModelSource(self.name, version, path, fmt, config)
 
 
 def model_names(repository: Path) -> list[str]:
@@ -41,20 +78,38 @@ def find_model_file(folder: Path) -> tuple[Path, str]:
     raise ConfigError(f"{folder} holds none of {', '.join(FORMATS)}")
 
 
-def resolve(repository: Path, name: str) -> ModelSource:
-    """The version to serve of model `name`: the highest, unless config.yaml pins one."""
+def _stamp(folder: Path) -> tuple[str, float]:
+    """A digest of every file's path, size and mtime under `folder`, and the newest mtime."""
+    digest, newest = hashlib.sha256(), folder.stat().st_mtime
+    for path in sorted(folder.rglob("*")):
+        if "__pycache__" in path.parts:  # written by importing the model's own code
+            continue
+        info = path.stat()
+        newest = max(newest, info.st_mtime)
+        digest.update(f"{path.relative_to(folder)}\0{info.st_size}\0{info.st_mtime_ns}\n"
+                      .encode())
+    return digest.hexdigest(), newest
+
+
+def scan(repository: Path, name: str) -> ModelOnDisk | None:
+    """Model `name` as it is on disk now, or None when its folder is gone."""
     folder = repository / name
-    config = load_config(folder / "config.yaml")
-    versions = tuple(sorted(int(p.name) for p in folder.iterdir()
-                            if p.is_dir() and p.name.isdigit() and int(p.name) > 0))
-    if not versions:
-        raise ConfigError(f"model {name!r}: no version folder (a positive integer) in {folder}")
-    version = config.version or versions[-1]
-    if version not in versions:
-        raise ConfigError(f"model {name!r}: config.yaml asks for version {version}, "
-                          f"but only {list(versions)} exist")
-    path, fmt = find_model_file(folder / str(version))
-    return ModelSource(name, version, path, fmt, config, versions)
+    try:
+        versions = {}
+        for p in folder.iterdir():
+            if p.is_dir() and p.name.isdigit() and int(p.name) > 0:
+                stamp, changed = _stamp(p)
+                versions[int(p.name)] = VersionOnDisk(p, stamp, changed)
+        config_file = folder / "config.yaml"
+        config_stamp = (hashlib.sha256(config_file.read_bytes()).hexdigest()
+                        if config_file.exists() else "")
+    except FileNotFoundError:  # removed while we looked
+        return None if not folder.exists() else scan(repository, name)
+    try:
+        config, error = load_config(config_file), ""
+    except ConfigError as exc:
+        config, error = None, str(exc)
+    return ModelOnDisk(name, config, error, config_stamp, versions)
 
 
 def source_for_path(path: Path) -> ModelSource:
@@ -68,10 +123,17 @@ def source_for_path(path: Path) -> ModelSource:
         model_dir = folder.parent if folder.name.isdigit() else folder
         config = load_config(model_dir / "config.yaml")
         version = int(folder.name) if folder.name.isdigit() else 1
-        return ModelSource(model_dir.name, version, path, fmt, config, (version,))
+        return ModelSource(model_dir.name, version, path, fmt, config)
     if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
-        return resolve(path.parent, path.name)
+        disk = scan(path.parent, path.name)
+        if disk is None or disk.config is None:
+            raise ConfigError(disk.config_error if disk else f"{path} does not exist")
+        served = disk.config.select(disk.versions)
+        if not served:
+            raise ConfigError(f"model {path.name!r}: config.yaml's version policy selects none "
+                              f"of the versions {sorted(disk.versions)}")
+        return disk.source(max(served), disk.config)
     if path.is_dir():
         file, fmt = find_model_file(path)
-        return ModelSource(path.name, 1, file, fmt, load_config(path / "config.yaml"), (1,))
+        return ModelSource(path.name, 1, file, fmt, load_config(path / "config.yaml"))
     raise ConfigError(f"{path} does not exist")

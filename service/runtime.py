@@ -12,17 +12,16 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from service.errors import ConfigError, InvalidInput
 from service.graph import TapGraph
-from service.types import STRING, TensorSpec
+from service.types import STRING, Batch, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -99,34 +98,31 @@ class Runtime:
     def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
         raise NotImplementedError
 
-    def _compute(self, source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
-                 rows: Arrays | None) -> Arrays:
+    def _compute(self, batch: Batch) -> Arrays:
         raise NotImplementedError
 
-    async def run(self, source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
-                  rows: Arrays | None = None) -> Arrays:
-        """Compute `outputs` for one batch. With `rows`, output o holds only rows[o]'s rows."""
+    async def run(self, batch: Batch) -> Arrays:
+        """Compute the batch's outputs. With masks, output o holds only masks[o]'s rows."""
         device = next(self._next_device)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executors[device], self._on_device, device, source, outputs, feeds, rows)
+        return await loop.run_in_executor(self._executors[device], self._on_device, device, batch)
 
-    def _on_device(self, device: str, *args: Any) -> Arrays:
+    def _on_device(self, device: str, batch: Batch) -> Arrays:
         try:
             with tf.device(device):
-                return self._compute(*args)
+                return self._compute(batch)
         except tf.errors.InvalidArgumentError as exc:  # the values, not the shapes: e.g.
             # a token outside an Embedding's vocabulary
             raise InvalidInput(f"the model cannot compute this input: {_reason(exc)}") from exc
 
     def warm_up(self, source: Hashable, outputs: tuple[str, ...],
-                rows: Arrays | None = None) -> None:
+                masks: Arrays | None = None) -> None:
         """Trace and run once, so no request pays for it."""
         inputs, _ = self.specs(source)
-        n = 2 if rows is not None else 1
+        n = 2 if masks is not None else 1
         feeds = {name: _zeros(spec, n) for name, spec in inputs.items()}
         for device in self.devices:
-            self._on_device(device, source, outputs, feeds, rows)
+            self._on_device(device, Batch(source, outputs, feeds, masks))
 
     def close(self) -> None:
         for executor in self._executors.values():
@@ -180,11 +176,11 @@ class KerasRuntime(Runtime):
                                      else self.spec(n).dtype, name=None)
                     for n in inputs}
         if masked:
-            rows_sig = {o: tf.TensorSpec((None,), tf.bool) for o in outputs}
+            masks_sig = {o: tf.TensorSpec((None,), tf.bool) for o in outputs}
 
-            @tf.function(input_signature=[feed_sig, rows_sig])
-            def run_masked(feeds: dict, rows: dict) -> dict:
-                return plan(feeds, rows, tf.boolean_mask)
+            @tf.function(input_signature=[feed_sig, masks_sig])
+            def run_masked(feeds: dict, masks: dict) -> dict:
+                return plan(feeds, masks, tf.boolean_mask)
 
             return run_masked.get_concrete_function()
 
@@ -195,19 +191,19 @@ class KerasRuntime(Runtime):
         # The concrete function skips tf.function's dispatch: ~100 µs less per call.
         return run.get_concrete_function()
 
-    def _compute(self, source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
-                 rows: Arrays | None) -> Arrays:
+    def _compute(self, batch: Batch) -> Arrays:
+        feeds, masks = batch.feeds, batch.masks
         n = len(next(iter(feeds.values())))
         # XLA wants static shapes: it computes every output on every (padded) row.
-        masked = rows is not None and not self.jit_compile
+        masked = masks is not None and not self.jit_compile
         padded = _pad_rows(n, self.max_batch_size) if self.jit_compile else n
         if padded != n:  # pad with copies of a real row: zeros may be invalid input
             feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - n, axis=0)])
                      for k, v in feeds.items()}
-        fn = self.function(tuple(source), outputs, masked)
-        result = {k: _to_numpy(t) for k, t in (fn(feeds, rows) if masked else fn(feeds)).items()}
+        fn = self.function(tuple(batch.source), batch.outputs, masked)
+        result = {k: _to_numpy(t) for k, t in (fn(feeds, masks) if masked else fn(feeds)).items()}
         if not masked:
-            result = {k: v[:n] if rows is None else v[:n][rows[k]] for k, v in result.items()}
+            result = {k: v[:n] if masks is None else v[:n][masks[k]] for k, v in result.items()}
         return result
 
 
@@ -240,9 +236,9 @@ class SavedModelRuntime(Runtime):
         return ({n: _spec_of(n, s) for n, s in sorted(inputs.items())},
                 {n: _spec_of(n, s) for n, s in fn.structured_outputs.items()})
 
-    def _compute(self, source: Hashable, outputs: tuple[str, ...], feeds: Mapping,
-                 rows: Arrays | None) -> Arrays:
+    def _compute(self, batch: Batch) -> Arrays:
         # A signature computes all its outputs; keep the asked-for ones.
-        result = self.signatures[source](**{k: tf.constant(v) for k, v in feeds.items()})
-        return {name: _to_numpy(result[name]) if rows is None
-                else _to_numpy(result[name])[rows[name]] for name in outputs}
+        result = self.signatures[batch.source](
+            **{k: tf.constant(v) for k, v in batch.feeds.items()})
+        return {name: _to_numpy(result[name]) if batch.masks is None
+                else _to_numpy(result[name])[batch.masks[name]] for name in batch.outputs}

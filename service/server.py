@@ -14,12 +14,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from service.dataplane import DataPlane
+from service.loading import Loader
 from service.metrics import Metrics
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.kserve import InferenceServicer
 from service.protocol.status import ErrorStatusInterceptor
-from service.registry import READY, ModelRegistry
+from service.registry import POLL, ModelRegistry
+from service.repository import model_names
 from service.runtime import configure_tensorflow, gpu_memory_in_use
 from service.settings import Settings, inter_op_threads, intra_op_threads
 
@@ -42,18 +44,23 @@ class TapServer:
         for device in gpu_memory_in_use():
             self.metrics.gpu_memory.labels(device).set_function(
                 lambda d=device: gpu_memory_in_use().get(d, 0))
-        self.registry = ModelRegistry(settings, self.devices, self.metrics)
-        self.dataplane = DataPlane(self.registry, self.metrics)
+        self.registry = ModelRegistry(
+            settings.model_repository, settings.model_control_mode,
+            Loader(settings, self.devices), self.metrics, settings.drain_grace_seconds,
+            on_change=self._update_health)
+        self.dataplane = DataPlane(self.registry, self.metrics, settings.strict_readiness)
         self.health = HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0
         self._loading: asyncio.Task | None = None
+        self._polling: asyncio.Task | None = None
+        self._health: dict[str, int] = {}
 
     async def start(self) -> None:
         """Bind both ports and start loading; raises ConfigError or OSError (a port in use)
         before anything is left running."""
         s = self.settings
-        models = self.registry.discover(s.model_repository)  # a missing folder fails here
+        model_names(s.model_repository)  # a missing folder fails here, before any port
         self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
@@ -77,27 +84,36 @@ class TapServer:
             self._metrics_http.shutdown()
             raise OSError(f"cannot bind gRPC to {s.host}:{s.grpc_port} (in use?)")
         await self.server.start()
-        await self.health.set("", NOT_SERVING)
-        for name in models:
-            await self.health.set(name, NOT_SERVING)
+        await self._update_health()
         log.info("serving gRPC on %s:%d, metrics on %s:%d", s.host, self.grpc_port,
                  s.host, self.metrics_port)
-        self._loading = asyncio.create_task(self._load_models())
+        self._loading = asyncio.create_task(self._load())
 
-    async def _load_models(self) -> None:
-        for name in list(self.registry.models):
-            await self.registry.load(self.settings.model_repository, name)
-            ready = self.registry.models[name].state == READY
-            await self.health.set(name, SERVING if ready else NOT_SERVING)
-        if not self.dataplane.draining:
-            await self.health.set("", SERVING)
-        log.info("all models loaded: %s", ", ".join(
-            f"{m.name} {m.state}" for m in self.registry.models.values()) or "none")
+    async def _load(self) -> None:
+        await self.registry.start(self.settings.load_model)
+        if self.settings.model_control_mode == POLL:
+            self._polling = asyncio.create_task(
+                self.registry.poll(self.settings.repository_poll_secs))
 
     async def loaded(self) -> None:
-        """Wait until every model has loaded or failed."""
+        """Wait until the start-up load is done (every model loaded or failed)."""
         if self._loading:
             await self._loading
+
+    async def _update_health(self) -> None:
+        """Health follows the registry: "" is the server's readiness, each model serves
+        while one of its versions does."""
+        if self.dataplane.draining:
+            return  # enter_graceful_shutdown set every service NOT_SERVING for good
+        wanted = {"": SERVING if self.dataplane.ready() else NOT_SERVING}
+        for name, entry in self.registry.models.items():
+            wanted[name] = SERVING if entry.serving() else NOT_SERVING
+        for name in set(self._health) - set(wanted):
+            wanted[name] = NOT_SERVING  # a model removed from the repository
+        for name, status in wanted.items():
+            if self._health.get(name) != status:
+                self._health[name] = status
+                await self.health.set(name, status)
 
     def _count_rpc(self, method: str, code: str) -> None:
         self.metrics.grpc_requests.labels(method, code).inc()
@@ -108,8 +124,9 @@ class TapServer:
         log.info("draining (grace %.1fs)", grace)
         self.dataplane.draining = True
         await self.health.enter_graceful_shutdown()
-        if self._loading and not self._loading.done():
-            self._loading.cancel()
+        for task in (self._loading, self._polling):
+            if task and not task.done():
+                task.cancel()
         # Finish the accepted work while gRPC still answers, so requests arriving meanwhile
         # get the data plane's UNAVAILABLE and health says NOT_SERVING. Stopping gRPC first
         # closes the port at once and cancels calls it received but had not yet handed to

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -19,6 +19,21 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind.")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: any free port).")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port.")
+    model_control_mode: Literal["poll", "explicit", "none"] = Field(
+        "poll", description="poll: re-read the repository every interval and apply changes; "
+        "explicit: load and unload only through the repository API and --load-model; "
+        "none: load once at start.")
+    repository_poll_secs: float = Field(
+        5.0, gt=0, description="Poll mode: seconds between reads of the repository; a version "
+        "folder whose files changed within it is not loaded yet.")
+    load_model: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Explicit mode: models to load at start "
+        "(repeatable; '*': all; the env twin takes a comma-separated list).")
+    allow_model_code: bool = Field(
+        False, description="Let models import the Python files their config.yaml `code:` names.")
+    strict_readiness: bool = Field(
+        True, description="Ready only while every model the server should serve has a version "
+        "serving (off: ready once the start-up load is done).")
     drain_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
@@ -44,6 +59,13 @@ class Settings(BaseSettings):
         None, ge=1, description="Cap on the memory TensorFlow takes on each GPU.")
     compiled_cache_size: int = Field(
         64, ge=1, description="Compiled (inputs, outputs) functions kept per model.")
+
+    @field_validator("load_model", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
 
 def available_cpus() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,10 +31,11 @@ class InferRequest:
     model: str
     inputs: dict[str, np.ndarray]
     endpoint: str | None = None  # None: the model's default endpoint
-    version: int | None = None  # None: the served version
+    version: str | None = None  # a version number or a label; None: the highest ready
     outputs: list[str] = field(default_factory=list)  # empty: the endpoint's outputs
     id: str = ""
     deadline: float | None = None  # time.monotonic() after which it is not computed
+    protocol: str = "kserve_grpc"  # the front door it came through (a metrics label)
 
 
 @dataclass
@@ -55,3 +57,13 @@ class EndpointMetadata:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+
+
+@dataclass
+class Batch:
+    """Requests merged into one forward pass: what the batcher hands the runtime."""
+
+    source: Hashable  # what the runtime computes from (an endpoint's inputs, a signature)
+    outputs: tuple[str, ...]
+    feeds: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray] | None  # per output, the rows that asked for it; None: all

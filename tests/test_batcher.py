@@ -15,18 +15,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from service.batcher import Batch, Batcher, BatchPolicy, Work, merge, slices, split
+from service.batcher import Batcher, BatchPolicy, Work, merge, slices, split
 from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded
+from service.types import Batch
 
 Arrays = dict[str, np.ndarray]
 SAFETY = 5.0  # seconds: a hang guard, never what a test measures
 FOREVER_MS = 60_000.0  # a queue delay no test waits out
 
 
-def compute(feeds: Arrays, outputs: tuple[str, ...], rows: Arrays | None) -> Arrays:
+def compute(feeds: Arrays, outputs: tuple[str, ...], masks: Arrays | None) -> Arrays:
     x = feeds["x"]
     full = {"y": x * 2, "z": x + 1}
-    return {o: full[o] if rows is None else full[o][rows[o]] for o in outputs}
+    return {o: full[o] if masks is None else full[o][masks[o]] for o in outputs}
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Call:
     source: Hashable
     outputs: tuple[str, ...]
     feeds: Arrays
-    rows: Arrays | None
+    masks: Arrays | None
 
     @property
     def size(self) -> int:
@@ -54,9 +55,10 @@ class FakeRun:
     max_running: int = 0
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def __call__(self, source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
-                       rows: Arrays | None) -> Arrays:
-        self.calls.append(Call(source, outputs, {k: v.copy() for k, v in feeds.items()}, rows))
+    async def __call__(self, batch: Batch) -> Arrays:
+        feeds = batch.feeds
+        self.calls.append(Call(batch.source, batch.outputs,
+                               {k: v.copy() for k, v in feeds.items()}, batch.masks))
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         self.started.set()
@@ -65,7 +67,7 @@ class FakeRun:
                 await self.gate.wait()
             if np.any(feeds["x"] < 0):
                 raise ValueError("negative input")
-            return compute(feeds, outputs, rows)
+            return compute(feeds, batch.outputs, batch.masks)
         finally:
             self.running -= 1
 
@@ -118,7 +120,7 @@ def _work(feeds: Arrays, outputs: tuple[str, ...], source: Hashable = "g") -> Wo
 async def test_merge_same_outputs_has_no_row_masks() -> None:
     works = [_work(xs(1, 2), ("y", "z")), _work(xs(3), ("y", "z"))]
     batch = merge(works)
-    assert batch.rows is None and batch.outputs == ("y", "z") and batch.source == "g"
+    assert batch.masks is None and batch.outputs == ("y", "z") and batch.source == "g"
     np.testing.assert_array_equal(batch.feeds["x"], [1, 2, 3])
     parts = split(works, batch, compute(batch.feeds, batch.outputs, None))
     np.testing.assert_array_equal(parts[0]["y"], [2, 4])
@@ -131,9 +133,9 @@ async def test_merge_different_outputs_masks_rows_and_split_gives_each_its_rows(
     works = [_work(xs(1, 2), ("y",)), _work(xs(3), ("z",)), _work(xs(4, 5), ("y", "z"))]
     batch = merge(works)
     assert batch.outputs == ("y", "z")
-    np.testing.assert_array_equal(batch.rows["y"], [True, True, False, True, True])
-    np.testing.assert_array_equal(batch.rows["z"], [False, False, True, True, True])
-    parts = split(works, batch, compute(batch.feeds, batch.outputs, batch.rows))
+    np.testing.assert_array_equal(batch.masks["y"], [True, True, False, True, True])
+    np.testing.assert_array_equal(batch.masks["z"], [False, False, True, True, True])
+    parts = split(works, batch, compute(batch.feeds, batch.outputs, batch.masks))
     assert [set(p) for p in parts] == [{"y"}, {"z"}, {"y", "z"}]
     np.testing.assert_array_equal(parts[0]["y"], [2, 4])
     np.testing.assert_array_equal(parts[1]["z"], [4])
@@ -250,7 +252,7 @@ async def test_without_shared_passes_different_outputs_never_share_a_batch() -> 
         outs = [await result(t) for t in tasks]
     assert sorted((c.outputs, tuple(c.feeds["x"])) for c in run.calls) == [
         (("y",), (1, 3)), (("z",), (2, 4))]
-    assert all(c.rows is None for c in run.calls)
+    assert all(c.masks is None for c in run.calls)
     assert [set(o) for o in outs] == [{"y"}, {"z"}, {"y"}, {"z"}]
     assert [float(next(iter(o.values()))[0]) for o in outs] == [2, 3, 6, 5]
 
@@ -264,8 +266,8 @@ async def test_with_shared_passes_different_outputs_share_one_batch() -> None:
         outs = [await result(t) for t in tasks]
     (call,) = run.calls
     assert call.outputs == ("y", "z")
-    np.testing.assert_array_equal(call.rows["y"], [True, False, False, True])
-    np.testing.assert_array_equal(call.rows["z"], [False, True, True, True])
+    np.testing.assert_array_equal(call.masks["y"], [True, False, False, True])
+    np.testing.assert_array_equal(call.masks["z"], [False, True, True, True])
     assert [set(o) for o in outs] == [{"y"}, {"z"}, {"y", "z"}]
     np.testing.assert_array_equal(outs[0]["y"], [2])
     np.testing.assert_array_equal(outs[1]["z"], [3, 4])
@@ -399,11 +401,10 @@ async def test_a_request_the_model_cannot_compute_fails_alone() -> None:
 async def test_a_run_returning_the_wrong_row_count_fails_its_batch() -> None:
     calls = 0
 
-    async def short(source: Hashable, outputs: tuple[str, ...], feeds: Arrays,
-                    rows: Arrays | None) -> Arrays:
+    async def short(batch: Batch) -> Arrays:
         nonlocal calls
         calls += 1
-        result = compute(feeds, outputs, rows)
+        result = compute(batch.feeds, batch.outputs, batch.masks)
         return {k: v[:-1] for k, v in result.items()} if calls == 1 else result
 
     b = Batcher(short, BatchPolicy(max_batch_size=1, max_queue_delay_ms=0), 1)

@@ -276,7 +276,10 @@ def prometheus(start_server: Any, tmp_path: Path) -> Iterator[tuple[Prometheus, 
                     "`prometheus` package for this test")
     repository = tmp_path / "models"
     zoo.write_model(MODEL, repository)
-    server = start_server(repository)
+    # A broken neighbour, so the load-failure panel has a failure to show.
+    (repository / "broken" / "1").mkdir(parents=True)
+    (repository / "broken" / "1" / "model.keras").write_bytes(b"not a model")
+    server = start_server(repository, strict_readiness=False)
     target = server.metrics_url.removeprefix("http://").removesuffix("/metrics")
     workdir = tmp_path / "prometheus"
     workdir.mkdir()

@@ -13,6 +13,7 @@ import zoo
 from service import runtime as runtime_module
 from service.graph import TapGraph
 from service.runtime import KerasRuntime, _pad_rows, configure_tensorflow
+from service.types import Batch
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_runtime_matches_keras_with_and_without_xla(two_heads, jit: bool) -> Non
     model, graph = two_heads
     rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
     feeds = zoo.sample_inputs(model, batch=3)  # XLA pads 3 rows to 4, then trims
-    got = asyncio.run(rt.run(("x",), ("label", "score"), feeds))
+    got = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, None)))
     compiled = rt.function(("x",), ("label", "score"), False).function_def.attr
     assert ("_XlaMustCompile" in compiled and compiled["_XlaMustCompile"].b) == jit
     want = reference(model, feeds)
@@ -46,10 +47,10 @@ def test_shared_pass_rows_with_and_without_xla(two_heads, jit: bool) -> None:
     model, graph = two_heads
     rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
     feeds = zoo.sample_inputs(model, batch=5)
-    rows = {"label": np.array([1, 0, 1, 1, 0], bool), "score": np.array([0, 1, 1, 0, 1], bool)}
-    got = asyncio.run(rt.run(("x",), ("label", "score"), feeds, rows))
+    masks = {"label": np.array([1, 0, 1, 1, 0], bool), "score": np.array([0, 1, 1, 0, 1], bool)}
+    got = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, masks)))
     want = reference(model, feeds)
-    for name, mask in rows.items():
+    for name, mask in masks.items():
         np.testing.assert_allclose(got[name], want[name][mask], atol=1e-5)
     rt.close()
 
@@ -111,7 +112,8 @@ def test_batches_alternate_between_devices_each_on_its_own_threads(two_heads,
     feeds = zoo.sample_inputs(model, batch=2)
 
     async def four() -> list:
-        return await asyncio.gather(*(rt.run(("x",), ("label",), feeds) for _ in range(4)))
+        batch = Batch(("x",), ("label",), feeds, None)
+        return await asyncio.gather(*(rt.run(batch) for _ in range(4)))
 
     results = asyncio.run(four())
     assert sorted(device for device, _ in placed) == ["/GPU:0", "/GPU:0", "/GPU:1", "/GPU:1"]
@@ -129,5 +131,5 @@ def test_values_the_model_cannot_compute_are_invalid_input() -> None:
     feeds = zoo.sample_inputs(model, batch=2)
     feeds["tokens"][1, 2] = zoo.TOKEN_VOCAB_SIZE + 10
     with pytest.raises(InvalidInput, match=r"indices\[1,2\] = 60 is not in \[0, 50\)"):
-        asyncio.run(rt.run(("tokens", "features"), ("cls",), feeds))
+        asyncio.run(rt.run(Batch(("tokens", "features"), ("cls",), feeds, None)))
     rt.close()

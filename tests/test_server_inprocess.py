@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import RunningServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import registry
+from service import loading as loading_module
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -57,14 +57,14 @@ def images(rows: int) -> np.ndarray:
 def test_a_model_still_loading_is_unavailable_until_loaded(
         repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loading, release = threading.Event(), threading.Event()
-    build = registry.build_keras_model
+    build = loading_module.build_keras_model
 
     def held_build(*args: object, **kwargs: object) -> object:
         loading.set()  # the single loader thread is now inside this load...
         assert release.wait(60)  # ...and stays there until the test lets it go
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "build_keras_model", held_build)
+    monkeypatch.setattr(loading_module, "build_keras_model", held_build)
     server = RunningServer(repository, wait_loaded=False)
     try:
         assert loading.wait(60)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from service.config import LABEL_PATTERN
 from service.errors import InvalidInput, NotFound
 from service.protocol.datatypes import numpy_dtype, to_internal, to_kserve
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
@@ -54,13 +55,35 @@ def parse_model_name(name: str) -> tuple[str, str | None]:
     return model, endpoint if dot else None
 
 
-def parse_version(version: str) -> int | None:
-    """A KServe model_version string as an int; "" (let the server pick) is None."""
+def parse_version(version: str) -> str | None:
+    """A KServe model_version: a positive number or a label; "" (the highest) is None."""
     if version == "":
         return None
-    if not _VERSION.fullmatch(version) or int(version) == 0:
-        raise NotFound(f"no version {version!r}: versions are positive integers")
-    return int(version)
+    if _VERSION.fullmatch(version):
+        if int(version) == 0:
+            raise NotFound(f"no version {version!r}: versions are positive integers")
+        return str(int(version))
+    if not re.fullmatch(LABEL_PATTERN, version):
+        raise NotFound(f"no version {version!r}: a version is a positive integer or a label "
+                       "(a letter, then letters, digits, '_' and '-')")
+    return version
+
+
+def check_repository_request(
+    msg: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest,
+) -> None:
+    """The repository API's request: one repository, a model name, no parameters."""
+    if msg.repository_name:
+        raise NotFound(f"no repository {msg.repository_name!r}: this server serves one "
+                       "model repository; leave repository_name empty")
+    if not _NAME.fullmatch(msg.model_name):
+        raise NotFound(f"no model {msg.model_name!r}: model names are made of letters, "
+                       "digits, '_' and '-'")
+    # tritonclient's unload always says whether to unload dependents: none exist here.
+    unsupported = sorted(set(msg.parameters) - {"unload_dependents"})
+    if unsupported:
+        raise InvalidInput(f"parameters {unsupported} are not supported: a model is loaded "
+                           "from its folder in the repository as it is")
 
 
 def decode_infer_request(

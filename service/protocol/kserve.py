@@ -24,7 +24,7 @@ class DataPlane(Protocol):
 
     def ready(self) -> bool: ...
 
-    def model_ready(self, model: str, endpoint: str | None, version: int | None) -> bool:
+    def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
         """Whether that endpoint can serve now; raises NotFound if it is unknown."""
         ...
 
@@ -33,7 +33,7 @@ class DataPlane(Protocol):
         ...
 
     def model_metadata(
-        self, model: str, endpoint: str | None, version: int | None
+        self, model: str, endpoint: str | None, version: str | None
     ) -> EndpointMetadata:
         """Raises NotFound if the endpoint is unknown."""
         ...
@@ -42,10 +42,17 @@ class DataPlane(Protocol):
         """Raises TapserveError subclasses."""
         ...
 
-    def rejected(self, model: str, endpoint: str | None, request_id: str,
-                 error: TapserveError) -> None:
+    def rejected(self, request: InferRequest, error: TapserveError) -> None:
         """Count and log a request refused before it reached `infer` (e.g. bad bytes)."""
         ...
+
+    def repository_index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
+        """(model, version, state, reason) for every model and version known."""
+        ...
+
+    async def load_model(self, name: str) -> None: ...
+
+    async def unload_model(self, name: str) -> None: ...
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -92,10 +99,33 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             infer_request = convert.decode_infer_request(request, deadline=_deadline(context))
         except TapserveError as exc:  # counted and logged like every failed request
             model, endpoint = request.model_name.partition(".")[::2]
-            self._dataplane.rejected(model, endpoint or None, request.id, exc)
+            self._dataplane.rejected(
+                InferRequest(model, {}, endpoint or None, id=request.id), exc)
             raise
         response = await self._dataplane.infer(infer_request)
         return convert.encode_infer_response(response, request.model_name)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        rows = self._dataplane.repository_index(request.ready)
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
+            for n, v, s, r in rows])
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        convert.check_repository_request(request)
+        await self._dataplane.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        convert.check_repository_request(request)
+        await self._dataplane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

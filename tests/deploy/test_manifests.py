@@ -50,7 +50,8 @@ NOT_IN_KUSTOMIZATION = {"deployment-gpu.yaml", "prometheus-adapter-rules.yaml"}
 DEPLOYMENTS = ("deployment.yaml", "deployment-gpu.yaml")
 
 # The metric names the server exports (see the README's metrics table).
-COUNTERS = {"tapserve_requests_total", "tapserve_grpc_requests_total"}
+COUNTERS = {"tapserve_requests_total", "tapserve_grpc_requests_total",
+            "tapserve_model_load_failures_total"}
 HISTOGRAMS = {
     "tapserve_request_duration_seconds",
     "tapserve_queue_duration_seconds",
@@ -564,6 +565,7 @@ def test_dashboard_panels_query_only_tapserve_metrics() -> None:
         "tapserve_queue_depth",
         "tapserve_model_ready",
         "tapserve_model_load_duration_seconds",
+        "tapserve_model_load_failures_total",
     ):
         assert needed in covered, f"no panel shows {needed}"
     # Grafana's variables replaced as Grafana would, then parsed as PromQL.

@@ -185,7 +185,7 @@ def test_request_fields_are_carried() -> None:
     msg.outputs.add(name="code")
     msg.outputs.add(name="dense_1")
     request = decode_infer_request(msg, deadline=123.5)
-    assert (request.model, request.endpoint, request.version) == ("ae", "encoder", 4)
+    assert (request.model, request.endpoint, request.version) == ("ae", "encoder", "4")
     assert request.outputs == ["code", "dense_1"]
     assert (request.id, request.deadline) == ("req-7", 123.5)
 
@@ -255,14 +255,15 @@ def test_impossible_model_names_are_not_found(name: str) -> None:
         parse_model_name(name)
 
 
-@pytest.mark.parametrize(("text", "expected"), [("", None), ("3", 3), ("12", 12), ("007", 7)])
-def test_parse_version(text: str, expected: int | None) -> None:
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", None), ("3", "3"), ("12", "12"), ("007", "7"), ("canary", "canary"), ("v1", "v1")])
+def test_parse_version_gives_a_number_or_a_label(text: str, expected: str | None) -> None:
     assert parse_version(text) == expected
 
 
-@pytest.mark.parametrize("text", ["abc", "0", "-1", "1.5", " 3", "+3", "00"])
+@pytest.mark.parametrize("text", ["0", "-1", "1.5", " 3", "+3", "00", "a b", "é"])
 def test_bad_versions_are_not_found(text: str) -> None:
-    with pytest.raises(NotFound, match="versions are positive integers"):
+    with pytest.raises(NotFound, match="positive integer"):
         parse_version(text)
 
 
@@ -270,7 +271,7 @@ def test_bad_name_or_version_in_infer_request_is_not_found() -> None:
     with pytest.raises(NotFound):
         decode_infer_request(pb.ModelInferRequest(model_name="a..b"))
     with pytest.raises(NotFound):
-        decode_infer_request(pb.ModelInferRequest(model_name="m", model_version="v1"))
+        decode_infer_request(pb.ModelInferRequest(model_name="m", model_version="v.1"))
 
 
 # Invalid input -------------------------------------------------------------------------

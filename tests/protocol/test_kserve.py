@@ -54,7 +54,7 @@ class EchoDataPlane:
     def ready(self) -> bool:
         return True
 
-    def model_ready(self, model: str, endpoint: str | None, version: int | None) -> bool:
+    def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
         if model == "warming":
             return False
         self._check(model, endpoint, version)
@@ -64,15 +64,25 @@ class EchoDataPlane:
         return "tapserve", "0.1.0", ["model_repository"]
 
     def model_metadata(
-        self, model: str, endpoint: str | None, version: int | None
+        self, model: str, endpoint: str | None, version: str | None
     ) -> EndpointMetadata:
         self._check(model, endpoint, version)
         spec = TensorSpec("x", "float32", (None, 3))
         return EndpointMetadata(model, endpoint or "echo", (1,), "test_echo", (spec,), (spec,))
 
-    def rejected(self, model: str, endpoint: str | None, request_id: str,
-                 error: Exception) -> None:
-        self.rejections.append((model, endpoint, request_id, type(error).__name__))
+    def rejected(self, request: InferRequest, error: Exception) -> None:
+        self.rejections.append(
+            (request.model, request.endpoint, request.id, type(error).__name__))
+
+    def repository_index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
+        rows = [("echo", "1", "READY", ""), ("broken", "2", "UNAVAILABLE", "bad file")]
+        return [r for r in rows if r[2] == "READY"] if ready_only else rows
+
+    async def load_model(self, name: str) -> None:
+        self._check(name, None, None)
+
+    async def unload_model(self, name: str) -> None:
+        self._check(name, None, None)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         self.requests.append(request)
@@ -88,8 +98,8 @@ class EchoDataPlane:
         outputs = {n: request.inputs[n] for n in names}
         return InferResponse(request.model, request.endpoint or "echo", 1, outputs, request.id)
 
-    def _check(self, model: str, endpoint: str | None, version: int | None) -> None:
-        if model != "echo" or endpoint not in (None, "twin") or version not in (None, 1):
+    def _check(self, model: str, endpoint: str | None, version: str | None) -> None:
+        if model != "echo" or endpoint not in (None, "twin") or version not in (None, "1"):
             raise NotFound(f"no model {model!r} endpoint {endpoint!r} version {version!r}")
 
 
@@ -143,7 +153,7 @@ def test_health_and_metadata(stock_client: Callable[..., Any], server: tuple[str
         "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
     }
     assert results[9]["error"] == {
-        "code": "NOT_FOUND", "message": "no model 'echo' endpoint None version 2"
+        "code": "NOT_FOUND", "message": "no model 'echo' endpoint None version '2'"
     }
 
 

@@ -10,10 +10,13 @@ MESSAGES = [
     "ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse",
     "ModelReadyRequest", "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse",
     "ModelMetadataRequest", "ModelMetadataResponse", "ModelInferRequest", "ModelInferResponse",
-    "InferParameter", "InferTensorContents",
+    "InferParameter", "InferTensorContents", "ModelRepositoryParameter",
+    "RepositoryIndexRequest", "RepositoryIndexResponse", "RepositoryModelLoadRequest",
+    "RepositoryModelLoadResponse", "RepositoryModelUnloadRequest",
+    "RepositoryModelUnloadResponse",
 ]
 METHODS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-           "ModelInfer"]
+           "ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"]
 
 
 def _describe(stock_client: StockClient, module: str) -> dict:

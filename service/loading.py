@@ -1,0 +1,171 @@
+"""Loading one model version: its code, its file, its endpoints, its warm-up.
+
+Blocking (TensorFlow and the filesystem): the registry calls `Loader.load` on its loader
+thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import keras
+
+from service.batcher import BatchPolicy
+from service.config import ModelConfig
+from service.errors import ConfigError, NotFound
+from service.graph import TapGraph
+from service.model import DEFAULT_ENDPOINT, Endpoint, LoadedModel
+from service.modelcode import forget_model_code, import_model_code
+from service.repository import ModelSource
+from service.runtime import KerasRuntime, SavedModelRuntime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Loader:
+    """Turns a ModelSource into a warmed-up LoadedModel, with the server's settings."""
+
+    def __init__(self, settings: Settings, devices: Sequence[str]) -> None:
+        self.settings = settings
+        self.devices = list(devices)
+
+    def policy(self, config: ModelConfig) -> BatchPolicy:
+        b, s = config.batching, self.settings
+        return BatchPolicy(
+            max_batch_size=b.max_batch_size or s.max_batch_size,
+            max_queue_delay_ms=(b.max_queue_delay_ms if b.max_queue_delay_ms is not None
+                                else s.max_queue_delay_ms),
+            max_queue_size=b.max_queue_size or s.max_queue_size,
+            shared_passes=b.shared_passes)
+
+    def load(self, source: ModelSource) -> LoadedModel:
+        """Load and warm up; raises ConfigError (or anything a broken file raises)."""
+        policy = self.policy(source.config)
+        gpu = self.devices[0].startswith("/GPU")
+        slots = self.settings.gpu_batches_in_flight if gpu else self.settings.cpu_batches_in_flight
+        if source.format == "saved_model":
+            model = build_saved_model(source, self.devices, slots)
+        else:
+            model = build_keras_model(source, self.devices, slots,
+                                      self.settings.compiled_cache_size, policy.max_batch_size,
+                                      self.settings.allow_model_code)
+        try:
+            model.warm_up(policy.shared_passes)
+        except BaseException:
+            model.release()
+            raise
+        model.policy = policy
+        return model
+
+
+def _uses_lambda(config: object) -> bool:
+    if isinstance(config, dict):
+        return config.get("class_name") == "Lambda" or any(
+            _uses_lambda(v) for v in config.values())
+    if isinstance(config, list):
+        return any(_uses_lambda(v) for v in config)
+    return False
+
+
+def load_keras(path: Path, fmt: str, allow_lambda: bool,
+               custom_objects: dict[str, Any] | None = None) -> keras.Model:
+    """Load a .keras or legacy .h5 model, refusing Lambda layers unless allowed."""
+    lambda_refused = ConfigError(
+        f"{path}: the model has a Lambda layer, and loading it runs code stored in the file; "
+        "set `allow_lambda: true` in its config.yaml if you trust the file")
+    if fmt == "h5" and not allow_lambda:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+        if raw is not None and _uses_lambda(json.loads(raw)):
+            raise lambda_refused
+    try:
+        with keras.saving.custom_object_scope(custom_objects or {}):
+            return keras.models.load_model(path, compile=False, safe_mode=not allow_lambda,
+                                           custom_objects=custom_objects)
+    except ValueError as exc:
+        if "Lambda" in str(exc) and "safe_mode" in str(exc):
+            raise lambda_refused from None
+        raise ConfigError(f"{path}: cannot load model: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot load model: {exc}") from exc
+
+
+def _keras_endpoints(graph: TapGraph, config: ModelConfig) -> dict[str, tuple[list, list]]:
+    declared = {n: (e.inputs, e.outputs) for n, e in config.endpoints.items()}
+    return declared or {DEFAULT_ENDPOINT: (graph.input_names, graph.output_names)}
+
+
+def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_device: int,
+                      cache_size: int, max_batch_size: int,
+                      allow_model_code: bool = False) -> LoadedModel:
+    """Load a .keras/.h5 model, check its config against the graph, define endpoints."""
+    config = source.config
+    custom_objects, modules = import_model_code(source, allow_model_code)
+    try:
+        model = load_keras(source.path, source.format, config.allow_lambda, custom_objects)
+        try:
+            graph = TapGraph(model)
+        except TypeError as exc:
+            raise ConfigError(f"{source.path}: {exc}") from None
+        runtime = KerasRuntime(graph, devices, batches_per_device, cache_size,
+                               config.jit_compile, max_batch_size)
+    except BaseException:
+        forget_model_code(modules)
+        raise
+    endpoints: dict[str, Endpoint] = {}
+    try:
+        for name, (inputs, outputs) in _keras_endpoints(graph, config).items():
+            try:
+                graph.plan(inputs, outputs)  # every name exists and outputs follow from inputs
+            except NotFound as exc:
+                raise ConfigError(f"model {source.name!r}, endpoint {name!r}: {exc}") from None
+            askable = graph.computable(inputs) if config.taps else set(outputs)
+            hint = ("taps must be computable from its inputs " + str(list(inputs))
+                    if config.taps else "taps are off for this model (config.yaml `taps: false`)")
+            endpoints[name] = Endpoint(
+                name, tuple(inputs), tuple(runtime.spec(n) for n in inputs),
+                tuple(runtime.spec(n) for n in outputs),
+                frozenset(askable) | frozenset(outputs), hint)
+        default = _default(source, endpoints, next(iter(endpoints)))
+    except BaseException:
+        runtime.close()
+        forget_model_code(modules)
+        raise
+    return LoadedModel(source, runtime, endpoints, default, "tensorflow_keras", modules)
+
+
+def build_saved_model(source: ModelSource, devices: Sequence[str],
+                      batches_per_device: int) -> LoadedModel:
+    """A SavedModel folder: each signature is an endpoint; it has no graph to tap."""
+    if source.config.endpoints:
+        raise ConfigError(f"model {source.name!r}: a SavedModel serves its signatures "
+                          "as endpoints; config.yaml endpoints need a .keras or .h5 model")
+    runtime = SavedModelRuntime(source.path, devices, batches_per_device)
+    endpoints: dict[str, Endpoint] = {}
+    for name in runtime.signatures:
+        inputs, outputs = runtime.specs(name)
+        endpoints[name] = Endpoint(
+            name, name, tuple(inputs.values()), tuple(outputs.values()), frozenset(outputs),
+            "a SavedModel has no layer graph, so only its signature's outputs can be asked "
+            "for; serve a .keras or .h5 file for taps")
+    fallback = "serving_default" if "serving_default" in endpoints else next(iter(endpoints))
+    try:
+        default = _default(source, endpoints, fallback)
+    except BaseException:
+        runtime.close()
+        raise
+    return LoadedModel(source, runtime, endpoints, default, "tensorflow_savedmodel")
+
+
+def _default(source: ModelSource, endpoints: dict[str, Endpoint], fallback: Hashable) -> str:
+    default = source.config.default_endpoint or fallback
+    if default not in endpoints:
+        raise ConfigError(f"model {source.name!r}: default_endpoint {default!r} is not "
+                          f"one of its endpoints {list(endpoints)}")
+    return str(default)
