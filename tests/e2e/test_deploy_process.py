@@ -109,6 +109,23 @@ def test_json_logs_and_the_health_probe_through_a_drain(start_process, tmp_path:
     assert any(r["message"] == "stopped" for r in records)
 
 
+def test_health_probe_says_unhealthy_while_a_model_is_broken(start_process,
+                                                            tmp_path: Path) -> None:
+    """Strict readiness: a model that failed to load keeps "" NOT_SERVING, and so the
+    container unhealthy, although the process listens and answers."""
+    zoo.write_model("autoencoder", tmp_path)
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.keras").write_bytes(b"not a model")
+    server = start_process(tmp_path, ready=False)
+    wait_for(lambda: server.metric("tapserve_model_load_failures_total", model="broken"),
+             "the broken model's load to fail", timeout=120)
+    wait_for(lambda: server.metric("tapserve_model_ready", model="autoencoder"),
+             "the good model to serve", timeout=120)
+    probe = healthcheck(server.process.pid)
+    assert probe.returncode == 1, probe.stdout + probe.stderr
+    assert f"{server.url}: NOT_SERVING" in probe.stdout
+
+
 def test_health_probe_without_a_server_is_unhealthy() -> None:
     # A process that listens on no TCP port: nothing to ask, so unhealthy.
     with subprocess.Popen(["sleep", "60"]) as sleeper:
