@@ -33,11 +33,14 @@ runtime = "runc"
 EOF
 export CONTAINERS_CONF="$conf"
 scripts/base-image.sh
-# Where PyPI is reached through a TLS-intercepting proxy, the host trusts its CA (pip's
-# PIP_CERT): the build's pip must too. Mounted for the build only, so nothing of it is in
-# the image (the final stage runs no pip; its test checks the bundle is Debian's own).
+# Where PyPI is reached through a TLS-intercepting proxy, the host's pip trusts its CA
+# (PIP_CERT, or `cert` in a pip config): the build's pip must too. Mounted for the build
+# only, so nothing of it is in the image (the final stage runs no pip; its test checks
+# that /etc/pip.conf is at most the empty mount point).
+PIP_CERT="${PIP_CERT:-$(python3 -m pip config list 2>/dev/null \
+  | sed -n "s/^global\.cert='\(.*\)'\$/\1/p" | tail -1 || true)}"
 mounts=()
-if [ -n "${PIP_CERT:-}" ]; then
+if [ -n "$PIP_CERT" ]; then
   pipconf=$(mktemp)
   trap 'rm -f "$conf" "$pipconf"' EXIT
   printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$pipconf"
@@ -60,7 +63,7 @@ TAPSERVE_TEST_IMAGE="$image" .venv/bin/python -m pytest --e2e \
   tests/e2e/test_deploy_image.py "$@"
 echo "test: the suite inside the image (scripts/suite-in-image.sh)"
 ca=()
-[ -z "${PIP_CERT:-}" ] || ca=(--volume "$PIP_CERT:/run/ca.crt:ro" --env PIP_CERT=/run/ca.crt)
+[ -z "$PIP_CERT" ] || ca=(--volume "$PIP_CERT:/run/ca.crt:ro" --env PIP_CERT=/run/ca.crt)
 podman run --rm --no-healthcheck --read-only --tmpfs /tmp:rw,exec,size=4g "${ca[@]}" \
   --volume "$PWD:/src:ro" --entrypoint sh "$image" /src/scripts/suite-in-image.sh 2>&1 \
   | grep -v -E '^(I0000|WARNING: All log messages before absl|To enable the following)'
