@@ -46,13 +46,15 @@ COPY service/ service/
 # version and `tensorflow` package without the CUDA kernels a CPU never runs: ~600 MB
 # less) and the GPU image tensorflow[and-cuda]; then the project itself with --no-deps,
 # or pip would add the full tensorflow wheel back (so `pip check` names it as missing in
-# the CPU image). Then what the server never reads: TensorFlow's C++ headers (~290 MB,
+# the CPU image); tensorflow-serving-api (generated protos that require `tensorflow`) too. Then what the server never reads: TensorFlow's C++ headers (~290 MB,
 # for building extensions) and its shared libraries' full symbol tables (~240 MB, for
 # debuggers; the dynamic symbols the loader needs stay).
 RUN pip install --no-cache-dir pip==26.3 \
     && if [ "$GPU" = "true" ]; then tf="tensorflow[and-cuda]"; else tf="tensorflow-cpu"; fi \
-    && python -c "import sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d.replace('tensorflow==', sys.argv[1] + '==') for d in deps))" "$tf" > requirements.txt \
+    && python -c "import sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d.replace('tensorflow==', sys.argv[1] + '==') for d in deps if not d.startswith('tensorflow-serving-api')))" "$tf" > requirements.txt \
+    && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if d.startswith('tensorflow-serving-api')))" > requirements-no-deps.txt \
     && pip install --no-cache-dir -c constraints.txt -c deploy/constraints-cuda.txt -r requirements.txt \
+    && pip install --no-cache-dir --no-deps -r requirements-no-deps.txt \
     && pip install --no-cache-dir --no-deps . \
     && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include \
     && find /opt/venv/lib/python3.11/site-packages/tensorflow -name "*.so*" -type f \

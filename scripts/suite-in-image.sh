@@ -9,7 +9,7 @@ set -eu
 python -m venv /tmp/suite
 echo /opt/venv/lib/python3.11/site-packages > /tmp/suite/lib/python3.11/site-packages/image.pth
 /tmp/suite/bin/pip install --quiet --disable-pip-version-check -c /src/constraints.txt \
-  "tritonclient[grpc]==2.73.0" pytest==9.2.0 pytest-asyncio==1.5.0 scikit-learn==1.9.1 \
+  "tritonclient[grpc,http]==2.73.0" pytest==9.2.0 pytest-asyncio==1.5.0 scikit-learn==1.9.1 \
   grpcio-tools==1.81.1
 # The e2e tests start the `tapserve` beside their Python: the image's.
 ln -s /opt/venv/bin/tapserve /tmp/suite/bin/tapserve

@@ -7,7 +7,7 @@ import logging
 import time
 from importlib.metadata import version as package_version
 
-from service.errors import NotReady, TapserveError
+from service.errors import NotFound, NotReady, TapserveError
 from service.metrics import UNKNOWN, Metrics
 from service.registry import ModelRegistry
 from service.types import EndpointMetadata, InferRequest, InferResponse
@@ -49,6 +49,33 @@ class DataPlane:
                        version: str | None) -> EndpointMetadata:
         served = self.registry.get(model, version)
         return served.metadata(endpoint, self.registry.serving_versions(model))
+
+    def model_endpoints(self, model: str, version: str | None
+                        ) -> tuple[int, str, list[EndpointMetadata]]:
+        """(version, default endpoint, every endpoint's metadata) of the version that
+        answers for (model, version)."""
+        served = self.registry.get(model, version)
+        versions = self.registry.serving_versions(model)
+        return served.version, served.default_endpoint, [
+            served.metadata(name, versions) for name in served.endpoints]
+
+    def model_status(self, model: str, version: str | None = None
+                     ) -> list[tuple[int, str, str]]:
+        """(version, state, reason) of every version of `model` the server knows, or of
+        the one `version` (a number or a label) names."""
+        rows = [(int(v), state, reason) for name, v, state, reason in self.registry.index()
+                if name == model and v]
+        if rows and version is not None:
+            number = self.registry.version_number(model, version)
+            rows = [r for r in rows if r[0] == number]
+            if not rows:
+                raise NotFound(f"model {model!r} has no version {number}")
+        if not rows:
+            if model not in self.registry.models:
+                self.registry.get(model)  # raises NotFound (or NotReady), saying why
+            raise NotReady(f"model {model!r} has no version loaded or loading: "
+                           f"{self.registry.models[model].error or 'not loaded'}")
+        return rows
 
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic()

@@ -125,6 +125,10 @@ class ModelRegistry:
             f"version{'s' if len(serving) > 1 else ''} {', '.join(map(str, serving))}"
             if serving else "no version now") + f", not {number}")
 
+    def version_number(self, name: str, version: str) -> int:
+        """The version number a version string (a number or a label) of `name` stands for."""
+        return self._version_number(self.models[name], version)
+
     def _version_number(self, entry: ModelEntry, version: str) -> int:
         if version.isdigit():
             return int(version)

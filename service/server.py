@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from service.dataplane import DataPlane
 from service.loading import Loader
@@ -20,6 +21,7 @@ from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.kserve import InferenceServicer
 from service.protocol.status import ErrorStatusInterceptor
+from service.protocol.tfserving import ModelStatusServicer, PredictionServicer
 from service.registry import POLL, ModelRegistry
 from service.repository import model_names
 from service.runtime import configure_tensorflow, gpu_memory_in_use
@@ -71,9 +73,14 @@ class TapServer:
                      ("grpc.so_reuseport", 0)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane), self.server)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.dataplane), self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelStatusServicer(self.dataplane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME], self.server)
         try:

@@ -96,7 +96,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            infer_request = convert.decode_infer_request(request, deadline=_deadline(context))
+            infer_request = convert.decode_infer_request(request, deadline=deadline_of(context))
         except TapserveError as exc:  # counted and logged like every failed request
             model, endpoint = request.model_name.partition(".")[::2]
             self._dataplane.rejected(
@@ -128,7 +128,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The client's deadline on the time.monotonic() clock, or None when it set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining

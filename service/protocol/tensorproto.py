@@ -1,0 +1,110 @@
+"""Pure conversions between TensorFlow's TensorProto (TF Serving's tensors) and numpy.
+
+Both of TensorProto's encodings are read: `tensor_content` (raw little-endian bytes, what
+`tf.make_tensor_proto` writes for numbers) and the typed `*_val` fields. Answers use
+`tensor_content` for numbers (one copy, no per-element boxing) and `string_val` for bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+from service.errors import InvalidInput
+from service.types import STRING
+
+# numpy dtype name (or "string") -> (DataType, the typed field that can hold it)
+_TYPES: dict[str, tuple[int, str]] = {
+    "float16": (types_pb2.DT_HALF, "half_val"),
+    "float32": (types_pb2.DT_FLOAT, "float_val"),
+    "float64": (types_pb2.DT_DOUBLE, "double_val"),
+    "int8": (types_pb2.DT_INT8, "int_val"),
+    "int16": (types_pb2.DT_INT16, "int_val"),
+    "int32": (types_pb2.DT_INT32, "int_val"),
+    "int64": (types_pb2.DT_INT64, "int64_val"),
+    "uint8": (types_pb2.DT_UINT8, "int_val"),
+    "uint16": (types_pb2.DT_UINT16, "int_val"),
+    "uint32": (types_pb2.DT_UINT32, "uint32_val"),
+    "uint64": (types_pb2.DT_UINT64, "uint64_val"),
+    "bool": (types_pb2.DT_BOOL, "bool_val"),
+    STRING: (types_pb2.DT_STRING, "string_val"),
+}
+_NAMES = {enum: name for name, (enum, _) in _TYPES.items()}
+# What a typed field holds, where narrower types travel in it (checked for range).
+_HELD = {"int_val": np.dtype(np.int64), "uint32_val": np.dtype(np.uint64)}
+
+
+def data_type(dtype: str) -> int:
+    """The DataType enum of an internal dtype name."""
+    return _TYPES[dtype][0]
+
+
+def dtype_name(enum: int) -> str:
+    """DT_FLOAT -> "DT_FLOAT", for messages."""
+    return types_pb2.DataType.Name(enum) if enum in types_pb2.DataType.values() else str(enum)
+
+
+def shape_proto(shape: tuple[int | None, ...]) -> tensor_shape_pb2.TensorShapeProto:
+    """A shape with unknown dimensions as -1."""
+    return tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=-1 if d is None else d) for d in shape])
+
+
+def to_numpy(name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
+    """One request tensor as numpy; InvalidInput says what does not add up."""
+    if proto.dtype not in _NAMES:
+        raise InvalidInput(f"input {name!r}: dtype {dtype_name(proto.dtype)} is not served; "
+                           f"use one of {', '.join(dtype_name(e) for e in _NAMES)}")
+    internal = _NAMES[proto.dtype]
+    if proto.tensor_shape.unknown_rank:
+        raise InvalidInput(f"input {name!r}: the tensor has no shape (unknown_rank)")
+    shape = tuple(d.size for d in proto.tensor_shape.dim)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if internal == STRING:
+        if len(proto.string_val) != count:
+            raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {count} strings in "
+                               f"string_val, got {len(proto.string_val)}")
+        array = np.empty(count, dtype=object)
+        array[:] = list(proto.string_val)
+        return array.reshape(shape)
+    dtype = np.dtype(internal)
+    if proto.tensor_content:
+        expected = count * dtype.itemsize
+        if len(proto.tensor_content) != expected:
+            raise InvalidInput(f"input {name!r}: shape {list(shape)} of {internal} needs "
+                               f"{expected} bytes of tensor_content, got "
+                               f"{len(proto.tensor_content)}")
+        return np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(
+            dtype, copy=False).reshape(shape)
+    field = _TYPES[internal][1]
+    values = getattr(proto, field)
+    if len(values) != count:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {count} values in "
+                           f"{field} (or tensor_content), got {len(values)}")
+    if internal == "float16":  # half_val holds the bit patterns
+        return np.array(values, dtype=np.uint16).view(np.float16).reshape(shape)
+    held = np.fromiter(values, dtype=_HELD.get(field, dtype), count=count)
+    if dtype.kind in "iu" and count:
+        info = np.iinfo(dtype)
+        if held.min() < info.min or held.max() > info.max:
+            raise InvalidInput(f"input {name!r}: values out of range for "
+                               f"{dtype_name(proto.dtype)} [{info.min}, {info.max}]")
+    return held.astype(dtype).reshape(shape)
+
+
+def from_numpy(array: np.ndarray) -> tensor_pb2.TensorProto:
+    """An output as a TensorProto: tensor_content for numbers, string_val for bytes."""
+    array = np.asarray(array)
+    internal = STRING if array.dtype == object else array.dtype.name
+    proto = tensor_pb2.TensorProto(dtype=data_type(internal),
+                                   tensor_shape=shape_proto(array.shape))
+    if internal == STRING:
+        proto.string_val.extend(v.encode() if isinstance(v, str) else bytes(v)
+                                for v in array.ravel())
+    else:
+        proto.tensor_content = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return proto

@@ -1,0 +1,157 @@
+"""TensorFlow Serving's gRPC API: PredictionService and ModelService, over the data plane.
+
+Convert, call the data plane, convert back. `model_spec.signature_name` names an endpoint
+("" or "serving_default": the default one); `output_filter` names outputs or taps.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import wrappers_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    predict_pb2,
+    status_pb2,
+)
+from tensorflow_serving.apis.model_service_pb2_grpc import ModelServiceServicer
+from tensorflow_serving.apis.prediction_service_pb2_grpc import PredictionServiceServicer
+
+from service.errors import InvalidInput, NotFound, TapserveError, Unsupported
+from service.protocol import convert
+from service.protocol.kserve import DataPlane, deadline_of
+from service.protocol.tensorproto import data_type, from_numpy, shape_proto, to_numpy
+from service.types import EndpointMetadata, InferRequest
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+PROTOCOL = "tfserving_grpc"
+
+_STATES = {  # the registry's states as TF Serving's ModelVersionStatus.State
+    "READY": get_model_status_pb2.ModelVersionStatus.AVAILABLE,
+    "LOADING": get_model_status_pb2.ModelVersionStatus.LOADING,
+    "UNLOADING": get_model_status_pb2.ModelVersionStatus.UNLOADING,
+    "UNAVAILABLE": get_model_status_pb2.ModelVersionStatus.END,
+}
+
+
+def model_and_version(spec: model_pb2.ModelSpec) -> tuple[str, str | None]:
+    """The model name and the version (number or label) a ModelSpec asks for."""
+    model, endpoint = convert.parse_model_name(spec.name)
+    if endpoint is not None:
+        raise NotFound(f"no model {spec.name!r}: name the model alone and the endpoint in "
+                       "model_spec.signature_name")
+    if spec.HasField("version"):
+        return model, convert.parse_version(str(spec.version.value))
+    return model, convert.parse_version(spec.version_label) if spec.version_label else None
+
+
+def endpoint_of(signature_name: str) -> str | None:
+    return None if signature_name in ("", DEFAULT_SIGNATURE) else signature_name
+
+
+def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = None
+                   ) -> InferRequest:
+    model, version = model_and_version(msg.model_spec)
+    endpoint = endpoint_of(msg.model_spec.signature_name)
+    if endpoint is not None:
+        convert.parse_model_name(f"{model}.{endpoint}")  # NotFound for an impossible name
+    outputs = list(msg.output_filter)
+    if len(set(outputs)) != len(outputs):
+        raise InvalidInput(f"output_filter names an output more than once: {outputs}")
+    inputs = {name: to_numpy(name, tensor) for name, tensor in msg.inputs.items()}
+    return InferRequest(model, inputs, endpoint, version, outputs, deadline=deadline,
+                        protocol=PROTOCOL)
+
+
+def signature_def(meta: EndpointMetadata) -> meta_graph_pb2.SignatureDef:
+    def info(spec: object) -> meta_graph_pb2.TensorInfo:
+        return meta_graph_pb2.TensorInfo(name=spec.name, dtype=data_type(spec.dtype),
+                                         tensor_shape=shape_proto(spec.shape))
+    return meta_graph_pb2.SignatureDef(
+        inputs={s.name: info(s) for s in meta.inputs},
+        outputs={s.name: info(s) for s in meta.outputs}, method_name=PREDICT_METHOD)
+
+
+class PredictionServicer(PredictionServiceServicer):
+    """tensorflow.serving.PredictionService for a grpc.aio server."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    async def Predict(self, request: predict_pb2.PredictRequest,
+                      context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+        try:
+            infer_request = decode_predict(request, deadline_of(context))
+        except TapserveError as exc:  # counted and logged like every failed request
+            self._dataplane.rejected(InferRequest(
+                request.model_spec.name, {}, endpoint_of(request.model_spec.signature_name),
+                protocol=PROTOCOL), exc)
+            raise
+        response = await self._dataplane.infer(infer_request)
+        spec = model_pb2.ModelSpec(
+            name=response.model, version=wrappers_pb2.Int64Value(value=response.version),
+            signature_name=request.model_spec.signature_name or DEFAULT_SIGNATURE)
+        return predict_pb2.PredictResponse(model_spec=spec, outputs={
+            name: from_numpy(array) for name, array in response.outputs.items()})
+
+    async def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        unsupported = [f for f in request.metadata_field if f != "signature_def"]
+        if unsupported or not request.metadata_field:
+            raise InvalidInput(f"metadata_field must be ['signature_def'], got "
+                               f"{list(request.metadata_field)}")
+        model, version = model_and_version(request.model_spec)
+        number, default, endpoints = self._dataplane.model_endpoints(model, version)
+        signatures = {meta.endpoint: signature_def(meta) for meta in endpoints}
+        signatures[DEFAULT_SIGNATURE] = signatures[default]
+        response = get_model_metadata_pb2.GetModelMetadataResponse(
+            model_spec=model_pb2.ModelSpec(name=model,
+                                           version=wrappers_pb2.Int64Value(value=number)))
+        response.metadata["signature_def"].Pack(
+            get_model_metadata_pb2.SignatureDefMap(signature_def=signatures))
+        return response
+
+    async def Classify(self, request: object, context: grpc.aio.ServicerContext) -> None:
+        raise Unsupported("Classify is not served: Tapserve serves Predict (a classifier's "
+                          "scores are an output or a tap of Predict)")
+
+    async def Regress(self, request: object, context: grpc.aio.ServicerContext) -> None:
+        raise Unsupported("Regress is not served: Tapserve serves Predict")
+
+    async def MultiInference(self, request: object, context: grpc.aio.ServicerContext) -> None:
+        raise Unsupported("MultiInference is not served: Tapserve serves Predict; several "
+                          "outputs or taps of one model come from one Predict's output_filter")
+
+
+class ModelStatusServicer(ModelServiceServicer):
+    """tensorflow.serving.ModelService: GetModelStatus (reloading config is not served)."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    async def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        model, version = model_and_version(request.model_spec)
+        rows = self._dataplane.model_status(model, version)
+        return get_model_status_pb2.GetModelStatusResponse(model_version_status=[
+            get_model_status_pb2.ModelVersionStatus(
+                version=number, state=_STATES[state],
+                status=_status(reason if state != "READY" else ""))
+            for number, state, reason in rows])
+
+    async def HandleReloadConfigRequest(self, request: object,
+                                        context: grpc.aio.ServicerContext) -> None:
+        raise Unsupported("HandleReloadConfigRequest is not served: Tapserve follows its model "
+                          "repository (--model-control-mode poll) or the repository API")
+
+
+def _status(reason: str) -> status_pb2.StatusProto:
+    # error_code 0 is OK; 2 is tensorflow.error.Code UNKNOWN.
+    return status_pb2.StatusProto(error_code=2 if reason else 0, error_message=reason)
