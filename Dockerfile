@@ -92,8 +92,9 @@ VOLUME ["/models"]
 WORKDIR /tmp
 USER 10001:10001
 
-# 8001: gRPC (KServe v2 inference, grpc.health.v1, reflection); 8002: Prometheus /metrics.
-EXPOSE 8001 8002
+# 8000: HTTP (KServe v2 REST, TF Serving REST); 8001: gRPC (KServe v2, TF Serving,
+# grpc.health.v1, reflection); 8002: Prometheus /metrics.
+EXPOSE 8000 8001 8002
 
 # Kubernetes ignores HEALTHCHECK (it runs its own native gRPC probes, see
 # deploy/k8s/deployment.yaml); this one serves `docker run` / Compose. It asks the same

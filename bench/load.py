@@ -1,4 +1,8 @@
-"""Closed-loop gRPC load for any KServe v2 server (Tapserve, MLServer, Triton/PyTriton).
+"""Closed-loop load for any KServe v2 server (Tapserve, MLServer, Triton/PyTriton).
+
+`--door` picks the front door: KServe v2 over gRPC (the default) or HTTP (binary tensor
+data extension), or TF Serving's gRPC Predict or REST `:predict` (JSON, columnar); the
+same variants, so doors compare side by side.
 
     .venv/bin/python bench/load.py --target 127.0.0.1:8001 --spec SPEC.json \
         --concurrency 8 --warmup 3 --duration 10 --out result.json
@@ -25,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import time
 import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -36,6 +42,8 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+DOORS = ("kserve_grpc", "tfserving_grpc", "kserve_http", "tfserving_http")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64,
           "UINT8": np.uint8}
@@ -51,6 +59,37 @@ def build_request(variant: dict, rng: np.random.Generator) -> bytes:
     for name in variant.get("outputs", []):
         request.outputs.add(name=name)
     return request.SerializeToString()
+
+
+def build_payload(door: str, variant: dict, rng: np.random.Generator) -> bytes:
+    """One variant as the door's request body, serialized once."""
+    if door == "kserve_grpc":
+        return build_request(variant, rng)
+    data = {spec["name"]: rng.random(spec["shape"]).astype(DTYPES[spec["datatype"]])
+            for spec in variant["inputs"]}
+    model, _, endpoint = variant["model_name"].partition(".")
+    outputs = variant.get("outputs", [])
+    if door == "tfserving_grpc":  # imported here: it brings TensorFlow's protos
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest(output_filter=outputs)
+        request.model_spec.name, request.model_spec.signature_name = model, endpoint
+        for name, array in data.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
+        return request.SerializeToString()
+    if door == "tfserving_http":
+        return json.dumps({"signature_name": endpoint, "output_filter": outputs,
+                           "inputs": {n: a.tolist() for n, a in data.items()}}).encode()
+    header = {"inputs": [{"name": spec["name"], "datatype": spec["datatype"],
+                          "shape": spec["shape"],
+                          "parameters": {"binary_data_size": data[spec["name"]].nbytes}}
+                         for spec in variant["inputs"]],
+              "parameters": {"binary_data_output": True}}
+    if outputs:
+        header["outputs"] = [{"name": o, "parameters": {"binary_data": True}} for o in outputs]
+    head = json.dumps(header).encode()
+    return len(head).to_bytes(8, "little") + head + b"".join(a.tobytes() for a in data.values())
 
 
 def describe_response(raw: bytes) -> dict:
@@ -118,22 +157,21 @@ class Window:
         self.errors: dict[str, int] = {}
 
 
-async def worker(index: int, call: grpc.aio.UnaryUnaryMultiCallable, requests: list[bytes],
-                 rows: list[int], window: Window, stop: float, timeout: float,
+Send = Callable[[int], Awaitable[str | None]]  # request i -> None, or its error code
+
+
+async def worker(index: int, send: Send, count: int,
+                 rows: list[int], window: Window, stop: float,
                  mix: str, seed: int) -> None:
     rng = np.random.default_rng([seed, index])
-    i = index % len(requests)
+    i = index % count
     while True:
         if mix == "random":
-            i = int(rng.integers(len(requests)))
+            i = int(rng.integers(count))
         started = time.perf_counter()
         if started >= stop:
             return
-        try:
-            await call(requests[i], timeout=timeout)
-            code = None
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
+        code = await send(i)
         done = time.perf_counter()
         if window.start <= started and done <= window.end:
             if code is None:
@@ -145,22 +183,68 @@ async def worker(index: int, call: grpc.aio.UnaryUnaryMultiCallable, requests: l
             window.errors[f"warmup:{code}"] = window.errors.get(f"warmup:{code}", 0) + 1
 
 
+@contextlib.asynccontextmanager
+async def door_sender(door: str, target: str, variants: list[dict], requests: list[bytes],
+                      timeout: float) -> AsyncIterator[Send]:
+    """How to send request i through `door`: a generic gRPC call, or an HTTP POST."""
+    if door.endswith("_grpc"):
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            call = channel.unary_unary(METHOD if door == "kserve_grpc" else PREDICT,
+                                       request_serializer=None, response_deserializer=None)
+
+            async def send_grpc(i: int) -> str | None:
+                try:
+                    await call(requests[i], timeout=timeout)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+                return None
+            yield send_grpc
+        return
+    import aiohttp  # the HTTP doors only
+
+    urls, headers = [], []
+    for v, body in zip(variants, requests, strict=True):
+        model, _, endpoint = v["model_name"].partition(".")
+        if door == "kserve_http":
+            urls.append(f"http://{target}/v2/models/{v['model_name']}/infer")
+            headers.append({"Inference-Header-Content-Length":
+                            str(int.from_bytes(body[:8], "little"))})
+        else:
+            urls.append(f"http://{target}/v1/models/{model}:predict")
+            headers.append({"Content-Type": "application/json"})
+    bodies = [b[8:] if door == "kserve_http" else b for b in requests]
+    limit = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(timeout=limit) as session:
+
+        async def send_http(i: int) -> str | None:
+            try:
+                async with session.post(urls[i], data=bodies[i], headers=headers[i]) as answer:
+                    await answer.read()
+                    return None if answer.status == 200 else f"HTTP {answer.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                return type(exc).__name__
+        yield send_http
+
+
 async def run(args: argparse.Namespace) -> dict:
     variants = json.loads(Path(args.spec).read_text())
     rng = np.random.default_rng(args.seed)
-    requests = [build_request(v, rng) for v in variants]
+    requests = [build_payload(args.door, v, rng) for v in variants]
     rows = [v["inputs"][0]["shape"][0] for v in variants]
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    async with grpc.aio.insecure_channel(args.target, options=options) as channel:
-        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+    async with door_sender(args.door, args.target, variants, requests, args.timeout) as send:
         # One of each first: a wrong request fails here, loudly, not as a slow run.
-        seen = [describe_response(await call(r, timeout=args.timeout)) for r in requests]
+        failed = {i: code for i in range(len(requests)) if (code := await send(i))}
+        if failed:
+            raise SystemExit(f"the first request of each variant failed: {failed}")
+        seen = [describe_response(await _raw_answer(args, requests[0]))] if (
+            args.door == "kserve_grpc") else []
         now = time.perf_counter()
         window = Window(now + args.warmup, now + args.warmup + args.duration)
         stop = window.end
-        workers = [asyncio.create_task(worker(i, call, requests, rows, window, stop,
-                                              args.timeout, args.mix, args.seed))
+        workers = [asyncio.create_task(worker(i, send, len(requests), rows, window, stop,
+                                              args.mix, args.seed))
                    for i in range(args.concurrency)]
         await asyncio.sleep(max(window.start - time.perf_counter(), 0))
         before = snapshot(args)
@@ -171,6 +255,7 @@ async def run(args: argparse.Namespace) -> dict:
     seconds = args.duration
     result = {
         "target": args.target,
+        "door": args.door,
         "concurrency": args.concurrency,
         "mix": args.mix if len(requests) > 1 else None,
         "duration_s": seconds,
@@ -195,6 +280,12 @@ async def run(args: argparse.Namespace) -> dict:
     return result
 
 
+async def _raw_answer(args: argparse.Namespace, request: bytes) -> bytes:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+        return await call(request, timeout=args.timeout)
+
+
 def snapshot(args: argparse.Namespace) -> dict:
     shot: dict = {"client_cpu": time.process_time(), "machine_cpu": machine_cpu()}
     if args.server_pid:
@@ -206,7 +297,8 @@ def snapshot(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="host:port of the gRPC server")
+    parser.add_argument("--target", required=True, help="host:port of the server's door")
+    parser.add_argument("--door", choices=DOORS, default="kserve_grpc")
     parser.add_argument("--spec", required=True, help="JSON list of request variants")
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--warmup", type=float, default=3.0)

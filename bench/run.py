@@ -168,7 +168,7 @@ def serve_command(repository: Path, grpc_port: int, metrics_port: int) -> list[s
     """`tapserve serve` on 127.0.0.1, logging only warnings; add flags to the end."""
     return [TAPSERVE, "serve", "--model-repository", str(repository),
             "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-            "--metrics-port", str(metrics_port), "--log-level", "WARNING"]
+            "--metrics-port", str(metrics_port), "--http-port", "0", "--log-level", "WARNING"]
 
 
 def tapserve(name: str, repository: Path, out: Path, args: argparse.Namespace,
@@ -184,14 +184,16 @@ def tapserve(name: str, repository: Path, out: Path, args: argparse.Namespace,
 
 def measure(server: ServerProcess, spec: list[dict], concurrency: int, out: Path,
             args: argparse.Namespace, tag: str, metrics_url: str | None = None,
-            batch_metric: tuple[str, str] | None = None) -> Point:
+            batch_metric: tuple[str, str] | None = None, door: str = "kserve_grpc",
+            target: str | None = None) -> Point:
     """One closed-loop point from a separate load process; mean batch from the metrics."""
     spec_path = out / "specs" / f"{tag}.json"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
     result_path = out / "points" / f"{tag}.json"
     result_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [PYTHON, str(BENCH / "load.py"), "--target", server.target,
+    command = [PYTHON, str(BENCH / "load.py"), "--target", target or server.target,
+               "--door", door,
                "--spec", str(spec_path), "--concurrency", str(concurrency),
                "--warmup", str(args.warmup), "--duration", str(args.duration),
                "--server-pid", str(server.proc.pid), "--out", str(result_path)]

@@ -64,6 +64,12 @@ TAPSERVE_TEST_IMAGE="$image" .venv/bin/python -m pytest --e2e \
 echo "test: the suite inside the image (scripts/suite-in-image.sh)"
 ca=()
 [ -z "$PIP_CERT" ] || ca=(--volume "$PIP_CERT:/run/ca.crt:ro" --env PIP_CERT=/run/ca.crt)
+# The image runs as UID 10001, which may not read this checkout (a clone under a 0700
+# temporary folder, as CI's): give it a world-readable copy of the tracked tree.
+src=$(mktemp -d)
+trap 'rm -rf "$src" "$conf" "${pipconf:-}"' EXIT
+git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - | tar -xf - -C "$src"
+chmod -R a+rX "$src"
 podman run --rm --no-healthcheck --read-only --tmpfs /tmp:rw,exec,size=4g "${ca[@]}" \
-  --volume "$PWD:/src:ro" --entrypoint sh "$image" /src/scripts/suite-in-image.sh 2>&1 \
+  --volume "$src:/src:ro" --entrypoint sh "$image" /src/scripts/suite-in-image.sh 2>&1 \
   | grep -v -E '^(I0000|WARNING: All log messages before absl|To enable the following)'

@@ -10,11 +10,12 @@ from importlib.metadata import version as package_version
 from service.errors import NotFound, NotReady, TapserveError
 from service.metrics import UNKNOWN, Metrics
 from service.registry import ModelRegistry
+from service.statistics import VersionStatistics
 from service.types import EndpointMetadata, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["model_repository"]
+EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data"]
 
 
 class DataPlane:
@@ -80,6 +81,7 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic()
         endpoint = UNKNOWN
+        model = None
         try:
             if self.draining:
                 raise NotReady("the server is shutting down; retry on another replica")
@@ -90,6 +92,8 @@ class DataPlane:
                                                 request.deadline)
             self.metrics.queue_duration.labels(request.model, endpoint).observe(queued)
         except TapserveError as exc:
+            if model is not None:
+                model.stats.failed(time.monotonic() - started)
             self.rejected(request, exc, started, endpoint)
             raise
         except BaseException as exc:
@@ -97,6 +101,8 @@ class DataPlane:
             self._count(request, endpoint, code, started)
             raise
         self._count(request, endpoint, "OK", started)
+        rows = len(next(iter(request.inputs.values())))
+        model.stats.succeeded(rows, time.monotonic() - started, queued)
         return InferResponse(model.name, endpoint, model.version, outputs, request.id)
 
     def rejected(self, request: InferRequest, error: TapserveError,
@@ -116,6 +122,19 @@ class DataPlane:
         model = request.model if request.model in self.registry.models else UNKNOWN
         self.metrics.requests.labels(model, endpoint, code, request.protocol).inc()
         self.metrics.request_duration.labels(model, endpoint).observe(time.monotonic() - started)
+
+    def model_statistics(self, model: str, version: str | None
+                         ) -> list[tuple[str, int, VersionStatistics]]:
+        """(model, version, statistics) of the versions that serve: of every model for
+        model "", of one model, or of one version of it."""
+        if model and version is not None:
+            served = self.registry.get(model, version)
+            return [(model, served.version, served.stats)]
+        names = [model] if model else sorted(self.registry.models)
+        if model:
+            self.registry.get(model)  # NotFound (or NotReady) for a model that serves nothing
+        return [(name, v, self.registry.get(name, str(v)).stats)
+                for name in names for v in self.registry.serving_versions(name)]
 
     # The model repository (Triton's extension)
 

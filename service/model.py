@@ -15,6 +15,7 @@ from service.graph import suggest
 from service.modelcode import forget_model_code
 from service.repository import ModelSource
 from service.runtime import Runtime
+from service.statistics import VersionStatistics
 from service.types import STRING, EndpointMetadata, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,20 @@ class LoadedModel:
         self.policy = BatchPolicy()
         self._code_modules = list(code_modules)
         self._batcher: Batcher | None = None
+        self.stats = VersionStatistics()
 
     def start(self, on_batch: Callable[[int, float], None] | None = None,
               on_depth: Callable[[int], None] | None = None) -> None:
         """Start batching (inside the running event loop)."""
         # One batch more than the compute threads: it waits in the runtime's executor, so a
         # thread that finishes starts the next batch at once, not after an event-loop turn.
+        def batched(rows: int, seconds: float) -> None:
+            self.stats.batch(rows, seconds)
+            if on_batch:
+                on_batch(rows, seconds)
+
         self._batcher = Batcher(self.runtime.run, self.policy, self.runtime.slots + 1,
-                                on_batch=on_batch, on_depth=on_depth)
+                                on_batch=batched, on_depth=on_depth)
         self._batcher.start()
 
     async def infer(self, endpoint: Endpoint, inputs: dict[str, np.ndarray],

@@ -9,6 +9,7 @@ import signal
 import time
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -19,6 +20,7 @@ from service.loading import Loader
 from service.metrics import Metrics
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.protocol.http import build_app
 from service.protocol.kserve import InferenceServicer
 from service.protocol.status import ErrorStatusInterceptor
 from service.protocol.tfserving import ModelStatusServicer, PredictionServicer
@@ -31,8 +33,8 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# Images and batches are large: gRPC's 4 MiB default would refuse ordinary requests.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Answers can be larger than requests (a wide tap): gRPC's 4 MiB default would refuse them.
+MAX_SEND_BYTES = 256 * 1024 * 1024
 
 
 class TapServer:
@@ -57,6 +59,7 @@ class TapServer:
         self._loading: asyncio.Task | None = None
         self._polling: asyncio.Task | None = None
         self._health: dict[str, int] = {}
+        self._http: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Bind both ports and start loading; raises ConfigError or OSError (a port in use)
@@ -67,8 +70,8 @@ class TapServer:
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
             interceptors=[ErrorStatusInterceptor(on_done=self._count_rpc)],
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            options=[("grpc.max_receive_message_length", s.max_request_bytes),
+                     ("grpc.max_send_message_length", MAX_SEND_BYTES),
                      # A second server on a taken port must fail, not share it silently.
                      ("grpc.so_reuseport", 0)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -90,11 +93,27 @@ class TapServer:
         if not self.grpc_port:
             self._metrics_http.shutdown()
             raise OSError(f"cannot bind gRPC to {s.host}:{s.grpc_port} (in use?)")
+        if s.http_port:
+            try:
+                await self._start_http()
+            except OSError as exc:
+                await self._http.cleanup()
+                self._metrics_http.shutdown()
+                raise OSError(f"cannot bind HTTP to {s.host}:{s.http_port}: {exc}") from None
         await self.server.start()
         await self._update_health()
-        log.info("serving gRPC on %s:%d, metrics on %s:%d", s.host, self.grpc_port,
-                 s.host, self.metrics_port)
+        http = f"HTTP on {s.host}:{s.http_port}" if s.http_port else "HTTP off"
+        log.info("serving gRPC on %s:%d, metrics on %s:%d, %s", s.host, self.grpc_port,
+                 s.host, self.metrics_port, http)
         self._loading = asyncio.create_task(self._load())
+
+    async def _start_http(self) -> None:
+        """KServe v2 REST and TF Serving REST, on this event loop, over the data plane."""
+        app = build_app(self.dataplane, self.settings.max_request_bytes)
+        # Handlers finish within the drain; the runner's own wait is for stragglers only.
+        self._http = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._http.setup()
+        await web.TCPSite(self._http, self.settings.host, self.settings.http_port).start()
 
     async def _load(self) -> None:
         await self.registry.start(self.settings.load_model)
@@ -143,6 +162,8 @@ class TapServer:
         # What is left are answers on their way out and open health Watch streams, which
         # never end by themselves: a short grace, not the whole remainder.
         await self.server.stop(min(1.0, max(0.0, deadline - time.monotonic())))
+        if self._http:
+            await self._http.cleanup()
         self._metrics_http.shutdown()
         log.info("stopped")
 

@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind.")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: any free port).")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port.")
+    http_port: int = Field(
+        8000, ge=0, le=65535, description="HTTP port: KServe v2 REST and TF Serving REST "
+        "(0: no HTTP).")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Larger requests are refused before they are "
+        "read (gRPC RESOURCE_EXHAUSTED, HTTP 413).")
     model_control_mode: Literal["poll", "explicit", "none"] = Field(
         "poll", description="poll: re-read the repository every interval and apply changes; "
         "explicit: load and unload only through the repository API and --load-model; "

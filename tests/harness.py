@@ -24,8 +24,9 @@ class RunningServer:
     """A TapServer on a background thread; `url` is what clients dial."""
 
     def __init__(self, repository: Path, wait_loaded: bool = True, **settings: object) -> None:
-        self.settings = Settings(model_repository=repository, host="127.0.0.1", grpc_port=0,
-                                 metrics_port=0, **settings)
+        self.settings = Settings(**{
+            "model_repository": repository, "host": "127.0.0.1", "grpc_port": 0,
+            "metrics_port": 0, "http_port": 0, **settings})
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()

@@ -9,6 +9,7 @@ import math
 import re
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from service.config import LABEL_PATTERN
 from service.errors import InvalidInput, NotFound
 from service.protocol.datatypes import numpy_dtype, to_internal, to_kserve
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
+from service.statistics import Duration, VersionStatistics
 from service.types import STRING, EndpointMetadata, InferRequest, InferResponse, TensorSpec
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -272,3 +274,23 @@ def _requested_outputs(
             raise InvalidInput(f"output {out.name!r} is requested more than once")
         names.append(out.name)
     return names
+
+
+def statistics_document(rows: list[tuple[str, int, VersionStatistics]]) -> dict[str, Any]:
+    """Triton's statistics layout (its HTTP JSON; ParseDict makes the gRPC message of it)."""
+    def duration(d: Duration) -> dict[str, int]:
+        return {"count": d.count, "ns": d.ns}
+
+    empty = duration(Duration())
+    return {"model_stats": [{
+        "name": name, "version": str(version), "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count, "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": duration(s.success), "fail": duration(s.fail),
+            "queue": duration(s.queue), "compute_input": empty,
+            "compute_infer": duration(s.compute_infer), "compute_output": empty,
+            "cache_hit": empty, "cache_miss": empty},
+        "batch_stats": [{"batch_size": size, "compute_input": empty,
+                         "compute_infer": duration(d), "compute_output": empty}
+                        for size, d in sorted(s.batches.items())],
+    } for name, version, s in rows]}

@@ -9,11 +9,13 @@ import time
 from typing import Protocol
 
 import grpc
+from google.protobuf import json_format
 
 from service.errors import TapserveError
 from service.protocol import convert
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
+from service.statistics import VersionStatistics
 from service.types import EndpointMetadata, InferRequest, InferResponse
 
 
@@ -51,6 +53,11 @@ class DataPlane(Protocol):
         ...
 
     async def load_model(self, name: str) -> None: ...
+
+    def model_statistics(self, model: str, version: str | None
+                         ) -> list[tuple[str, int, VersionStatistics]]:
+        """(model, version, statistics) of the versions that serve ("" model: all)."""
+        ...
 
     async def unload_model(self, name: str) -> None: ...
 
@@ -104,6 +111,14 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             raise
         response = await self._dataplane.infer(infer_request)
         return convert.encode_infer_response(response, request.model_name)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        model = convert.parse_model_name(request.name)[0] if request.name else ""
+        rows = self._dataplane.model_statistics(model, convert.parse_version(request.version))
+        return json_format.ParseDict(convert.statistics_document(rows),
+                                     pb.ModelStatisticsResponse())
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext

@@ -28,6 +28,7 @@ from service.types import EndpointMetadata, InferRequest
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 PROTOCOL = "tfserving_grpc"
+PROTOCOL_REST = "tfserving_http"
 
 _STATES = {  # the registry's states as TF Serving's ModelVersionStatus.State
     "READY": get_model_status_pb2.ModelVersionStatus.AVAILABLE,

@@ -277,7 +277,7 @@ def test_dockerfile_installs_the_project_and_runs_tapserve() -> None:
     assert any(re.search(r"pip install [^&;]*(?<=\s)\.(\s|$)", r) for r in runs), runs
     assert ("ENTRYPOINT", '["tapserve"]') in instructions
     assert ("CMD", '["serve"]') in instructions
-    assert ("EXPOSE", "8001 8002") in instructions
+    assert ("EXPOSE", "8000 8001 8002") in instructions
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "tapserve" in pyproject["project"]["scripts"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,13 @@ import tritonclient.grpc as triton
 from tritonclient.utils import np_to_triton_dtype
 
 TAPSERVE = Path(sys.executable).parent / "tapserve"
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a server told which port to take)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 BOUND = re.compile(r"serving gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)")
 
 
@@ -27,10 +35,11 @@ class ServerProcess:
 
     def __init__(self, repository: Path | None, log: Path, *flags: str, **env: str) -> None:
         self.log = log
-        command = [str(TAPSERVE), "serve", *flags]
-        if repository is not None:
+        command = [str(TAPSERVE), "serve"]
+        if repository is not None:  # defaults first: a test's own flags win
             command += ["--model-repository", str(repository), "--host", "127.0.0.1",
-                        "--grpc-port", "0", "--metrics-port", "0"]
+                        "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0"]
+        command += flags
         with open(log, "wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                             env={**os.environ, **env})

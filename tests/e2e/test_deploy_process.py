@@ -5,7 +5,6 @@ and client-side round-robin spreading one client's requests over two servers."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import tritonclient.grpc as triton
 import yaml
 import zoo
 from scrape import wait_for
-from stock import ServerProcess, infer
+from stock import ServerProcess, free_port, infer
 from tritonclient.utils import InferenceServerException
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +33,6 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64}}))
     return repo
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthcheck(pid: int) -> subprocess.CompletedProcess:

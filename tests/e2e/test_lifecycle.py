@@ -20,17 +20,12 @@ import yaml
 import zoo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scrape import wait_for
-from stock import TAPSERVE, ServerProcess, infer
+from stock import TAPSERVE, ServerProcess, free_port, infer
 from tritonclient.utils import InferenceServerException
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +139,7 @@ def env_server(start_process, repository: Path, env_ports: tuple[int, int]) -> S
                          TAPSERVE_MODEL_REPOSITORY=str(repository),
                          TAPSERVE_GRPC_PORT=str(env_ports[0]),
                          TAPSERVE_METRICS_PORT=str(env_ports[1]),
+                         TAPSERVE_HTTP_PORT=str(free_port()),
                          TAPSERVE_HOST="127.0.0.1", TAPSERVE_INTER_OP_THREADS="3")
 
 
@@ -309,7 +305,7 @@ def test_inspect_a_bad_path_fails_with_a_reason(inspected) -> None:
 
 def start_failure(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(TAPSERVE), "serve", "--host", "127.0.0.1",
-                           "--metrics-port", "0", *flags],
+                           "--metrics-port", "0", "--http-port", "0", *flags],
                           capture_output=True, text=True, timeout=60, check=False)
 
 

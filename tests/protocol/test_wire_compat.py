@@ -13,10 +13,13 @@ MESSAGES = [
     "InferParameter", "InferTensorContents", "ModelRepositoryParameter",
     "RepositoryIndexRequest", "RepositoryIndexResponse", "RepositoryModelLoadRequest",
     "RepositoryModelLoadResponse", "RepositoryModelUnloadRequest",
-    "RepositoryModelUnloadResponse",
+    "RepositoryModelUnloadResponse", "ModelStatisticsRequest", "StatisticDuration",
+    "InferStatistics", "InferResponseStatistics", "InferBatchStatistics", "MemoryUsage",
+    "ModelStatistics", "ModelStatisticsResponse",
 ]
 METHODS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-           "ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"]
+           "ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+           "ModelStatistics"]
 
 
 def _describe(stock_client: StockClient, module: str) -> dict:

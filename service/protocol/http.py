@@ -1,0 +1,222 @@
+"""The HTTP port (aiohttp, on the gRPC server's event loop): KServe v2 REST and TensorFlow
+Serving's REST API over the one data plane. Each handler is convert → data plane →
+convert back; domain errors become HTTP statuses here and nowhere else."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from service.errors import InvalidInput, NotFound, TapserveError
+from service.protocol import convert, kserve_rest, tfserving_rest
+from service.protocol.kserve import DataPlane
+from service.protocol.status import INTERNAL_MESSAGE
+from service.protocol.tfserving import endpoint_of
+from service.types import InferRequest
+
+log = logging.getLogger(__name__)
+
+KSERVE = "kserve_http"
+# SPEC's HTTP table: the gRPC codes as HTTP statuses.
+STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
+          "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401,
+          "UNIMPLEMENTED": 501, "CANCELLED": 499}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TapserveError as exc:
+        if exc.code in STATUS:
+            return error_response(STATUS[exc.code], str(exc))
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, INTERNAL_MESSAGE)
+    except web.HTTPException as exc:  # no such route (404), body too large (413), ...
+        if exc.status < 400:
+            raise
+        reason = exc.reason if exc.status != 404 else f"no route {request.method} {request.path}"
+        return error_response(exc.status, reason)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, INTERNAL_MESSAGE)
+
+
+def build_app(dataplane: DataPlane, max_request_bytes: int) -> web.Application:
+    """The aiohttp application serving both REST APIs."""
+    routes = _Routes(dataplane)
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors])
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    app.add_routes([
+        web.get("/v2/health/live", routes.live),
+        web.get("/v2/health/ready", routes.ready),
+        web.get("/v2", routes.server_metadata),
+        web.get("/v2/models/stats", routes.statistics),  # before /v2/models/{model}
+        *[web.get(base + "/stats", routes.statistics) for base in (model, versioned)],
+        *[web.get(base, routes.model_metadata) for base in (model, versioned)],
+        *[web.get(base + "/ready", routes.model_ready) for base in (model, versioned)],
+        *[web.post(base + "/infer", routes.infer) for base in (model, versioned)],
+        web.post("/v2/repository/index", routes.repository_index),
+        web.post("/v2/repository/models/{model}/load", routes.load),
+        web.post("/v2/repository/models/{model}/unload", routes.unload),
+    ])
+    tfs = "/v1/models/{model:[^/:]+}"
+    for suffix in ("", "/versions/{version:[0-9]+}", "/labels/{label:[^/:]+}"):
+        app.add_routes([
+            web.get(tfs + suffix, routes.tfs_status),
+            web.get(tfs + suffix + "/metadata", routes.tfs_metadata),
+            web.post(tfs + suffix + ":predict", routes.tfs_predict),
+        ])
+    return app
+
+
+class _Routes:
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    # KServe v2
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True}) if self._dataplane.live() else \
+            error_response(503, "the server is not live")
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": True}) if self._dataplane.ready() else \
+            error_response(503, "the server is not ready: a model is loading or cannot serve, "
+                           "or the server is draining")
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        name, version, extensions = self._dataplane.server_metadata()
+        return web.json_response({"name": name, "version": version, "extensions": extensions})
+
+    def _model(self, request: web.Request) -> tuple[str, str | None, str | None]:
+        name = request.match_info["model"]
+        model, endpoint = convert.parse_model_name(name)
+        return model, endpoint, convert.parse_version(request.match_info.get("version", ""))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        model, endpoint, version = self._model(request)
+        meta = self._dataplane.model_metadata(model, endpoint, version)
+        return web.json_response(kserve_rest.model_metadata(meta, request.match_info["model"]))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        model, endpoint, version = self._model(request)
+        if self._dataplane.model_ready(model, endpoint, version):
+            return web.json_response({"name": request.match_info["model"], "ready": True})
+        return error_response(503, f"model {request.match_info['model']!r} is not ready")
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        version = request.match_info.get("version", "")
+        try:
+            document, binary = kserve_rest.decode_body(
+                await request.read(), request.headers.get(kserve_rest.HEADER_LENGTH))
+            msg, binary_outputs = kserve_rest.decode_infer(document, binary, name, version)
+            infer_request = convert.decode_infer_request(msg)
+        except TapserveError as exc:
+            model, endpoint = name.partition(".")[::2]
+            self._dataplane.rejected(InferRequest(model, {}, endpoint or None,
+                                                  protocol=KSERVE), exc)
+            raise
+        infer_request.protocol = KSERVE
+        response = await self._dataplane.infer(infer_request)
+        body, json_length = kserve_rest.encode_infer(
+            convert.encode_infer_response(response, name), binary_outputs)
+        if json_length is None:
+            return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/octet-stream",
+                            headers={kserve_rest.HEADER_LENGTH: str(json_length)})
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("model", "")
+        model = convert.parse_model_name(name)[0] if name else ""
+        version = convert.parse_version(request.match_info.get("version", ""))
+        return web.json_response(convert.statistics_document(
+            self._dataplane.model_statistics(model, version)))
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        document = await _json(request) if request.can_read_body else {}
+        rows = self._dataplane.repository_index(bool(document.get("ready", False)))
+        return web.json_response([
+            {"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in rows])
+
+    async def load(self, request: web.Request) -> web.Response:
+        await self._dataplane.load_model(self._repository_model(request))
+        return web.json_response({})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await self._dataplane.unload_model(self._repository_model(request))
+        return web.json_response({})
+
+    @staticmethod
+    def _repository_model(request: web.Request) -> str:
+        model, endpoint = convert.parse_model_name(request.match_info["model"])
+        if endpoint is not None:
+            raise NotFound(f"no model {request.match_info['model']!r}: load a model, "
+                           "not an endpoint")
+        return model
+
+    # TensorFlow Serving REST
+
+    def _tfs_model(self, request: web.Request) -> tuple[str, str | None]:
+        model, endpoint = convert.parse_model_name(request.match_info["model"])
+        if endpoint is not None:
+            raise NotFound(f"no model {request.match_info['model']!r}: name the model alone "
+                           "and the endpoint in signature_name")
+        info = request.match_info
+        version = info.get("version") or info.get("label")
+        return model, convert.parse_version(version) if version else None
+
+    async def tfs_status(self, request: web.Request) -> web.Response:
+        model, version = self._tfs_model(request)
+        return web.json_response(tfserving_rest.model_status(
+            self._dataplane.model_status(model, version)))
+
+    async def tfs_metadata(self, request: web.Request) -> web.Response:
+        model, version = self._tfs_model(request)
+        number, default, endpoints = self._dataplane.model_endpoints(model, version)
+        return web.json_response(tfserving_rest.model_metadata(model, number, default,
+                                                               endpoints))
+
+    async def tfs_predict(self, request: web.Request) -> web.Response:
+        model, version = self._tfs_model(request)
+        protocol = tfserving_rest.PROTOCOL_REST
+        endpoint = None
+        try:
+            document = await _json(request)
+            signature = document.get("signature_name", "")
+            if not isinstance(signature, str):
+                raise InvalidInput("signature_name must be a string")
+            endpoint = endpoint_of(signature)
+            meta = self._dataplane.model_metadata(model, endpoint, version)
+            infer_request, rows = tfserving_rest.decode_predict(document, model, version, meta)
+        except TapserveError as exc:
+            self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), exc)
+            raise
+        response = await self._dataplane.infer(infer_request)
+        return web.json_response(tfserving_rest.encode_predict(response.outputs, rows),
+                                 dumps=_dumps)
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        document = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the request body is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return document
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))

@@ -1,0 +1,158 @@
+"""Pure conversions for TensorFlow Serving's REST API: `instances` (rows) and `inputs`
+(columns) in, `predictions` and `outputs` out, bytes as {"b64": ...}, as TF Serving does.
+
+JSON carries no dtypes: values take the endpoint's declared input dtype, as TF Serving
+takes the signature's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from service.errors import InvalidInput
+from service.protocol.tfserving import PROTOCOL_REST, signature_def
+from service.types import STRING, EndpointMetadata, InferRequest, TensorSpec
+
+
+def _bytes_in(value: Any) -> Any:
+    """Nested JSON with {"b64": ...} objects and strings as bytes."""
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise InvalidInput(f"a JSON object inside a tensor must be {{\"b64\": ...}}, got "
+                               f"keys {sorted(value)[:5]}")
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except binascii.Error as exc:
+            raise InvalidInput(f"b64 value is not base64: {exc}") from None
+    if isinstance(value, list):
+        return [_bytes_in(v) for v in value]
+    return value.encode() if isinstance(value, str) else value
+
+
+def _array(spec: TensorSpec, values: Any) -> np.ndarray:
+    try:
+        if spec.dtype == STRING:
+            nested = _bytes_in(values)
+            array = np.array(nested, dtype=object)
+            if any(not isinstance(v, bytes) for v in array.ravel()):
+                raise InvalidInput(f"input {spec.name!r} takes strings (or {{\"b64\": ...}})")
+            return array
+        if any(isinstance(v, dict) for v in np.asarray(values, dtype=object).ravel()):
+            raise InvalidInput(f"input {spec.name!r} is {spec.dtype}, not bytes")
+        return np.asarray(values, dtype=spec.dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input {spec.name!r}: the values are not a rectangular "
+                           f"{spec.dtype} tensor: {exc}") from None
+
+
+def decode_predict(document: Any, model: str, version: str | None,
+                   meta: EndpointMetadata) -> tuple[InferRequest, bool]:
+    """The request, and whether it came in row format (so answers go back as rows)."""
+    if not isinstance(document, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    unknown = set(document) - {"signature_name", "instances", "inputs", "output_filter"}
+    if unknown or ("instances" in document) == ("inputs" in document):
+        raise InvalidInput("the request needs exactly one of `instances` (rows) or `inputs` "
+                           "(columns), plus optional `signature_name` and `output_filter`"
+                           + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+    specs = {s.name: s for s in meta.inputs}
+    rows = "instances" in document
+    if rows:
+        instances = document["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise InvalidInput("`instances` must be a non-empty list of rows")
+        if all(isinstance(r, dict) for r in instances) and not (
+                len(specs) == 1 and spec_takes_objects(specs, instances)):
+            columns = {name: [r.get(name) for r in instances] for name in specs}
+            unknown = {k for r in instances for k in r} - set(specs)
+            missing = [n for n, c in columns.items() if any(v is None for v in c)]
+            if unknown or missing:
+                raise InvalidInput(f"each instance needs inputs {sorted(specs)}"
+                                   + (f"; missing {missing}" if missing else "")
+                                   + (f"; unexpected {sorted(unknown)}" if unknown else ""))
+        elif len(specs) == 1:
+            columns = {next(iter(specs)): instances}
+        else:
+            raise InvalidInput(f"the endpoint takes inputs {sorted(specs)}: each instance must "
+                               "be an object naming them")
+    else:
+        given = document["inputs"]
+        if isinstance(given, dict) and not (len(specs) == 1 and "b64" in given):
+            columns = given
+        elif len(specs) == 1:
+            columns = {next(iter(specs)): given}
+        else:
+            raise InvalidInput(f"the endpoint takes inputs {sorted(specs)}: `inputs` must be "
+                               "an object naming them")
+    unknown = sorted(set(columns) - set(specs))
+    if unknown:
+        raise InvalidInput(f"unexpected inputs {unknown}; the endpoint takes {sorted(specs)}")
+    inputs = {name: _array(specs[name], value) for name, value in columns.items()}
+    outputs = document.get("output_filter") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        raise InvalidInput("`output_filter` must be a list of output or tap names")
+    if len(set(outputs)) != len(outputs):
+        raise InvalidInput(f"output_filter names an output more than once: {outputs}")
+    return InferRequest(model, inputs, meta.endpoint, version, outputs,
+                        protocol=PROTOCOL_REST), rows
+
+
+def spec_takes_objects(specs: dict[str, TensorSpec], instances: list[Any]) -> bool:
+    """A single string input whose rows are {"b64": ...} objects, not named inputs."""
+    (spec,) = specs.values()
+    return spec.dtype == STRING and all(set(r) == {"b64"} for r in instances)
+
+
+def _json_values(array: np.ndarray) -> Any:
+    if array.dtype != object:
+        return array.tolist()
+    return _bytes_out(array.tolist())
+
+
+def _bytes_out(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_bytes_out(v) for v in value]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(value).decode()}
+    return value
+
+
+def encode_predict(outputs: dict[str, np.ndarray], rows: bool) -> dict[str, Any]:
+    """`predictions` (rows) or `outputs` (columns); one output stands alone, several are
+    named."""
+    if rows:
+        if len(outputs) == 1:
+            return {"predictions": _json_values(next(iter(outputs.values())))}
+        columns = {name: _json_values(a) for name, a in outputs.items()}
+        count = len(next(iter(columns.values())))
+        return {"predictions": [{n: c[i] for n, c in columns.items()} for i in range(count)]}
+    if len(outputs) == 1:
+        return {"outputs": _json_values(next(iter(outputs.values())))}
+    return {"outputs": {name: _json_values(a) for name, a in outputs.items()}}
+
+
+def model_status(rows: list[tuple[int, str, str]]) -> dict[str, Any]:
+    states = {"READY": "AVAILABLE", "LOADING": "LOADING", "UNLOADING": "UNLOADING",
+              "UNAVAILABLE": "END"}
+    return {"model_version_status": [
+        {"version": str(version), "state": states[state],
+         "status": {"error_code": "UNKNOWN" if reason and state != "READY" else "OK",
+                    "error_message": reason if state != "READY" else ""}}
+        for version, state, reason in rows]}
+
+
+def model_metadata(model: str, version: int, default: str,
+                   endpoints: list[EndpointMetadata]) -> dict[str, Any]:
+    signatures = {meta.endpoint: json_format.MessageToDict(
+        signature_def(meta), preserving_proto_field_name=True) for meta in endpoints}
+    signatures["serving_default"] = signatures[default]
+    return {"model_spec": {"name": model, "signature_name": "", "version": str(version)},
+            "metadata": {"signature_def": {"signature_def": signatures}}}
