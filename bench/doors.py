@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=bench.BENCH / "out")
     args = parser.parse_args()
-    bench.build_models(args.out)
+    bench.build_models(args.out / "models")
     rows = []
     for case, (repo, variant) in CASES.items():
         grpc_port, metrics_port, http_port = (bench.free_port() for _ in range(3))

@@ -4,11 +4,11 @@ convert back; domain errors become HTTP statuses here and nowhere else."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from service.errors import InvalidInput, NotFound, TapserveError
@@ -29,7 +29,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return json_response({"error": message}, status=status)
 
 
 @web.middleware
@@ -87,17 +87,17 @@ class _Routes:
     # KServe v2
 
     async def live(self, request: web.Request) -> web.Response:
-        return web.json_response({"live": True}) if self._dataplane.live() else \
+        return json_response({"live": True}) if self._dataplane.live() else \
             error_response(503, "the server is not live")
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.json_response({"ready": True}) if self._dataplane.ready() else \
+        return json_response({"ready": True}) if self._dataplane.ready() else \
             error_response(503, "the server is not ready: a model is loading or cannot serve, "
                            "or the server is draining")
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         name, version, extensions = self._dataplane.server_metadata()
-        return web.json_response({"name": name, "version": version, "extensions": extensions})
+        return json_response({"name": name, "version": version, "extensions": extensions})
 
     def _model(self, request: web.Request) -> tuple[str, str | None, str | None]:
         name = request.match_info["model"]
@@ -107,12 +107,12 @@ class _Routes:
     async def model_metadata(self, request: web.Request) -> web.Response:
         model, endpoint, version = self._model(request)
         meta = self._dataplane.model_metadata(model, endpoint, version)
-        return web.json_response(kserve_rest.model_metadata(meta, request.match_info["model"]))
+        return json_response(kserve_rest.model_metadata(meta, request.match_info["model"]))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         model, endpoint, version = self._model(request)
         if self._dataplane.model_ready(model, endpoint, version):
-            return web.json_response({"name": request.match_info["model"], "ready": True})
+            return json_response({"name": request.match_info["model"], "ready": True})
         return error_response(503, f"model {request.match_info['model']!r} is not ready")
 
     async def infer(self, request: web.Request) -> web.Response:
@@ -141,22 +141,22 @@ class _Routes:
         name = request.match_info.get("model", "")
         model = convert.parse_model_name(name)[0] if name else ""
         version = convert.parse_version(request.match_info.get("version", ""))
-        return web.json_response(convert.statistics_document(
+        return json_response(convert.statistics_document(
             self._dataplane.model_statistics(model, version)))
 
     async def repository_index(self, request: web.Request) -> web.Response:
         document = await _json(request) if request.can_read_body else {}
         rows = self._dataplane.repository_index(bool(document.get("ready", False)))
-        return web.json_response([
+        return json_response([
             {"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in rows])
 
     async def load(self, request: web.Request) -> web.Response:
         await self._dataplane.load_model(self._repository_model(request))
-        return web.json_response({})
+        return json_response({})
 
     async def unload(self, request: web.Request) -> web.Response:
         await self._dataplane.unload_model(self._repository_model(request))
-        return web.json_response({})
+        return json_response({})
 
     @staticmethod
     def _repository_model(request: web.Request) -> str:
@@ -179,13 +179,13 @@ class _Routes:
 
     async def tfs_status(self, request: web.Request) -> web.Response:
         model, version = self._tfs_model(request)
-        return web.json_response(tfserving_rest.model_status(
+        return json_response(tfserving_rest.model_status(
             self._dataplane.model_status(model, version)))
 
     async def tfs_metadata(self, request: web.Request) -> web.Response:
         model, version = self._tfs_model(request)
         number, default, endpoints = self._dataplane.model_endpoints(model, version)
-        return web.json_response(tfserving_rest.model_metadata(model, number, default,
+        return json_response(tfserving_rest.model_metadata(model, number, default,
                                                                endpoints))
 
     async def tfs_predict(self, request: web.Request) -> web.Response:
@@ -204,19 +204,20 @@ class _Routes:
             self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), exc)
             raise
         response = await self._dataplane.infer(infer_request)
-        return web.json_response(tfserving_rest.encode_predict(response.outputs, rows),
-                                 dumps=_dumps)
+        return json_response(tfserving_rest.encode_predict(response.outputs, rows))
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
     try:
-        document = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
+        document = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"the request body is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidInput("the request body must be a JSON object")
     return document
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+def json_response(value: Any, status: int = 200) -> web.Response:
+    """JSON with numpy arrays written natively (orjson)."""
+    return web.Response(body=orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY),
+                        status=status, content_type="application/json")

@@ -7,11 +7,11 @@ numpy as the datatype says, binary data is sliced from the body as it is.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service.errors import InvalidInput
 from service.protocol import convert
@@ -36,8 +36,8 @@ def decode_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
                                f"{len(body)} bytes")
         json_part, binary = body[:size], body[size:]
     try:
-        document = json.loads(json_part)
-    except (ValueError, UnicodeDecodeError) as exc:
+        document = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"the request body is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidInput("the request body must be a JSON object")
@@ -130,11 +130,11 @@ def encode_infer(msg: pb.ModelInferResponse, binary_outputs: set[str] | None
                 "outputs": outputs}
     if msg.id:
         document["id"] = msg.id
-    head = json.dumps(document, separators=(",", ":")).encode()
+    head = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     return (head + b"".join(chunks), len(head)) if chunks else (head, None)
 
 
-def _unpack(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> list[Any]:
+def _unpack(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> Any:
     # The gRPC decoder reads our own raw contents back: one implementation of the layout.
     twin = pb.ModelInferRequest(model_name="m")
     twin.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
@@ -142,7 +142,7 @@ def _unpack(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> list
     array = convert.decode_infer_request(twin).inputs[tensor.name].ravel()
     if tensor.datatype == "BYTES":
         return [b.decode("utf-8", "backslashreplace") for b in array]
-    return array.tolist()
+    return np.ascontiguousarray(array)  # orjson writes numpy arrays natively
 
 
 def model_metadata(meta: EndpointMetadata, model_name: str) -> dict[str, Any]:

@@ -42,9 +42,7 @@ def _array(spec: TensorSpec, values: Any) -> np.ndarray:
             if any(not isinstance(v, bytes) for v in array.ravel()):
                 raise InvalidInput(f"input {spec.name!r} takes strings (or {{\"b64\": ...}})")
             return array
-        if any(isinstance(v, dict) for v in np.asarray(values, dtype=object).ravel()):
-            raise InvalidInput(f"input {spec.name!r} is {spec.dtype}, not bytes")
-        return np.asarray(values, dtype=spec.dtype)
+        return np.asarray(values, dtype=spec.dtype)  # a {"b64"} object here: TypeError
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"input {spec.name!r}: the values are not a rectangular "
                            f"{spec.dtype} tensor: {exc}") from None
@@ -109,8 +107,9 @@ def spec_takes_objects(specs: dict[str, TensorSpec], instances: list[Any]) -> bo
 
 
 def _json_values(array: np.ndarray) -> Any:
+    """Numbers stay numpy (orjson writes them natively); byte strings become JSON."""
     if array.dtype != object:
-        return array.tolist()
+        return np.ascontiguousarray(array)
     return _bytes_out(array.tolist())
 
 
