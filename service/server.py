@@ -35,6 +35,13 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Answers can be larger than requests (a wide tap): gRPC's 4 MiB default would refuse them.
 MAX_SEND_BYTES = 256 * 1024 * 1024
+# Stopping gRPC cancels every call its core holds that no handler has taken yet: the client
+# gets CANCELLED, which it does not retry, and no handler logs it (grpc/grpc#41785). So the
+# drain stops gRPC only once no call has come for QUIET_S, every client having heard
+# UNAVAILABLE; at most QUIET_MAX_S, since a client that retries on this connection never
+# goes quiet, and only a closed connection sends it to another replica.
+QUIET_S = 0.25
+QUIET_MAX_S = 2.0
 
 
 class TapServer:
@@ -60,6 +67,7 @@ class TapServer:
         self._polling: asyncio.Task | None = None
         self._health: dict[str, int] = {}
         self._http: web.AppRunner | None = None
+        self._last_call = 0.0  # monotonic time the last unary call ended
 
     async def start(self) -> None:
         """Bind both ports and start loading; raises ConfigError or OSError (a port in use)
@@ -142,7 +150,17 @@ class TapServer:
                 await self.health.set(name, status)
 
     def _count_rpc(self, method: str, code: str) -> None:
+        self._last_call = time.monotonic()
         self.metrics.grpc_requests.labels(method, code).inc()
+
+    async def _quiet(self, deadline: float) -> None:
+        """Until no call has ended for QUIET_S (see QUIET_S), QUIET_MAX_S or `deadline`."""
+        until = min(deadline, time.monotonic() + QUIET_MAX_S)
+        while (now := time.monotonic()) < until:
+            idle = now - self._last_call
+            if idle >= QUIET_S:
+                return
+            await asyncio.sleep(min(QUIET_S - idle, until - now))
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING and UNAVAILABLE for new requests, finish in-flight, stop."""
@@ -159,6 +177,7 @@ class TapServer:
         # a handler: their clients saw CANCELLED (no retry), not UNAVAILABLE.
         deadline = time.monotonic() + grace
         await self.registry.close(grace)
+        await self._quiet(deadline)
         # What is left are answers on their way out and open health Watch streams, which
         # never end by themselves: a short grace, not the whole remainder.
         await self.server.stop(min(1.0, max(0.0, deadline - time.monotonic())))

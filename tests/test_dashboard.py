@@ -36,15 +36,22 @@ MODEL = "autoencoder"
 MAX_BATCH = zoo.CONFIGS[MODEL]["batching"]["max_batch_size"]
 SCRAPE_S = 1
 LOAD_S = 12  # ≥ 2 × the rate window below, so every window holds changing data
-# The labels a Kubernetes scrape job adds, which the adapter rules select on.
-NAMESPACE, POD = "tapserve-test", "tapserve-0"
+# The labels a Kubernetes scrape job adds, which the adapter rules and the dashboard's
+# namespace/job/pod variables select on.
+NAMESPACE, JOB, POD = "tapserve-test", "tapserve", "tapserve-0"
 
 # Grafana's built-in interval variables, as it would fill them for a short time range
 # ($__rate_interval is at least 4 × the scrape interval).
 INTERVALS = {"__rate_interval": "10s", "__interval": "2s", "__range": "1m"}
-# Template variable values: everything ("All", whose allValue is .*) and one model.
-SELECTIONS = {"All": {"model": ".*", "endpoint": ".*"},
-              f"model={MODEL}": {"model": MODEL, "endpoint": ".*"}}
+# Template variable values: everything ("All", whose allValue is .*) and one deployment's
+# model, each variable set to a value the scrape really has.
+TEMPLATE_VARIABLES = ("namespace", "job", "pod", "model", "endpoint")
+ALL = dict.fromkeys(TEMPLATE_VARIABLES, ".*")
+SELECTIONS = {"All": ALL,
+              f"{NAMESPACE}/{JOB}/{POD} model={MODEL}": {
+                  **ALL, "namespace": NAMESPACE, "job": JOB, "pod": POD, "model": MODEL}}
+# One variable set to a value no series has: a panel that still shows data ignores it.
+NOTHING = {name: {**ALL, name: f"no-such-{name}"} for name in ("namespace", "job", "pod", "model")}
 VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)(?::\w+)?\]\]|\$(\w+)")
 LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
@@ -67,7 +74,7 @@ class Prometheus:
         config = {
             "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
             "scrape_configs": [{
-                "job_name": "tapserve",
+                "job_name": JOB,
                 "static_configs": [{"targets": [target],
                                     "labels": {"namespace": NAMESPACE, "pod": POD}}],
             }],
@@ -307,7 +314,7 @@ def test_every_dashboard_panel_and_adapter_rule_has_sane_data_under_load(
             expr = target["expr"]
             title = panel.get("title", f"panel {panel.get('id')}")
             unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
-            for variable in ("model", "endpoint"):
+            for variable in TEMPLATE_VARIABLES:
                 for m in re.finditer(rf'(\w+)\s*(=~|!~|=|!=)\s*"[^"]*\$\{{?{variable}\b', expr):
                     if m.group(2) not in ("=~", "!~"):
                         failures.append(f"{title!r}: ${variable} needs a regex matcher (=~), "
@@ -325,6 +332,14 @@ def test_every_dashboard_panel_and_adapter_rule_has_sane_data_under_load(
                     found = [] if found == ["no data"] else (found or ["data without a GPU"])
                 failures.extend(f"{title!r} [{selection}]: {p}\n    query: {concrete}"
                                 for p in found)
+            for variable, values in NOTHING.items():
+                if variable == "model" and "$model" not in expr:
+                    continue  # gRPC calls, GPU memory, process: their metrics have no model
+                concrete = substitute(expr, values)
+                result = prom.query(concrete)
+                if result.get("status") != "success" or result["data"]["result"]:
+                    failures.append(f"{title!r} [{variable}={values[variable]}]: shows data "
+                                    f"from other {variable}s: {result}\n    query: {concrete}")
 
         for name, series_query, query in adapter_queries():
             series = prom.get("/api/v1/series", **{"match[]": series_query})

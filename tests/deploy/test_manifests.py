@@ -64,17 +64,23 @@ GAUGES = {
     "tapserve_model_load_duration_seconds",
     "tapserve_gpu_memory_bytes",
 }
+# prometheus-client's process collector, on the server's own registry: no model labels.
+PROCESS = {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"}
 METRICS = (
-    COUNTERS | GAUGES | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+    COUNTERS | GAUGES | PROCESS
+    | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 )
 # Which of them carry the `model` / `endpoint` labels the dashboard filters on.
-WITHOUT_MODEL = {"tapserve_grpc_requests_total", "tapserve_gpu_memory_bytes"}
+WITHOUT_MODEL = {"tapserve_grpc_requests_total", "tapserve_gpu_memory_bytes"} | PROCESS
 WITH_ENDPOINT = {
     "tapserve_requests_total",
     "tapserve_request_duration_seconds",
     "tapserve_queue_duration_seconds",
 }
-SELECTOR = re.compile(r"(tapserve_[a-z_]+)(\{[^}]*\})?")
+SELECTOR = re.compile(r"\b((?:tapserve|process)_[a-z_]+)(\{[^}]*\})?")
+# The labels a Kubernetes scrape adds; every dashboard selector filters on them, so two
+# deployments on one Prometheus never merge.
+SCOPE = ("namespace", "job", "pod")
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -522,13 +528,21 @@ def test_dashboard_has_its_template_variables() -> None:
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("model", "endpoint"):
+    for name in (*SCOPE, "model", "endpoint"):
         var = variables[name]
         assert var["type"] == "query"
         query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
         assert re.fullmatch(rf"label_values\((tapserve_[a-z_]+)(\{{.*\}})?, {name}\)", query)
         assert SELECTOR.match(query[len("label_values(") :]).group(1) in METRICS
         assert var["includeAll"] and var["multi"] and var["allValue"] == ".*"
+    # Each variable's choices follow the ones before it (namespace → job → pod → model).
+    order = [v["name"] for v in board["templating"]["list"]]
+    assert order[1:] == [*SCOPE, "model", "endpoint"], order
+    for i, name in enumerate(order[2:], start=2):
+        query = variables[name]["query"]["query"]
+        for before in order[1:i]:
+            if before != "endpoint":
+                assert f'{before}=~"${before}"' in query, (name, query)
 
 
 def test_dashboard_panels_query_only_tapserve_metrics() -> None:
@@ -548,6 +562,8 @@ def test_dashboard_panels_query_only_tapserve_metrics() -> None:
             assert selectors, f"{panel['title']!r}: {expr}"
             for name, matchers in selectors:
                 assert name in METRICS, f"{panel['title']!r}: unknown metric {name}"
+                for label in SCOPE:
+                    assert f'{label}=~"${label}"' in matchers, f"{panel['title']!r}: {expr}"
                 base = re.sub(r"_(bucket|sum|count)$", "", name)
                 if name not in WITHOUT_MODEL:
                     assert 'model=~"$model"' in matchers, f"{panel['title']!r}: {expr}"
@@ -566,12 +582,10 @@ def test_dashboard_panels_query_only_tapserve_metrics() -> None:
         "tapserve_model_ready",
         "tapserve_model_load_duration_seconds",
         "tapserve_model_load_failures_total",
+        *PROCESS,
     ):
         assert needed in covered, f"no panel shows {needed}"
     # Grafana's variables replaced as Grafana would, then parsed as PromQL.
-    concrete = [
-        e.replace("$__rate_interval", "5m").replace("$model", ".*").replace("$endpoint", ".*")
-        for e in exprs
-    ]
+    concrete = [re.sub(r"\$\w+", ".*", e.replace("$__rate_interval", "5m")) for e in exprs]
     assert all("$" not in e for e in concrete), concrete
     assert parse_promql(concrete) == []
