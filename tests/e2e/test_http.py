@@ -239,8 +239,8 @@ def test_tf_serving_rest_status_metadata_and_errors(server: ServerProcess) -> No
 
 def test_requests_are_counted_under_their_protocol(server: ServerProcess, http) -> None:
     def count(protocol: str) -> float:
-        return server.metric("tapserve_requests_total", model="two_heads", code="OK",
-                             protocol=protocol) or 0
+        return server.metric("tapserve_requests_total", model="two_heads", endpoint="full",
+                             code="OK", protocol=protocol) or 0
 
     before = {p: count(p) for p in ("kserve_http", "tfserving_http")}
     http_infer(http, "two_heads", {"x": np.zeros((1, 16), np.float32)})

@@ -226,8 +226,8 @@ def test_bad_tensor_bytes_and_unserved_methods(channel) -> None:
 
 
 def test_requests_are_counted_under_their_protocol(server: ServerProcess, predict) -> None:
-    before = server.metric("tapserve_requests_total", model="two_heads", code="OK",
-                           protocol="tfserving_grpc") or 0
+    labels = {"model": "two_heads", "endpoint": "full", "code": "OK",
+              "protocol": "tfserving_grpc"}
+    before = server.metric("tapserve_requests_total", **labels) or 0
     predict("two_heads", {"x": np.zeros((2, 16), np.float32)})
-    assert server.metric("tapserve_requests_total", model="two_heads", code="OK",
-                         protocol="tfserving_grpc") == before + 1
+    assert server.metric("tapserve_requests_total", **labels) == before + 1
