@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from stock import ServerProcess, free_port, infer
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 MODELS = ["autoencoder", "two_heads", "siamese", "nested", "multi_dtype", "string_input"]
+# Also served: "slow" (back-pressure), not in the every-endpoint tests.
 EXAMPLES = ["digits_autoencoder", "digits_classifier"]  # models/build_examples.py
 LIMIT = 1024 * 1024  # --max-request-bytes of this server
 SCRIPT = Path(__file__).resolve().parents[2] / "models" / "build_examples.py"
@@ -46,6 +49,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = yaml.safe_load((repo / "autoencoder" / "config.yaml").read_text())
     config["labels"] = {"stable": 1}
     (repo / "autoencoder" / "config.yaml").write_text(yaml.safe_dump(config))
+    # A queue that holds one 4-row request for 2 s and nothing more: back-pressure.
+    zoo.save(zoo.ZOO["two_heads"](), repo / "slow")
+    (repo / "slow" / "config.yaml").write_text(yaml.safe_dump({"batching": {
+        "max_queue_delay_ms": 2000, "max_batch_size": 64, "max_queue_size": 4}}))
     return repo
 
 
@@ -276,3 +283,34 @@ def test_statistics_through_both_kserve_doors(server: ServerProcess, http) -> No
     # The gRPC door reads the same numbers (its JSON writes uint64 as strings).
     assert int(twin["inference_count"]) == after["inference_count"]
     assert int(twin["inference_stats"]["success"]["count"]) == success["count"]
+
+
+def test_a_full_queue_is_429_over_http_and_resource_exhausted_over_tf_grpc(
+        server: ServerProcess) -> None:
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    rows = {"instances": np.zeros((4, 16)).tolist()}
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(call, server, "/v1/models/slow:predict", rows)  # fills the queue
+        until_queued(server)
+        status, answer = call(server, "/v1/models/slow:predict", {"instances": [[0.0] * 16]})
+        assert status == 429 and "queue is full" in answer["error"]
+        with httpclient.InferenceServerClient(server.http) as client, pytest.raises(
+                InferenceServerException, match="queue is full"):
+            http_infer(client, "slow", {"x": np.zeros((1, 16), np.float32)})
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "slow"
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 16), np.float32)))
+        with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert held.result(30)[0] == 200  # the queued request is answered all the same
+
+
+def until_queued(server: ServerProcess) -> None:
+    deadline = time.monotonic() + 10
+    while (server.metric("tapserve_queue_depth", model="slow") or 0) < 4:
+        assert time.monotonic() < deadline, "the first request never queued"
+        time.sleep(0.02)
