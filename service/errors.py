@@ -62,3 +62,9 @@ class Unsupported(TapserveError):
     """A call this server's configuration does not allow (e.g. a load in poll mode)."""
 
     code = "UNIMPLEMENTED"  # Triton's UNSUPPORTED
+
+
+class Unauthenticated(TapserveError):
+    """A call that needs a bearer token came without an accepted one."""
+
+    code = "UNAUTHENTICATED"

@@ -1,5 +1,6 @@
 """The one place that builds and wires everything: settings → devices, metrics, registry,
-data plane, gRPC services (inference, health, reflection), signals and drain."""
+data plane, gRPC services (inference, health, reflection), TLS and tokens, signals and
+drain."""
 
 from __future__ import annotations
 
@@ -15,19 +16,25 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from service.auth import Tokens
 from service.dataplane import DataPlane
+from service.errors import Unauthenticated
 from service.loading import Loader
 from service.metrics import Metrics
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.http import build_app
 from service.protocol.kserve import InferenceServicer
 from service.protocol.status import ErrorStatusInterceptor
-from service.protocol.tfserving import ModelStatusServicer, PredictionServicer
+from service.protocol.tfserving import PROTOCOL as TFS_GRPC
+from service.protocol.tfserving import ModelStatusServicer, PredictionServicer, endpoint_of
 from service.registry import POLL, ModelRegistry
 from service.repository import model_names
 from service.runtime import configure_tensorflow, gpu_memory_in_use
 from service.settings import Settings, inter_op_threads, intra_op_threads
+from service.tls import CertificateFiles, HttpTls, grpc_credentials
+from service.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,17 @@ MAX_SEND_BYTES = 256 * 1024 * 1024
 # goes quiet, and only a closed connection sends it to another replica.
 QUIET_S = 0.25
 QUIET_MAX_S = 2.0
+# How often the token file and the HTTP port's certificate files are checked for changes
+# (gRPC checks its certificate files itself, at each new connection).
+WATCH_S = 1.0
+# Refused inference calls count in tapserve_requests_total under their model: the method,
+# the front door, and how to read (model, endpoint) from the request gRPC already parsed.
+INFER_METHODS = {
+    "/inference.GRPCInferenceService/ModelInfer":
+        ("kserve_grpc", lambda r: r.model_name.partition(".")[::2]),
+    "/tensorflow.serving.PredictionService/Predict":
+        (TFS_GRPC, lambda r: (r.model_spec.name, endpoint_of(r.model_spec.signature_name))),
+}
 
 
 class TapServer:
@@ -67,6 +85,10 @@ class TapServer:
         self._polling: asyncio.Task | None = None
         self._health: dict[str, int] = {}
         self._http: web.AppRunner | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._watching: asyncio.Task | None = None
+        self.tokens: Tokens | None = None
+        self._http_tls: HttpTls | None = None
         self._last_call = 0.0  # monotonic time the last unary call ended
 
     async def start(self) -> None:
@@ -74,10 +96,22 @@ class TapServer:
         before anything is left running."""
         s = self.settings
         model_names(s.model_repository)  # a missing folder fails here, before any port
+        # Unreadable or mismatched TLS or token files fail here too (ConfigError).
+        grpc_tls = http_tls = None
+        if s.tls_cert_file is not None:
+            grpc_tls = CertificateFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file,
+                                        "gRPC")
+            http_tls = CertificateFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file,
+                                        "HTTP")
+            self._http_tls = HttpTls(http_tls)
+        interceptors = [ErrorStatusInterceptor(on_done=self._count_rpc)]
+        if s.auth_token_file is not None:
+            self.tokens = Tokens(s.auth_token_file)
+            interceptors.append(BearerTokenInterceptor(self.tokens, self._refused))
         self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
-            interceptors=[ErrorStatusInterceptor(on_done=self._count_rpc)],
+            interceptors=interceptors,
             options=[("grpc.max_receive_message_length", s.max_request_bytes),
                      ("grpc.max_send_message_length", MAX_SEND_BYTES),
                      # A second server on a taken port must fail, not share it silently.
@@ -94,13 +128,26 @@ class TapServer:
             "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME], self.server)
+        address = f"{s.host}:{s.grpc_port}"
         try:
-            self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            self.grpc_port = (self.server.add_secure_port(address, grpc_credentials(grpc_tls))
+                              if grpc_tls else self.server.add_insecure_port(address))
         except RuntimeError:
             self.grpc_port = 0
         if not self.grpc_port:
             self._metrics_http.shutdown()
-            raise OSError(f"cannot bind gRPC to {s.host}:{s.grpc_port} (in use?)")
+            raise OSError(f"cannot bind gRPC to {address} (in use?)")
+        if s.health_port:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            try:
+                bound = self._health_server.add_insecure_port(f"{s.host}:{s.health_port}")
+            except RuntimeError:
+                bound = 0
+            if not bound:
+                self._metrics_http.shutdown()
+                raise OSError(f"cannot bind the health port to {s.host}:{s.health_port} "
+                              "(in use?)")
         if s.http_port:
             try:
                 await self._start_http()
@@ -109,19 +156,50 @@ class TapServer:
                 self._metrics_http.shutdown()
                 raise OSError(f"cannot bind HTTP to {s.host}:{s.http_port}: {exc}") from None
         await self.server.start()
+        if self._health_server:
+            await self._health_server.start()
         await self._update_health()
         http = f"HTTP on {s.host}:{s.http_port}" if s.http_port else "HTTP off"
-        log.info("serving gRPC on %s:%d, metrics on %s:%d, %s", s.host, self.grpc_port,
-                 s.host, self.metrics_port, http)
+        health = f", gRPC health (plaintext) on {s.host}:{s.health_port}" if s.health_port else ""
+        log.info("serving gRPC on %s:%d, metrics on %s:%d, %s%s", s.host, self.grpc_port,
+                 s.host, self.metrics_port, http, health)
+        if grpc_tls:
+            log.info("TLS on the gRPC and HTTP ports (%s); metrics stay plaintext",
+                     "client certificates required" if grpc_tls.mutual else "server only")
+        if self.tokens:
+            log.info("bearer tokens from %s required, except for health and reflection",
+                     s.auth_token_file)
+        if self.tokens or self._http_tls:
+            self._watching = asyncio.create_task(self._watch())
         self._loading = asyncio.create_task(self._load())
 
     async def _start_http(self) -> None:
         """KServe v2 REST and TF Serving REST, on this event loop, over the data plane."""
-        app = build_app(self.dataplane, self.settings.max_request_bytes)
+        app = build_app(self.dataplane, self.settings.max_request_bytes, self.tokens)
         # Handlers finish within the drain; the runner's own wait is for stragglers only.
         self._http = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._http.setup()
-        await web.TCPSite(self._http, self.settings.host, self.settings.http_port).start()
+        await web.TCPSite(self._http, self.settings.host, self.settings.http_port,
+                          ssl_context=self._http_tls.context if self._http_tls else None).start()
+
+    async def _watch(self) -> None:
+        """Re-read the token file and the HTTP port's certificate files when they change."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                if self.tokens:
+                    self.tokens.refresh()
+                if self._http_tls:
+                    self._http_tls.refresh()
+            except Exception:  # the watch must outlive one bad read
+                log.exception("re-reading the token or certificate files failed")
+
+    def _refused(self, method: str, request: object, error: Unauthenticated) -> None:
+        if method in INFER_METHODS:
+            protocol, names = INFER_METHODS[method]
+            model, endpoint = names(request)
+            self.dataplane.rejected(InferRequest(model, {}, endpoint or None,
+                                                 protocol=protocol), error)
 
     async def _load(self) -> None:
         await self.registry.start(self.settings.load_model)
@@ -168,7 +246,7 @@ class TapServer:
         log.info("draining (grace %.1fs)", grace)
         self.dataplane.draining = True
         await self.health.enter_graceful_shutdown()
-        for task in (self._loading, self._polling):
+        for task in (self._loading, self._polling, self._watching):
             if task and not task.done():
                 task.cancel()
         # Finish the accepted work while gRPC still answers, so requests arriving meanwhile
@@ -181,6 +259,8 @@ class TapServer:
         # What is left are answers on their way out and open health Watch streams, which
         # never end by themselves: a short grace, not the whole remainder.
         await self.server.stop(min(1.0, max(0.0, deadline - time.monotonic())))
+        if self._health_server:
+            await self._health_server.stop(0)
         if self._http:
             await self._http.cleanup()
         self._metrics_http.shutdown()

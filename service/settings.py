@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -25,6 +25,20 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Larger requests are refused before they are "
         "read (gRPC RESOURCE_EXHAUSTED, HTTP 413).")
+    health_port: int = Field(
+        0, ge=0, le=65535, description="A plaintext port serving only grpc.health.v1, for "
+        "Kubernetes' gRPC probes, which cannot speak TLS (0: none).")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain: TLS on the gRPC and HTTP ports (re-read "
+        "when it changes).")
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of --tls-cert-file (re-read when it changes).")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA certificates: clients must present a certificate they "
+        "signed (mutual TLS; re-read when it changes).")
+    auth_token_file: Path | None = Field(
+        None, description="Bearer tokens, one a line (# comments): inference, metadata, "
+        "statistics and repository calls must carry one (re-read when it changes).")
     model_control_mode: Literal["poll", "explicit", "none"] = Field(
         "poll", description="poll: re-read the repository every interval and apply changes; "
         "explicit: load and unload only through the repository API and --load-model; "
@@ -65,6 +79,15 @@ class Settings(BaseSettings):
         None, ge=1, description="Cap on the memory TensorFlow takes on each GPU.")
     compiled_cache_size: int = Field(
         64, ge=1, description="Compiled (inputs, outputs) functions kept per model.")
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both --tls-cert-file and --tls-key-file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and "
+                             "--tls-key-file")
+        return self
 
     @field_validator("load_model", mode="before")
     @classmethod

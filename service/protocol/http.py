@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from service.errors import InvalidInput, NotFound, TapserveError
+from service.auth import Tokens
+from service.errors import InvalidInput, NotFound, TapserveError, Unauthenticated
 from service.protocol import convert, kserve_rest, tfserving_rest
 from service.protocol.kserve import DataPlane
 from service.protocol.status import INTERNAL_MESSAGE
@@ -38,7 +39,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except TapserveError as exc:
         if exc.code in STATUS:
-            return error_response(STATUS[exc.code], str(exc))
+            response = error_response(STATUS[exc.code], str(exc))
+            if isinstance(exc, Unauthenticated):  # RFC 6750: say which scheme is wanted
+                response.headers["WWW-Authenticate"] = 'Bearer realm="tapserve"'
+            return response
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, INTERNAL_MESSAGE)
     except web.HTTPException as exc:  # no such route (404), body too large (413), ...
@@ -51,10 +55,35 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, INTERNAL_MESSAGE)
 
 
-def build_app(dataplane: DataPlane, max_request_bytes: int) -> web.Application:
-    """The aiohttp application serving both REST APIs."""
+def _bearer_token(tokens: Tokens, routes: _Routes) -> Callable[..., Any]:
+    """Every route but health needs a token, checked before the body is read. Refused
+    inference calls are counted under their model (read from the path)."""
+    open_routes = {routes.live, routes.ready, routes.model_ready}
+    inference = {routes.infer: KSERVE, routes.tfs_predict: tfserving_rest.PROTOCOL_REST}
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.handler
+        if route in open_routes:
+            return await handler(request)
+        try:
+            tokens.check(request.headers.get("Authorization"))
+        except Unauthenticated as exc:
+            if route in inference:
+                model, endpoint = request.match_info["model"].partition(".")[::2]
+                routes.rejected(model, endpoint or None, inference[route], exc)
+            raise
+        return await handler(request)
+
+    return check
+
+
+def build_app(dataplane: DataPlane, max_request_bytes: int,
+              tokens: Tokens | None = None) -> web.Application:
+    """The aiohttp application serving both REST APIs (with `tokens`: behind bearer tokens)."""
     routes = _Routes(dataplane)
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors])
+    middlewares = [_errors] + ([_bearer_token(tokens, routes)] if tokens else [])
+    app = web.Application(client_max_size=max_request_bytes, middlewares=middlewares)
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     app.add_routes([
@@ -83,6 +112,10 @@ def build_app(dataplane: DataPlane, max_request_bytes: int) -> web.Application:
 class _Routes:
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
+
+    def rejected(self, model: str, endpoint: str | None, protocol: str,
+                 error: TapserveError) -> None:
+        self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), error)
 
     # KServe v2
 

@@ -10,12 +10,15 @@ from stock import ServerProcess
 
 @pytest.fixture(scope="session")
 def start_process(tmp_path_factory: pytest.TempPathFactory):
-    """`start_process(repository, *flags, **env)`: every server is stopped at the end."""
+    """`start_process(repository, *flags, client_options=None, **env)`: every server is
+    stopped at the end."""
     processes: list[ServerProcess] = []
 
-    def start(repository: Path, *flags: str, ready: bool = True, **env: str) -> ServerProcess:
+    def start(repository: Path, *flags: str, ready: bool = True,
+              client_options: dict | None = None, **env: str) -> ServerProcess:
         log = tmp_path_factory.mktemp("server") / "tapserve.log"
-        processes.append(ServerProcess(repository, log, *flags, **env))
+        processes.append(ServerProcess(repository, log, *flags, client_options=client_options,
+                                       **env))
         if ready:
             processes[-1].wait_ready()
         return processes[-1]

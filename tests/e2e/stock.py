@@ -31,10 +31,13 @@ class ServerProcess:
     """`tapserve serve` on free ports; its log goes to a file the test can read.
 
     With `repository=None` nothing but `flags` is passed: the rest comes from `env`
-    (`TAPSERVE_*`), so the env twins of the flags can be tested."""
+    (`TAPSERVE_*`), so the env twins of the flags can be tested. `client_options` go to
+    tritonclient's InferenceServerClient (`ssl=True`, certificates) for a TLS port."""
 
-    def __init__(self, repository: Path | None, log: Path, *flags: str, **env: str) -> None:
+    def __init__(self, repository: Path | None, log: Path, *flags: str,
+                 client_options: dict | None = None, **env: str) -> None:
         self.log = log
+        self.client_options = client_options or {}
         command = [str(TAPSERVE), "serve"]
         if repository is not None:  # defaults first: a test's own flags win
             command += ["--model-repository", str(repository), "--host", "127.0.0.1",
@@ -57,7 +60,7 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
     def client(self) -> triton.InferenceServerClient:
-        return triton.InferenceServerClient(self.url)
+        return triton.InferenceServerClient(self.url, **self.client_options)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
