@@ -41,11 +41,13 @@ K8S_VERSIONS = ("1.30.0", "1.37.0")
 # against the resources they refer to.
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("cert-manager.io/v1", "Certificate"),
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
 }
 
 # Files of deploy/k8s that kustomization.yaml deliberately leaves out (its header says why).
-NOT_IN_KUSTOMIZATION = {"deployment-gpu.yaml", "prometheus-adapter-rules.yaml"}
+NOT_IN_KUSTOMIZATION = {"deployment-gpu.yaml", "prometheus-adapter-rules.yaml",
+                        "certificate.yaml"}
 
 DEPLOYMENTS = ("deployment.yaml", "deployment-gpu.yaml")
 
@@ -126,6 +128,13 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 def env(c: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def secret_volumes(deployment: dict[str, Any]) -> dict[str, str]:
+    """mount path -> Secret name, for the container's Secret volumes."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]]["secret"]["secretName"]
+            for m in container(deployment)["volumeMounts"] if "secret" in volumes[m["name"]]}
 
 
 def port(c: dict[str, Any], name: str) -> int:
@@ -210,6 +219,20 @@ def test_custom_resources() -> None:
         # label to exported_endpoint, breaking the dashboard and the adapter rules.
         drops = [r for r in endpoint.get("relabelings", []) if r.get("action") == "labeldrop"]
         assert any(re.fullmatch(r["regex"], "endpoint") for r in drops)
+
+    # cert-manager's Certificate makes the Secret both Deployments mount for TLS, for the
+    # names the Services are dialled by.
+    certificate = document("certificate.yaml")
+    spec = certificate["spec"]
+    assert set(spec) <= {"secretName", "duration", "renewBefore", "privateKey", "usages",
+                         "dnsNames", "issuerRef", "commonName", "subject", "ipAddresses"}
+    for name in DEPLOYMENTS:
+        assert secret_volumes(document(name))["/etc/tapserve/tls"] == spec["secretName"]
+    assert "server auth" in spec["usages"]
+    names = {document(f)["metadata"]["name"] for f in ("service.yaml", "service-headless.yaml")}
+    assert names <= set(spec["dnsNames"])
+    assert spec["issuerRef"]["name"] and spec["issuerRef"]["kind"] in {"Issuer", "ClusterIssuer"}
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
 
     kustomization = document("kustomization.yaml")
     assert (kustomization["apiVersion"], kustomization["kind"]) == (
@@ -379,12 +402,14 @@ def test_deployment_sets_no_tensorflow_threading(name: str) -> None:
 @pytest.mark.parametrize("name", DEPLOYMENTS)
 def test_deployment_probes_are_grpc_health_checks(name: str) -> None:
     c = container(document(name))
-    grpc_port = port(c, "grpc")
-    assert grpc_port == int(env(c)["TAPSERVE_GRPC_PORT"]) == 8001
+    assert port(c, "grpc") == int(env(c)["TAPSERVE_GRPC_PORT"]) == 8001
+    # The kubelet's gRPC probe cannot do TLS: it asks the plaintext health port.
+    health_port = port(c, "health")
+    assert health_port == int(env(c)["TAPSERVE_HEALTH_PORT"]) == 8003
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = c[probe]
         assert set(spec) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
-        assert spec["grpc"]["port"] == grpc_port, probe
+        assert spec["grpc"]["port"] == health_port, probe
         assert spec["grpc"].get("service", "") == "", probe
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, (
@@ -425,6 +450,31 @@ def test_deployment_is_locked_down(name: str) -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == port(c, "metrics")
     assert int(env(c)["TAPSERVE_METRICS_PORT"]) == port(c, "metrics") == 8002
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_deployment_mounts_the_tls_and_token_secrets(name: str) -> None:
+    deployment = document(name)
+    c = container(deployment)
+    secrets = secret_volumes(deployment)
+    assert set(secrets) == {"/etc/tapserve/tls", "/etc/tapserve/tokens"}
+    variables = env(c)
+    assert variables["TAPSERVE_TLS_CERT_FILE"] == "/etc/tapserve/tls/tls.crt"
+    assert variables["TAPSERVE_TLS_KEY_FILE"] == "/etc/tapserve/tls/tls.key"
+    assert variables["TAPSERVE_AUTH_TOKEN_FILE"].startswith("/etc/tapserve/tokens/")
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    for path in secrets:
+        # Whole folders: files under a subPath mount never see a Secret's update.
+        assert mounts[path]["readOnly"] is True and "subPath" not in mounts[path]
+        secret = volumes[mounts[path]["name"]]["secret"]
+        assert secret["optional"] is True and secret["defaultMode"] & 0o007 == 0
+    # The health port is for the kubelet only: no Service exposes it.
+    for f in ("service.yaml", "service-headless.yaml"):
+        assert port(c, "health") not in {p["port"] for p in document(f)["spec"]["ports"]}
+    policy = document("networkpolicy.yaml")
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert {port(c, n) for n in ("http", "grpc", "metrics", "health")} <= allowed
 
 
 def test_gpu_deployment_asks_for_a_gpu() -> None:
