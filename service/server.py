@@ -62,6 +62,20 @@ INFER_METHODS = {
 }
 
 
+def connection_options(s: Settings) -> list[tuple[str, int]]:
+    """gRPC's connection hygiene, from the settings (0 s: that limit off)."""
+    ms = {"grpc.keepalive_time_ms": s.keepalive_secs,
+          "grpc.max_connection_age_ms": s.max_connection_age_secs,
+          "grpc.max_connection_age_grace_ms": s.max_connection_age_grace_secs,
+          "grpc.max_connection_idle_ms": s.max_connection_idle_secs,
+          "grpc.http2.min_ping_interval_without_data_ms": s.min_client_ping_secs}
+    return [(key, int(seconds * 1000)) for key, seconds in ms.items() if seconds > 0] + [
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),  # clients may ping idle connections
+        ("grpc.http2.max_ping_strikes", 2),  # then GOAWAY for pinging too often
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams)]
+
+
 class TapServer:
     """A running Tapserve: `start()` binds the ports and loads models in the background."""
 
@@ -115,7 +129,7 @@ class TapServer:
             options=[("grpc.max_receive_message_length", s.max_request_bytes),
                      ("grpc.max_send_message_length", MAX_SEND_BYTES),
                      # A second server on a taken port must fail, not share it silently.
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", 0), *connection_options(s)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane), self.server)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
@@ -177,7 +191,9 @@ class TapServer:
         """KServe v2 REST and TF Serving REST, on this event loop, over the data plane."""
         app = build_app(self.dataplane, self.settings.max_request_bytes, self.tokens)
         # Handlers finish within the drain; the runner's own wait is for stragglers only.
-        self._http = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self._http = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
+                                   keepalive_timeout=self.settings.max_connection_idle_secs
+                                   or 75.0)
         await self._http.setup()
         await web.TCPSite(self._http, self.settings.host, self.settings.http_port,
                           ssl_context=self._http_tls.context if self._http_tls else None).start()

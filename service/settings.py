@@ -56,6 +56,21 @@ class Settings(BaseSettings):
         "serving (off: ready once the start-up load is done).")
     drain_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish.")
+    max_connection_age_secs: float = Field(
+        300.0, ge=0, description="Close a client connection this old (after a grace), so "
+        "long-lived clients re-resolve and reach new replicas (0: never).")
+    max_connection_age_grace_secs: float = Field(
+        30.0, ge=0, description="How long calls on an aged connection get to finish.")
+    max_connection_idle_secs: float = Field(
+        300.0, ge=0, description="Close a connection with no call for this long (0: never).")
+    keepalive_secs: float = Field(
+        60.0, gt=0, description="Ping clients idle this long; a client that does not answer "
+        "within 20 s is dropped.")
+    min_client_ping_secs: float = Field(
+        10.0, ge=0, description="Clients pinging more often than this are disconnected "
+        "(keepalive enforcement).")
+    max_concurrent_streams: int = Field(
+        100, ge=1, description="Concurrent calls one client connection may hold.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: str = Field("INFO", description="Python logging level.")
 

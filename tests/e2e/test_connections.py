@@ -1,0 +1,85 @@
+"""End to end: connection hygiene. Aged and idle gRPC connections are closed (so clients
+re-resolve and spread over new replicas) without failing a call; idle and half-sent
+connections do not keep the server from answering everyone else."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zoo
+from stock import free_port, infer
+
+X = {"x": np.zeros((1, 16), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("conn_models")
+    zoo.write_model("two_heads", repo)
+    return repo
+
+
+def client_ports(server_port: int) -> set[int]:
+    """Local ports of this machine's established TCP connections to `server_port`."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if state == "01" and int(remote.split(":")[1], 16) == server_port:
+                ports.add(int(local.split(":")[1], 16))
+    return ports
+
+
+def test_an_aged_connection_is_replaced_without_failing_a_call(start_process,
+                                                               repository: Path) -> None:
+    server = start_process(repository, "--max-connection-age-secs", "1",
+                           "--max-connection-age-grace-secs", "5")
+    seen, calls = set(), 0
+    with server.client() as client:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            infer(client, "two_heads", X)  # raises on any failure
+            calls += 1
+            seen |= client_ports(server.grpc_port)
+    assert calls > 20
+    assert len(seen) >= 2, f"one connection for 4 s: {seen}"
+
+
+def test_an_idle_connection_is_closed(start_process, repository: Path) -> None:
+    server = start_process(repository, "--max-connection-idle-secs", "1")
+    with server.client() as client:
+        infer(client, "two_heads", X)
+        first = client_ports(server.grpc_port)
+        time.sleep(2.5)
+        assert client_ports(server.grpc_port) == set()  # the server closed it
+        infer(client, "two_heads", X)  # the channel reconnects by itself
+        assert client_ports(server.grpc_port) - first
+
+
+def test_idle_sockets_and_half_sent_bodies_do_not_block_others(start_process,
+                                                               repository: Path) -> None:
+    http_port = free_port()
+    server = start_process(repository, "--http-port", str(http_port))
+    hogs = []
+    try:
+        for _ in range(200):  # connect and send nothing
+            hogs.append(socket.create_connection(("127.0.0.1", server.grpc_port)))
+        for _ in range(50):  # an HTTP request whose body never comes
+            hog = socket.create_connection(("127.0.0.1", http_port))
+            hog.sendall(b"POST /v2/models/two_heads/infer HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 3000000\r\n\r\n" + b"{" * 1000)
+            hogs.append(hog)
+        with server.client() as client:
+            started = time.monotonic()
+            for _ in range(20):
+                infer(client, "two_heads", X)
+            assert time.monotonic() - started < 5
+            assert client.is_server_ready()
+    finally:
+        for hog in hogs:
+            hog.close()
