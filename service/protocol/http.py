@@ -13,6 +13,7 @@ from aiohttp import web
 
 from service.auth import Tokens
 from service.errors import InvalidInput, NotFound, TapserveError, Unauthenticated
+from service.metrics import UNKNOWN
 from service.protocol import convert, kserve_rest, tfserving_rest
 from service.protocol.kserve import DataPlane
 from service.protocol.status import INTERNAL_MESSAGE
@@ -224,7 +225,7 @@ class _Routes:
     async def tfs_predict(self, request: web.Request) -> web.Response:
         model, version = self._tfs_model(request)
         protocol = tfserving_rest.PROTOCOL_REST
-        endpoint = None
+        endpoint, label = None, UNKNOWN
         try:
             document = await _json(request)
             signature = document.get("signature_name", "")
@@ -232,9 +233,11 @@ class _Routes:
                 raise InvalidInput("signature_name must be a string")
             endpoint = endpoint_of(signature)
             meta = self._dataplane.model_metadata(model, endpoint, version)
+            label = meta.endpoint  # a refusal from here on counts under its endpoint
             infer_request, rows = tfserving_rest.decode_predict(document, model, version, meta)
         except TapserveError as exc:
-            self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), exc)
+            self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), exc,
+                                     endpoint_label=label)
             raise
         response = await self._dataplane.infer(infer_request)
         return json_response(tfserving_rest.encode_predict(response.outputs, rows))

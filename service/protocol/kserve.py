@@ -44,8 +44,10 @@ class DataPlane(Protocol):
         """Raises TapserveError subclasses."""
         ...
 
-    def rejected(self, request: InferRequest, error: TapserveError) -> None:
-        """Count and log a request refused before it reached `infer` (e.g. bad bytes)."""
+    def rejected(self, request: InferRequest, error: TapserveError,
+                 started: float | None = None, endpoint_label: str = "_unknown") -> None:
+        """Count and log a request refused before it reached `infer` (e.g. bad bytes),
+        under its endpoint once that is known."""
         ...
 
     def repository_index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
