@@ -61,6 +61,7 @@ class Loader:
             model.release()
             raise
         model.policy = policy
+        model.max_response_bytes = self.settings.max_response_bytes
         return model
 
 

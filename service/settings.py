@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Larger requests are refused before they are "
         "read (gRPC RESOURCE_EXHAUSTED, HTTP 413).")
+    max_response_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="A request whose outputs would be larger is "
+        "refused before it is computed (INVALID_ARGUMENT); also gRPC's send limit.")
     model_control_mode: Literal["poll", "explicit", "none"] = Field(
         "poll", description="poll: re-read the repository every interval and apply changes; "
         "explicit: load and unload only through the repository API and --load-model; "
