@@ -115,7 +115,7 @@ def check_datatype(name: str, datatype: str, spec: TensorSpec | None) -> None:
     decoded (a BYTES tensor of millions of elements sent to an FP32 input costs nothing)."""
     if spec is not None and to_internal(datatype) != spec.dtype:
         raise InvalidInput(f"input {clip(name)} must be {to_kserve(spec.dtype)} "
-                           f"({spec.dtype}), got {clip(datatype, 20)}")
+                           f"({spec.dtype}), got {datatype}")
 
 
 def decode_infer_request(
