@@ -100,7 +100,7 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, versi
         # Cheap checks before any data is packed: the datatype, the shape's size.
         convert.check_datatype(name, datatype, (specs or {}).get(name))
         element_count(name, shape)
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(tensor, f"input {clip(name)}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidInput(f"input {clip(name)}: binary_data_size {clip(size)} runs "
@@ -118,15 +118,24 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, versi
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the inputs "
                            "that no input claims")
     binary_outputs: set[str] | None = set()
-    if (document.get("parameters") or {}).get("binary_data_output"):
+    if _parameters(document, "the request").get("binary_data_output"):
         binary_outputs = None
     for out in outputs:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput("each of `outputs` must be an object with a string `name`")
         msg.outputs.add(name=out["name"])
-        if binary_outputs is not None and (out.get("parameters") or {}).get("binary_data"):
+        if binary_outputs is not None and _parameters(out, f"output {clip(out['name'])}"
+                                                      ).get("binary_data"):
             binary_outputs.add(out["name"])
     return msg, binary_outputs
+
+
+def _parameters(obj: dict[str, Any], what: str) -> dict[str, Any]:
+    """An object's `parameters`: absent or a JSON object."""
+    parameters = obj.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"{what}: `parameters` must be a JSON object")
+    return parameters
 
 
 def encode_infer(msg: pb.ModelInferResponse, binary_outputs: set[str] | None
