@@ -140,7 +140,8 @@ class LoadedModel:
                 raise NotFound(f"endpoint {self.name}.{ep.name} has no output {clip(name)}: "
                                f"{ep.taps_hint}; {suggest(name[:100], ep.askable)}")
         expected = {s.name: s for s in ep.inputs}
-        unknown = [clip(n) for n in sorted(set(inputs) - set(expected))]
+        # Names cut to 100 characters: a megabyte of name is not echoed back.
+        unknown = [n[:99] + "…" if len(n) > 100 else n for n in sorted(set(inputs) - set(expected))]
         missing = sorted(set(expected) - set(inputs))
         if unknown or missing:
             raise InvalidInput(

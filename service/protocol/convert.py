@@ -114,8 +114,8 @@ def check_datatype(name: str, datatype: str, spec: TensorSpec | None) -> None:
     """Refuse an input whose datatype is not its endpoint input's, before its data is
     decoded (a BYTES tensor of millions of elements sent to an FP32 input costs nothing)."""
     if spec is not None and to_internal(datatype) != spec.dtype:
-        raise InvalidInput(f"input {clip(name)} must be {to_kserve(spec.dtype)} "
-                           f"({spec.dtype}), got {datatype}")
+        raise InvalidInput(f"input {clip(name)} must be {spec.dtype}, got "
+                           f"{to_internal(datatype)} ({datatype}); send {to_kserve(spec.dtype)}")
 
 
 def decode_infer_request(

@@ -60,8 +60,9 @@ def to_numpy(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec | None =
                            f"served; use one of {', '.join(dtype_name(e) for e in _NAMES)}")
     internal = _NAMES[proto.dtype]
     if spec is not None and spec.dtype != internal:
-        raise InvalidInput(f"input {clip(name)} must be {dtype_name(data_type(spec.dtype))} "
-                           f"({spec.dtype}), got {dtype_name(proto.dtype)}")
+        raise InvalidInput(f"input {clip(name)} must be {spec.dtype}, got {internal} "
+                           f"({dtype_name(proto.dtype)}); send "
+                           f"{dtype_name(data_type(spec.dtype))}")
     if proto.tensor_shape.unknown_rank:
         raise InvalidInput(f"input {clip(name)}: the tensor has no shape (unknown_rank)")
     shape = tuple(d.size for d in proto.tensor_shape.dim)

@@ -72,11 +72,10 @@ def server(start_process, repository: Path) -> ServerProcess:
 def oracle(repository: Path):
     """expected(endpoint, x, outputs) -> {name: array}: the taps computed by Keras itself."""
     model = keras.models.load_model(repository / "autoencoder" / "1" / "model.keras")
-    image_taps = {n: (model.input if n == "image" else model.get_layer(n).output)
-                  for n in {*ENDPOINTS["autoencoder"][2], *ENDPOINTS["encoder"][2]}}
-    from_image = keras.Model(model.input, image_taps)
+    # Every layer's output from the image; from a code, the code itself and what follows.
+    from_image = keras.Model(model.input, {layer.name: layer.output for layer in model.layers})
     code = keras.Input((4,))
-    taps, h = {}, code
+    taps, h = {"code": code}, code
     for name in ("dec_dense", "dec_pixels", "dec_reshape", "recon"):
         h = taps[name] = model.get_layer(name)(h)
     from_code = keras.Model(code, taps)

@@ -149,7 +149,7 @@ def test_a_large_bytes_tensor_to_an_fp32_input_is_refused_on_its_datatype_at_onc
     request.raw_input_contents.append(bytes(16 * 1024 * 1024))
     error, seconds = refused(stub.ModelInfer, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
-    assert "input 'image' must be FP32 (float32), got BYTES" in error.details()
+    assert "input 'image' must be float32, got string (BYTES); send FP32" in error.details()
     assert seconds < 1.0, seconds
     with server.client() as client:
         assert_serves(client, autoencoder)
@@ -335,4 +335,4 @@ def test_http_infer_refuses_a_bytes_tensor_to_an_fp32_input_on_its_datatype(serv
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=30)
     assert err.value.code == 400
-    assert "must be FP32 (float32), got BYTES" in json.loads(err.value.read())["error"]
+    assert "must be float32, got string (BYTES)" in json.loads(err.value.read())["error"]
