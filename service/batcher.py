@@ -139,9 +139,13 @@ class Batcher:
         if self._closed:
             raise NotReady("the model is shutting down")
         rows = len(next(iter(feeds.values())))
-        if self._depth and self._depth + rows > self.policy.max_queue_size:
+        limit = self.policy.max_queue_size
+        if rows > limit:  # even into an empty queue: it would hold every other request up
+            raise Overloaded(f"the request has {rows} rows, more than the model's queue holds "
+                             f"(max_queue_size {limit}): send at most {limit} rows per request")
+        if self._depth + rows > limit:
             raise Overloaded(f"the queue is full ({self._depth} rows waiting, limit "
-                             f"{self.policy.max_queue_size}, this request {rows}); retry later")
+                             f"{limit}, this request {rows}); retry later")
         # Only inputs of the same shapes concatenate; without shared passes, only
         # requests for the same outputs share a batch.
         group = (source, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),

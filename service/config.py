@@ -75,6 +75,9 @@ class ModelConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     allow_lambda: bool = Field(
         False, description="Load Lambda layers (runs code stored in the model file).")
+    allow_file_ops: bool = Field(
+        False, description="Serve a SavedModel whose graph holds file or system ops "
+        "(ReadFile, WriteFile, PrintV2, ...): its signatures may touch the server's files.")
     jit_compile: bool = Field(False, description="Compile with XLA (pads batches to sizes).")
 
     @field_validator("endpoints")
@@ -136,8 +139,18 @@ def load_config(path: Path) -> ModelConfig:
     """Parse a config.yaml; a missing file means every default."""
     if not path.exists():
         return ModelConfig()
+    invalid = "its config.yaml is invalid"
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # said without the snippet of the file YAML quotes
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or type(exc).__name__}{where}",
+                          category=invalid) from None
+    try:
         return ModelConfig.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    except ValidationError as exc:  # each problem where it is, without the values given
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}", category=invalid) from None

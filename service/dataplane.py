@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from importlib.metadata import version as package_version
 
 from service.errors import NotFound, NotReady, TapserveError
 from service.metrics import UNKNOWN, Metrics
 from service.registry import ModelRegistry
 from service.statistics import VersionStatistics
-from service.types import EndpointMetadata, InferRequest, InferResponse
+from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
 
 log = logging.getLogger(__name__)
 
+# Characters of each client string a log line carries.
+LOGGED = 200
 EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data"]
 
 
@@ -78,6 +81,14 @@ class DataPlane:
                            f"{self.registry.models[model].error or 'not loaded'}")
         return rows
 
+    def input_specs(self, model: str, endpoint: str | None, version: str | None
+                    ) -> Mapping[str, TensorSpec]:
+        """The endpoint's inputs by name, so a request's datatypes are checked before its
+        tensors are decoded; raises NotFound or NotReady as `infer` would."""
+        if self.draining:
+            raise NotReady("the server is shutting down; retry on another replica")
+        return {s.name: s for s in self.registry.get(model, version).endpoint(endpoint).inputs}
+
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic()
         endpoint = UNKNOWN
@@ -106,16 +117,30 @@ class DataPlane:
         return InferResponse(model.name, endpoint, model.version, outputs, request.id)
 
     def rejected(self, request: InferRequest, error: TapserveError,
-                 started: float | None = None, endpoint_label: str = UNKNOWN) -> None:
+                 started: float | None = None, endpoint_label: str | None = None) -> None:
         """Count and log a failed request, also one refused before it reached `infer`
         (then `request` holds what could be read of it, with no inputs)."""
         started = time.monotonic() if started is None else started
-        fields = {"model": request.model, "endpoint": request.endpoint or "",
-                  "request_id": request.id, "status": error.code,
+        if endpoint_label is None:
+            endpoint_label = self._endpoint_label(request)
+        # Client strings, cut: a log line must stay a line's length (logs.py escapes them).
+        fields = {"model": request.model[:LOGGED], "endpoint": (request.endpoint or "")[:LOGGED],
+                  "request_id": request.id[:LOGGED], "status": error.code,
                   "latency_s": round(time.monotonic() - started, 6)}
         log.info("request failed: %s (%s)", error,
                  " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
         self._count(request, endpoint_label, error.code, started)
+
+    def _endpoint_label(self, request: InferRequest) -> str:
+        """The endpoint a request refused before `infer` was for, when its names are
+        known, so its refusal counts under it."""
+        if request.model not in self.registry.models:  # never a path from a client string
+            return UNKNOWN
+        try:
+            served = self.registry.get(request.model, request.version)
+            return served.endpoint(request.endpoint).name
+        except TapserveError:
+            return UNKNOWN
 
     def _count(self, request: InferRequest, endpoint: str, code: str, started: float) -> None:
         # Label values only from names the server knows: bounded time series.

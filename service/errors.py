@@ -3,11 +3,29 @@
 `code` is the canonical status name (google.rpc.Code), used as the metrics label.
 """
 
+from __future__ import annotations
+
+# Client strings echoed in a message are cut to this many characters, and a whole message
+# to MAX_MESSAGE: a megabyte of name must not come back as a megabyte of error.
+MAX_ECHO = 100
+MAX_MESSAGE = 2000
+
+
+def clip(value: object, limit: int = MAX_ECHO) -> str:
+    """repr() of a client's value, cut to `limit` characters with '…'; for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
 
 class TapserveError(Exception):
     """Base of every error a client may see; the message says what to fix."""
 
     code = "INTERNAL"
+
+    def __init__(self, message: str = "") -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 1] + "…"
+        super().__init__(message)
 
 
 class NotFound(TapserveError):
@@ -47,9 +65,17 @@ class Cancelled(TapserveError):
 
 
 class ConfigError(TapserveError):
-    """A model's config.yaml or files are unusable; raised at load, never per request."""
+    """A model's config.yaml or files are unusable; raised at load, never per request.
+
+    `category` is the short reason a client sending a request to the model may see; the
+    message, which may name files, goes to the log and the repository index."""
 
     code = "INTERNAL"  # reaching a client would be the server's bug
+
+    def __init__(self, message: str = "", category: str = "the model could not be loaded"
+                 ) -> None:
+        super().__init__(message)
+        self.category = category
 
 
 class LoadFailed(TapserveError):

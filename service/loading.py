@@ -21,7 +21,7 @@ from service.errors import ConfigError, NotFound
 from service.graph import TapGraph
 from service.model import DEFAULT_ENDPOINT, Endpoint, LoadedModel
 from service.modelcode import forget_model_code, import_model_code
-from service.repository import ModelSource
+from service.repository import ModelSource, check_model_file
 from service.runtime import KerasRuntime, SavedModelRuntime
 from service.settings import Settings
 
@@ -61,6 +61,7 @@ class Loader:
             model.release()
             raise
         model.policy = policy
+        model.max_response_bytes = self.settings.max_response_bytes
         return model
 
 
@@ -76,9 +77,11 @@ def _uses_lambda(config: object) -> bool:
 def load_keras(path: Path, fmt: str, allow_lambda: bool,
                custom_objects: dict[str, Any] | None = None) -> keras.Model:
     """Load a .keras or legacy .h5 model, refusing Lambda layers unless allowed."""
+    check_model_file(path, fmt)
     lambda_refused = ConfigError(
         f"{path}: the model has a Lambda layer, and loading it runs code stored in the file; "
-        "set `allow_lambda: true` in its config.yaml if you trust the file")
+        "set `allow_lambda: true` in its config.yaml if you trust the file",
+        category="refused: it has a Lambda layer (allow_lambda)")
     if fmt == "h5" and not allow_lambda:
         with h5py.File(path, "r") as f:
             raw = f.attrs.get("model_config")
@@ -124,7 +127,8 @@ def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_d
             try:
                 graph.plan(inputs, outputs)  # every name exists and outputs follow from inputs
             except NotFound as exc:
-                raise ConfigError(f"model {source.name!r}, endpoint {name!r}: {exc}") from None
+                raise ConfigError(f"model {source.name!r}, endpoint {name!r}: {exc}",
+                                  category="its config.yaml does not fit the model") from None
             askable = graph.computable(inputs) if config.taps else set(outputs)
             hint = ("taps must be computable from its inputs " + str(list(inputs))
                     if config.taps else "taps are off for this model (config.yaml `taps: false`)")
@@ -146,7 +150,8 @@ def build_saved_model(source: ModelSource, devices: Sequence[str],
     if source.config.endpoints:
         raise ConfigError(f"model {source.name!r}: a SavedModel serves its signatures "
                           "as endpoints; config.yaml endpoints need a .keras or .h5 model")
-    runtime = SavedModelRuntime(source.path, devices, batches_per_device)
+    runtime = SavedModelRuntime(source.path, devices, batches_per_device,
+                                source.config.allow_file_ops)
     endpoints: dict[str, Endpoint] = {}
     for name in runtime.signatures:
         inputs, outputs = runtime.specs(name)

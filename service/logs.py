@@ -29,6 +29,7 @@ RENAME = {"levelname": "level", "asctime": "time"}
 NATIVE = re.compile(
     r"^(?:(?P<absl>[IWEF])\d{4} [\d:.]+\s+\d+|[\d-]+ [\d:.]+: (?P<tf>[IWEF]))"
     r"\s+(?P<source>[^\s\]]+:\d+)\] ?(?P<message>.*)$")
+CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 # absl's `WARNING: All log messages before absl::InitializeLog() ...`, Python's warnings.
 NAMED = re.compile(r"^(?:\S+: )?(INFO|WARNING|ERROR|CRITICAL|FATAL)\b")
@@ -45,11 +46,19 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields=RENAME))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(OneLineFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # TensorFlow's Python warnings (e.g. "retracing" while every endpoint compiles at load)
     # are about its internals, not the server's events.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Text lines whose message has its control characters escaped: a client string with
+    a newline (a request id) must not forge a log line. A traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return CONTROL.sub(lambda m: repr(m[0])[1:-1], super().formatMessage(record))
 
 
 def wrap(line: str, level: str) -> tuple[str, str]:

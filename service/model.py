@@ -4,13 +4,14 @@ its batcher. Its life: start → infer … → close (stop taking work, finish i
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.batcher import Batcher, BatchPolicy
-from service.errors import InvalidInput, NotFound, NotReady
+from service.errors import InvalidInput, NotFound, NotReady, clip
 from service.graph import suggest
 from service.modelcode import forget_model_code
 from service.repository import ModelSource
@@ -21,6 +22,8 @@ from service.types import STRING, EndpointMetadata, TensorSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "default"
+# The most bytes of outputs one request may ask for, unless the loader sets the server's.
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class LoadedModel:
         self.default_endpoint = default_endpoint
         self.platform = platform
         self.policy = BatchPolicy()
+        self.max_response_bytes = MAX_RESPONSE_BYTES
         self._code_modules = list(code_modules)
         self._batcher: Batcher | None = None
         self.stats = VersionStatistics()
@@ -133,10 +137,11 @@ class LoadedModel:
         """Check a request's inputs and asked-for outputs against endpoint `ep`."""
         for name in outputs:
             if name not in ep.askable:
-                raise NotFound(f"endpoint {self.name}.{ep.name} has no output {name!r}: "
-                               f"{ep.taps_hint}; {suggest(name, ep.askable)}")
+                raise NotFound(f"endpoint {self.name}.{ep.name} has no output {clip(name)}: "
+                               f"{ep.taps_hint}; {suggest(name[:100], ep.askable)}")
         expected = {s.name: s for s in ep.inputs}
-        unknown = sorted(set(inputs) - set(expected))
+        # Names cut to 100 characters: a megabyte of name is not echoed back.
+        unknown = [n[:99] + "…" if len(n) > 100 else n for n in sorted(set(inputs) - set(expected))]
         missing = sorted(set(expected) - set(inputs))
         if unknown or missing:
             raise InvalidInput(
@@ -147,8 +152,28 @@ class LoadedModel:
         rows = {name: _check_input(expected[name], array) for name, array in inputs.items()}
         if len(set(rows.values())) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {rows}")
-        return Prepared(ep, tuple(outputs) or tuple(s.name for s in ep.outputs),
-                        inputs, next(iter(rows.values())))
+        count = next(iter(rows.values()))
+        asked = tuple(outputs) or tuple(s.name for s in ep.outputs)
+        self._check_response_size(ep, asked, count)
+        return Prepared(ep, asked, inputs, count)
+
+    def _check_response_size(self, ep: Endpoint, outputs: Sequence[str], rows: int) -> None:
+        """Refuse a request whose outputs would pass max_response_bytes, before it is
+        computed (a wide tap of many rows once took gigabytes, then failed at send).
+        Unknown dimensions count as 1 and strings as 1 byte: a floor, never a refusal of
+        what fits."""
+        declared = {s.name: s for s in ep.outputs}
+        total = 0
+        for name in outputs:
+            spec = declared.get(name) or self.runtime.spec(name)
+            item = 1 if spec.dtype == STRING else np.dtype(spec.dtype).itemsize
+            total += rows * math.prod(d or 1 for d in spec.shape[1:]) * item
+        if total > self.max_response_bytes:
+            raise InvalidInput(
+                f"the outputs asked for would take about {total} bytes for {rows} rows, over "
+                f"the server's limit of {self.max_response_bytes} bytes per response: send "
+                f"at most {max(1, rows * self.max_response_bytes // total)} rows per request, "
+                "or ask for fewer outputs")
 
 
 def _describe(spec: TensorSpec) -> str:

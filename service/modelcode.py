@@ -35,7 +35,8 @@ def import_model_code(source: ModelSource, allowed: bool) -> tuple[dict[str, Any
     if not allowed:
         raise ConfigError(
             f"model {source.name!r}: config.yaml names code to run ({', '.join(entries)}); "
-            "the server runs a model's own code only when started with --allow-model-code")
+            "the server runs a model's own code only when started with --allow-model-code",
+            category="refused: it brings code to run (--allow-model-code)")
     child = f"{source.name}_v{source.version}_{uuid.uuid4().hex[:8]}"
     package = f"{ROOT}.{child}"
     root = sys.modules.setdefault(ROOT, _namespace(ROOT, []))
@@ -55,7 +56,8 @@ def import_model_code(source: ModelSource, allowed: bool) -> tuple[dict[str, Any
                 raise
             except Exception as exc:
                 raise ConfigError(f"model {source.name!r} version {source.version}: importing "
-                                  f"{entry} failed: {type(exc).__name__}: {exc}") from exc
+                                  f"{entry} failed: {type(exc).__name__}: {exc}",
+                                  category="importing its model code failed") from exc
         registered = {k: v for k, v in object_registration.GLOBAL_CUSTOM_OBJECTS.items()
                       if objects.get(k) is not v}
     except BaseException:

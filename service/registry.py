@@ -14,6 +14,7 @@ import asyncio
 import gc
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from service.repository import ModelOnDisk, model_names, scan
 
 log = logging.getLogger(__name__)
 
+# Where a client told that a model failed to load is sent for the details.
+WHERE_WHY = "the repository index and the server's log say why"
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 POLL, EXPLICIT, NONE = "poll", "explicit", "none"
 
@@ -41,7 +44,8 @@ class VersionSlot:
     serving_key: str = ""  # the files and config it was loaded from
     loading: bool = False
     failed_key: str = ""  # a load of these files and config failed: not retried as is
-    error: str = ""
+    error: str = ""  # why, as the repository index shows it (public_reason)
+    category: str = ""  # why, in a few words, as a request to it is told
     unloading: bool = False
 
     @property
@@ -57,7 +61,8 @@ class ModelEntry:
     wanted: bool = True  # the server is configured to serve it (strict readiness)
     config_labels: dict[str, int] = field(default_factory=dict)
     config_failed: str = ""  # the config.yaml contents that did not parse, counted once
-    error: str = ""  # why the model serves nothing, when it does not
+    error: str = ""  # why the model serves nothing, when it does not (public_reason)
+    category: str = ""  # that, in a few words, when no version's category says it
     versions: dict[int, VersionSlot] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     synced: bool = False
@@ -70,6 +75,21 @@ def _load_key(disk: ModelOnDisk, version: int) -> str:
     assert disk.config is not None
     text = disk.versions[version].stamp + disk.config.load_key()
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# An absolute path not under the repository: a library's file, a system file.
+_ABSOLUTE = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\"]+/)*[^\s/'\":,;)\]]*")
+REASON_CHARS = 500
+
+
+def public_reason(error: str, repository: Path) -> str:
+    """A load error as clients may read it (the repository index, GetModelStatus, a failed
+    RepositoryModelLoad): paths relative to the model repository, other absolute paths
+    hidden, one line, cut short. The full error goes to the server's log."""
+    for root in {str(repository.resolve()), str(repository.absolute())}:
+        error = error.replace(root.rstrip("/") + "/", "")
+    error = " ".join(_ABSOLUTE.sub("<path>", error).split())
+    return error if len(error) <= REASON_CHARS else error[:REASON_CHARS - 1] + "…"
 
 
 def _collect() -> None:
@@ -97,6 +117,7 @@ class ModelRegistry:
         self.settled = False  # the start-up load is done
         self._on_change = on_change
         self._closing = False
+        self._warned: set[str] = set()  # folder names model_names warned about
         self._drains: set[asyncio.Task] = set()
         # One loader thread: loads happen one at a time, never on the event loop.
         self._loader = ThreadPoolExecutor(1, "loader")
@@ -121,7 +142,10 @@ class ModelRegistry:
                                "repository API")
             if not entry.synced or any(s.loading for s in entry.versions.values()):
                 raise NotReady(f"model {name!r} is still loading")
-            raise NotReady(f"model {name!r} failed to load: {entry.error}")
+            failed = [s.category for _, s in sorted(entry.versions.items()) if s.error]
+            raise NotReady(f"model {name!r} cannot serve: "
+                           f"{failed[-1] if failed else entry.category or 'it failed to load'}"
+                           f"; {WHERE_WHY}")
         number = self._version_number(entry, version)
         slot = entry.versions.get(number)
         if slot and slot.serving:
@@ -130,8 +154,9 @@ class ModelRegistry:
             raise NotReady(f"model {name!r} version {number} is still loading")
         if slot and slot.unloading:
             raise NotReady(f"model {name!r} version {number} is unloading")
-        if slot and slot.error:
-            raise NotReady(f"model {name!r} version {number} failed to load: {slot.error}")
+        if slot and slot.error:  # the reason's details are the operator's, not the client's
+            raise NotReady(f"model {name!r} version {number} failed to load: {slot.category}"
+                           f"; {WHERE_WHY}")
         serving = entry.serving()
         raise NotFound(f"model {name!r} serves " + (
             f"version{'s' if len(serving) > 1 else ''} {', '.join(map(str, serving))}"
@@ -164,7 +189,7 @@ class ModelRegistry:
         of the repository ("" for a model with no version known)."""
         rows = []
         try:
-            on_disk = set(model_names(self.repository))
+            on_disk = set(model_names(self.repository, self._warned))
         except ConfigError:
             on_disk = set()
         for name in sorted(on_disk | set(self.models)):
@@ -185,7 +210,7 @@ class ModelRegistry:
 
     async def start(self, load: list[str]) -> None:
         """The start-up load: every model (poll, none), or those named (explicit; '*': all)."""
-        names = model_names(self.repository)  # a missing repository fails here
+        names = model_names(self.repository, self._warned)  # a missing repository fails here
         if self.mode == EXPLICIT:
             names = names if "*" in load else [n for n in load if n in names]
             missing = sorted(set(load) - set(names) - {"*"})
@@ -210,7 +235,7 @@ class ModelRegistry:
         while True:
             await asyncio.sleep(interval)
             try:
-                names = set(model_names(self.repository))
+                names = set(model_names(self.repository, self._warned))
             except ConfigError as exc:
                 log.error("cannot read the model repository (keeping what serves): %s", exc)
                 continue
@@ -223,7 +248,7 @@ class ModelRegistry:
     async def load(self, name: str) -> None:
         """Repository API: load (or reload) a model and wait until it serves."""
         self._explicit_only("load")
-        if name not in model_names(self.repository):
+        if name not in model_names(self.repository, self._warned):
             raise NotFound(f"no model {name!r} in the model repository")
         entry = self.models.setdefault(name, ModelEntry(name))
         entry.wanted = True
@@ -283,9 +308,10 @@ class ModelRegistry:
             if entry.config_failed != disk.config_stamp or quiet == 0:
                 entry.config_failed = disk.config_stamp
                 self._failed(entry, None, disk.config_error)
+            reason = public_reason(disk.config_error, self.repository)
             if not entry.serving():
-                entry.error = disk.config_error
-            return [disk.config_error]  # the config in force keeps serving
+                entry.error, entry.category = reason, "its config.yaml is invalid"
+            return [reason]  # the config in force keeps serving
         entry.config_failed, entry.config_labels = "", dict(disk.config.labels)
         settled = disk.settled(quiet)
         keys = {v: _load_key(disk, v) for v in disk.versions}
@@ -310,6 +336,7 @@ class ModelRegistry:
         for v in [v for v, s in slots.items() if v not in disk.versions and s.state == UNAVAILABLE]:
             del slots[v]
         entry.error = "" if entry.serving() else self._why_nothing(entry, disk, target)
+        entry.category = entry.error  # when no version failed, a sentence with no path
         return errors
 
     def _why_nothing(self, entry: ModelEntry, disk: ModelOnDisk, target: set[int]) -> str:
@@ -340,9 +367,10 @@ class ModelRegistry:
         except Exception as exc:  # a model file can break in any way: keep serving the rest
             if not isinstance(exc, TapserveError):
                 log.exception("model %s version %d failed to load", name, version)
-            slot.failed_key, slot.error = key, (
-                str(exc) if isinstance(exc, TapserveError) else f"{type(exc).__name__}: {exc}")
-            self._failed(entry, version, slot.error)
+            full = str(exc) if isinstance(exc, TapserveError) else f"{type(exc).__name__}: {exc}"
+            slot.failed_key, slot.error = key, public_reason(full, self.repository)
+            slot.category = getattr(exc, "category", "the model could not be loaded")
+            self._failed(entry, version, full)
             return
         finally:
             slot.loading = False
@@ -353,7 +381,7 @@ class ModelRegistry:
                     on_depth=self.metrics.queue_depth.labels(name, str(version)).set)
         gc.freeze()  # see _collect
         replaced, slot.serving, slot.serving_key = slot.serving, model, key
-        slot.failed_key, slot.error = "", ""
+        slot.failed_key, slot.error, slot.category = "", "", ""
         seconds = time.monotonic() - started
         self.metrics.model_ready.labels(name, str(version)).set(1)
         self.metrics.model_load.labels(name, str(version)).set(seconds)

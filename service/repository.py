@@ -6,13 +6,19 @@ Read-only and stateless: the registry compares what it serves against a fresh `s
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+
 from service.config import NAME_PATTERN, ModelConfig, load_config
 from service.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Looked for in this order inside a version folder.
 FORMATS = {"model.keras": "keras", "model.h5": "h5", "saved_model.pb": "saved_model"}
@@ -62,12 +68,37 @@ class ModelOnDisk:
         return ModelSource(self.name, version, path, fmt, config)
 
 
-def model_names(repository: Path) -> list[str]:
-    """Folders of the repository that name a model, sorted."""
+def model_names(repository: Path, warned: set[str] | None = None) -> list[str]:
+    """Folders of the repository that name a model, sorted. A folder whose name cannot be
+    a model name is skipped, with a warning the first time `warned` (the names warned
+    about so far; None: no warnings) sees it; hidden ones (".incoming", Kubernetes'
+    "..data") silently."""
     if not repository.is_dir():
         raise ConfigError(f"model repository {str(repository)!r} is not a folder")
-    return sorted(p.name for p in repository.iterdir()
-                  if p.is_dir() and re.match(NAME_PATTERN, p.name))
+    names = []
+    for p in repository.iterdir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        # fullmatch: re.match's `$` also matches before a trailing newline ("m\n").
+        if re.fullmatch(NAME_PATTERN, p.name):
+            names.append(p.name)
+        elif warned is not None and p.name not in warned:
+            log.warning("model repository: skipping folder %r: a model folder's name is made "
+                        "of letters, digits, '_' and '-' only (it is the model's name in "
+                        "requests)", p.name)
+            warned.add(p.name)
+    return sorted(names)
+
+
+def check_model_file(path: Path, fmt: str) -> None:
+    """Refuse a model file that is not what its name says, before a library reports it in
+    its own words (Keras calls a garbage .keras file "not found")."""
+    if fmt == "keras" and not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path.name} is not a valid .keras file (a zip archive saved by "
+                          "model.save): replace it", category="its model file is not valid")
+    if fmt == "h5" and not h5py.is_hdf5(path):
+        raise ConfigError(f"{path.name} is not a valid .h5 file (HDF5): replace it",
+                          category="its model file is not valid")
 
 
 def find_model_file(folder: Path) -> tuple[Path, str]:
@@ -75,7 +106,8 @@ def find_model_file(folder: Path) -> tuple[Path, str]:
     for filename, fmt in FORMATS.items():
         if (folder / filename).exists():
             return (folder if fmt == "saved_model" else folder / filename), fmt
-    raise ConfigError(f"{folder} holds none of {', '.join(FORMATS)}")
+    raise ConfigError(f"{folder} holds none of {', '.join(FORMATS)}",
+                      category="its version folder holds no model file")
 
 
 def _stamp(folder: Path) -> tuple[str, float]:

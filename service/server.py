@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# Answers can be larger than requests (a wide tap): gRPC's 4 MiB default would refuse them.
-MAX_SEND_BYTES = 256 * 1024 * 1024
 # Stopping gRPC cancels every call its core holds that no handler has taken yet: the client
 # gets CANCELLED, which it does not retry, and no handler logs it (grpc/grpc#41785). So the
 # drain stops gRPC only once no call has come for QUIET_S, every client having heard
@@ -127,7 +125,7 @@ class TapServer:
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", s.max_request_bytes),
-                     ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                     ("grpc.max_send_message_length", s.max_response_bytes),
                      # A second server on a taken port must fail, not share it silently.
                      ("grpc.so_reuseport", 0), *connection_options(s)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     auth_token_file: Path | None = Field(
         None, description="Bearer tokens, one a line (# comments): inference, metadata, "
         "statistics and repository calls must carry one (re-read when it changes).")
+    max_response_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="A request whose outputs would be larger is "
+        "refused before it is computed (INVALID_ARGUMENT); also gRPC's send limit.")
     model_control_mode: Literal["poll", "explicit", "none"] = Field(
         "poll", description="poll: re-read the repository every interval and apply changes; "
         "explicit: load and unload only through the repository API and --load-model; "

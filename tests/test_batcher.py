@@ -485,3 +485,19 @@ async def test_one_large_request_cannot_overshoot_the_queue_limit() -> None:
         assert not waiting.done()
     with pytest.raises(Cancelled):
         await waiting
+
+
+async def test_a_request_larger_than_the_queue_is_refused_even_into_an_empty_queue() -> None:
+    # Regression: the limit was checked only when rows were waiting, so one 409,600-row
+    # request got into an empty queue and held up every request behind it for 21 s.
+    run = FakeRun()
+    async with batcher(run, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=4) as b:
+        assert b.depth == 0
+        with pytest.raises(Overloaded, match=r"5 rows, more than .* \(max_queue_size 4\): "
+                                             r"send at most 4 rows"):
+            await asyncio.wait_for(b.submit("g", xs(1, 2, 3, 4, 5), ("y",)), SAFETY)
+        assert b.depth == 0
+        np.testing.assert_array_equal(  # exactly the limit still goes through
+            (await asyncio.wait_for(b.submit("g", xs(1, 2, 3, 4), ("y",)), SAFETY))[0]["y"],
+            compute(xs(1, 2, 3, 4), ("y",), None)["y"])
+    assert sum(len(next(iter(c.feeds.values()))) for c in run.calls) == 4

@@ -5,17 +5,16 @@ No I/O and no server state: every function here is tested alone (tests/protocol/
 
 from __future__ import annotations
 
-import math
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from service.config import LABEL_PATTERN
-from service.errors import InvalidInput, NotFound
-from service.protocol.datatypes import numpy_dtype, to_internal, to_kserve
+from service.errors import InvalidInput, NotFound, clip
+from service.protocol.datatypes import element_count, numpy_dtype, to_internal, to_kserve
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.statistics import Duration, VersionStatistics
 from service.types import STRING, EndpointMetadata, InferRequest, InferResponse, TensorSpec
@@ -24,6 +23,13 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _VERSION = re.compile(r"[0-9]+")
 # Each raw BYTES element is prefixed by its length as a 4-byte little-endian unsigned int.
 _LENGTH = struct.Struct("<I")
+# Per request. A model with more inputs than MAX_INPUTS does not exist here; outputs are
+# checked one by one against the endpoint, so a flood of them costs time on the event loop.
+MAX_INPUTS = 64
+MAX_OUTPUTS = 1024
+# Requests larger than this are decoded on a thread, not the event loop (service.protocol
+# .kserve.decoded): splitting millions of BYTES elements takes seconds.
+DECODE_INLINE_BYTES = 1 << 20
 
 # KServe datatype -> (InferTensorContents field, numpy dtype that field holds). FP16 has none:
 # the protocol only carries it raw.
@@ -51,7 +57,7 @@ def parse_model_name(name: str) -> tuple[str, str | None]:
     model, dot, endpoint = name.partition(".")
     if not _NAME.fullmatch(model) or (dot and not _NAME.fullmatch(endpoint)):
         raise NotFound(
-            f"no model {name!r}: a model name is <model> or <model>.<endpoint>, "
+            f"no model {clip(name)}: a model name is <model> or <model>.<endpoint>, "
             "each made of letters, digits, '_' and '-'"
         )
     return model, endpoint if dot else None
@@ -63,10 +69,10 @@ def parse_version(version: str) -> str | None:
         return None
     if _VERSION.fullmatch(version):
         if int(version) == 0:
-            raise NotFound(f"no version {version!r}: versions are positive integers")
+            raise NotFound(f"no version {clip(version)}: versions are positive integers")
         return str(int(version))
     if not re.fullmatch(LABEL_PATTERN, version):
-        raise NotFound(f"no version {version!r}: a version is a positive integer or a label "
+        raise NotFound(f"no version {clip(version)}: a version is a positive integer or a label "
                        "(a letter, then letters, digits, '_' and '-')")
     return version
 
@@ -76,40 +82,75 @@ def check_repository_request(
 ) -> None:
     """The repository API's request: one repository, a model name, no parameters."""
     if msg.repository_name:
-        raise NotFound(f"no repository {msg.repository_name!r}: this server serves one "
+        raise NotFound(f"no repository {clip(msg.repository_name)}: this server serves one "
                        "model repository; leave repository_name empty")
     if not _NAME.fullmatch(msg.model_name):
-        raise NotFound(f"no model {msg.model_name!r}: model names are made of letters, "
+        raise NotFound(f"no model {clip(msg.model_name)}: model names are made of letters, "
                        "digits, '_' and '-'")
     # tritonclient's unload always says whether to unload dependents: none exist here.
     unsupported = sorted(set(msg.parameters) - {"unload_dependents"})
     if unsupported:
-        raise InvalidInput(f"parameters {unsupported} are not supported: a model is loaded "
+        raise InvalidInput(f"parameters {clip(unsupported)} are not supported: a model is loaded "
                            "from its folder in the repository as it is")
 
 
-def decode_infer_request(
-    msg: pb.ModelInferRequest, deadline: float | None = None
-) -> InferRequest:
-    """A ModelInferRequest as an InferRequest; raises InvalidInput or NotFound."""
+def infer_target(msg: pb.ModelInferRequest) -> tuple[str, str | None, str | None]:
+    """The (model, endpoint, version) a ModelInferRequest asks for; raises NotFound."""
     model, endpoint = parse_model_name(msg.model_name)
-    version = parse_version(msg.model_version)
+    return model, endpoint, parse_version(msg.model_version)
+
+
+def check_counts(inputs: int, outputs: int) -> None:
+    """Refuse more inputs or requested outputs than a request may carry."""
+    if inputs > MAX_INPUTS:
+        raise InvalidInput(f"the request has {inputs} inputs; at most {MAX_INPUTS} are "
+                           "accepted")
+    if outputs > MAX_OUTPUTS:
+        raise InvalidInput(f"the request asks for {outputs} outputs; at most {MAX_OUTPUTS} "
+                           "are accepted per request: split it")
+
+
+def check_datatype(name: str, datatype: str, spec: TensorSpec | None) -> None:
+    """Refuse an input whose datatype is not its endpoint input's, before its data is
+    decoded (a BYTES tensor of millions of elements sent to an FP32 input costs nothing)."""
+    if spec is not None and to_internal(datatype) != spec.dtype:
+        raise InvalidInput(f"input {clip(name)} must be {spec.dtype}, got "
+                           f"{to_internal(datatype)} ({datatype}); send {to_kserve(spec.dtype)}")
+
+
+def decode_infer_request(
+    msg: pb.ModelInferRequest, deadline: float | None = None,
+    specs: Mapping[str, TensorSpec] | None = None,
+) -> InferRequest:
+    """A ModelInferRequest as an InferRequest; raises InvalidInput or NotFound.
+
+    `specs`, the endpoint's inputs by name when known, lets datatypes be checked before
+    any tensor is decoded; the full checks against the endpoint come after (model.py).
+    Cheap checks come first: counts, names, datatypes, shapes, then the data."""
+    model, endpoint, version = infer_target(msg)
+    check_counts(len(msg.inputs), len(msg.outputs))
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs: "
             "send one per input, in the order of `inputs`"
         )
-    inputs: dict[str, np.ndarray] = {}
+    names: set[str] = set()
     for i, tensor in enumerate(msg.inputs):
         if not tensor.name:
             raise InvalidInput(f"input #{i} has no name")
-        if tensor.name in inputs:
-            raise InvalidInput(f"input {tensor.name!r} is given more than once")
+        if tensor.name in names:
+            raise InvalidInput(f"input {clip(tensor.name)} is given more than once")
+        names.add(tensor.name)
+        check_datatype(tensor.name, tensor.datatype, (specs or {}).get(tensor.name))
+        element_count(tensor.name, tensor.shape)
+    outputs = _requested_outputs(msg.outputs)
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(msg.inputs):
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
-                    f"input {tensor.name!r} has `contents` but the request uses "
+                    f"input {clip(tensor.name)} has `contents` but the request uses "
                     "raw_input_contents: use one or the other for all inputs"
                 )
             # Index once: each access of a repeated bytes field copies the bytes.
@@ -121,7 +162,7 @@ def decode_infer_request(
         endpoint=endpoint,
         version=version,
         inputs=inputs,
-        outputs=_requested_outputs(msg.outputs),
+        outputs=outputs,
         id=msg.id,
         deadline=deadline,
     )
@@ -162,11 +203,9 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
 
 
 def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[tuple[int, ...], int]:
-    """The tensor's shape and element count; a negative dimension is InvalidInput."""
+    """The tensor's shape and element count (InvalidInput for one numpy cannot make)."""
     shape = tuple(tensor.shape)
-    if any(dim < 0 for dim in shape):
-        raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} has a negative dimension")
-    return shape, math.prod(shape)
+    return shape, element_count(tensor.name, shape)
 
 
 def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
@@ -174,14 +213,14 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     shape, count = _shape(tensor)
     if tensor.datatype not in _CONTENTS:
         raise InvalidInput(
-            f"input {tensor.name!r}: {tensor.datatype} data must be sent in raw_input_contents "
+            f"input {clip(tensor.name)}: {tensor.datatype} data must be sent in raw_input_contents "
             "(InferTensorContents has no field for it)"
         )
     field, held = _CONTENTS[tensor.datatype]
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidInput(
-            f"input {tensor.name!r}: shape {list(shape)} needs {count} elements "
+            f"input {clip(tensor.name)}: shape {list(shape)} needs {count} elements "
             f"in contents.{field}, got {len(values)}"
         )
     if internal == STRING:
@@ -195,7 +234,7 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
         info = np.iinfo(target)
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(
-                f"input {tensor.name!r}: values out of range for {tensor.datatype} "
+                f"input {clip(tensor.name)}: values out of range for {tensor.datatype} "
                 f"[{info.min}, {info.max}]"
             )
     return array.astype(target, copy=False).reshape(shape)
@@ -209,7 +248,7 @@ def _decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidInput(
-            f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
+            f"input {clip(tensor.name)}: shape {list(shape)} of {tensor.datatype} needs "
             f"{expected} bytes, got {len(raw)}"
         )
     # frombuffer shares `raw` (an immutable bytes object the array keeps alive): no copy.
@@ -219,25 +258,28 @@ def _decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np
 
 
 def _split_bytes(name: str, raw: bytes, shape: tuple[int, ...], count: int) -> np.ndarray:
+    if count * _LENGTH.size > len(raw):  # each element has its 4-byte length at least
+        raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} BYTES "
+                           f"elements, at least {count * _LENGTH.size} bytes; got {len(raw)}")
     elements: list[bytes] = []
     offset = 0
     while offset < len(raw):
         if offset + _LENGTH.size > len(raw):
             raise InvalidInput(
-                f"input {name!r}: BYTES element {len(elements)} is cut inside its 4-byte length"
+                f"input {clip(name)}: BYTES element {len(elements)} is cut inside its 4-byte length"
             )
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += _LENGTH.size
         if offset + length > len(raw):
             raise InvalidInput(
-                f"input {name!r}: BYTES element {len(elements)} declares {length} bytes, "
+                f"input {clip(name)}: BYTES element {len(elements)} declares {length} bytes, "
                 f"only {len(raw) - offset} remain"
             )
         elements.append(raw[offset : offset + length])
         offset += length
     if len(elements) != count:
         raise InvalidInput(
-            f"input {name!r}: shape {list(shape)} needs {count} BYTES elements, "
+            f"input {clip(name)}: shape {list(shape)} needs {count} BYTES elements, "
             f"got {len(elements)}"
         )
     array = np.empty(count, dtype=object)
@@ -269,9 +311,11 @@ def _requested_outputs(
     outputs: Iterable[pb.ModelInferRequest.InferRequestedOutputTensor],
 ) -> list[str]:
     names: list[str] = []
+    seen: set[str] = set()  # a set: 60,000 names checked against a list took 21 s
     for out in outputs:
-        if out.name in names:
-            raise InvalidInput(f"output {out.name!r} is requested more than once")
+        if out.name in seen:
+            raise InvalidInput(f"output {clip(out.name)} is requested more than once")
+        seen.add(out.name)
         names.append(out.name)
     return names
 

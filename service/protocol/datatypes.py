@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, clip
 from service.types import STRING
+
+# Beyond these numpy cannot make the array at all (it raises, which would be INTERNAL): a
+# shape like [0, 2**62, 8, 1] holds no element, yet numpy refuses it.
+MAX_RANK = 32
+MAX_ELEMENTS = 2**40
 
 # KServe datatype -> internal dtype name (numpy's names, plus "string" for BYTES).
 # BF16 is left out: the contract does not list it and numpy has no native bfloat16.
@@ -64,3 +72,19 @@ def numpy_dtype(datatype: str) -> np.dtype:
     if internal == STRING:
         return np.dtype(object)
     return np.dtype(internal).newbyteorder("<")
+
+
+def element_count(name: str, shape: Sequence[int]) -> int:
+    """The element count of a client's shape, refusing (InvalidInput) a negative
+    dimension, a rank over MAX_RANK, or dimensions whose product (0 counted as 1) passes
+    MAX_ELEMENTS, before anything is allocated."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input {clip(name)}: shape has {len(shape)} dimensions, at most "
+                           f"{MAX_RANK} are served")
+    dims = list(shape)
+    if any(d < 0 for d in dims):
+        raise InvalidInput(f"input {clip(name)}: shape {dims} has a negative dimension")
+    if math.prod(max(d, 1) for d in dims) > MAX_ELEMENTS:
+        raise InvalidInput(f"input {clip(name)}: shape {dims} is too large: its dimensions "
+                           f"(0 counted as 1) multiply past 2**40")
+    return math.prod(dims)

@@ -4,15 +4,16 @@ convert back; domain errors become HTTP statuses here and nowhere else."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
 from service.auth import Tokens
-from service.errors import InvalidInput, NotFound, TapserveError, Unauthenticated
+from service.errors import InvalidInput, NotFound, TapserveError, Unauthenticated, clip
 from service.metrics import UNKNOWN
 from service.protocol import convert, kserve_rest, tfserving_rest
 from service.protocol.kserve import DataPlane
@@ -27,6 +28,7 @@ KSERVE = "kserve_http"
 STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
           "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401,
           "UNIMPLEMENTED": 501, "CANCELLED": 499}
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -49,7 +51,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:  # no such route (404), body too large (413), ...
         if exc.status < 400:
             raise
-        reason = exc.reason if exc.status != 404 else f"no route {request.method} {request.path}"
+        reason = (exc.reason if exc.status != 404
+                  else f"no route {request.method} {clip(request.path)}")
         return error_response(exc.status, reason)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
@@ -147,16 +150,19 @@ class _Routes:
         model, endpoint, version = self._model(request)
         if self._dataplane.model_ready(model, endpoint, version):
             return json_response({"name": request.match_info["model"], "ready": True})
-        return error_response(503, f"model {request.match_info['model']!r} is not ready")
+        return error_response(503, f"model {clip(request.match_info['model'])} is not ready")
 
     async def infer(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
         version = request.match_info.get("version", "")
         try:
-            document, binary = kserve_rest.decode_body(
-                await request.read(), request.headers.get(kserve_rest.HEADER_LENGTH))
-            msg, binary_outputs = kserve_rest.decode_infer(document, binary, name, version)
-            infer_request = convert.decode_infer_request(msg)
+            body = await request.read()
+            model, endpoint = convert.parse_model_name(name)
+            # The endpoint first: its datatypes are checked before any tensor is decoded.
+            specs = self._dataplane.input_specs(model, endpoint, convert.parse_version(version))
+            infer_request, binary_outputs = await _off_loop_if_large(
+                len(body), kserve_rest.decode_request, body,
+                request.headers.get(kserve_rest.HEADER_LENGTH), name, version, specs)
         except TapserveError as exc:
             model, endpoint = name.partition(".")[::2]
             self._dataplane.rejected(InferRequest(model, {}, endpoint or None,
@@ -196,7 +202,7 @@ class _Routes:
     def _repository_model(request: web.Request) -> str:
         model, endpoint = convert.parse_model_name(request.match_info["model"])
         if endpoint is not None:
-            raise NotFound(f"no model {request.match_info['model']!r}: load a model, "
+            raise NotFound(f"no model {clip(request.match_info['model'])}: load a model, "
                            "not an endpoint")
         return model
 
@@ -205,7 +211,7 @@ class _Routes:
     def _tfs_model(self, request: web.Request) -> tuple[str, str | None]:
         model, endpoint = convert.parse_model_name(request.match_info["model"])
         if endpoint is not None:
-            raise NotFound(f"no model {request.match_info['model']!r}: name the model alone "
+            raise NotFound(f"no model {clip(request.match_info['model'])}: name the model alone "
                            "and the endpoint in signature_name")
         info = request.match_info
         version = info.get("version") or info.get("label")
@@ -227,14 +233,16 @@ class _Routes:
         protocol = tfserving_rest.PROTOCOL_REST
         endpoint, label = None, UNKNOWN
         try:
-            document = await _json(request)
+            body = await request.read()
+            document = await _off_loop_if_large(len(body), _json_object, body)
             signature = document.get("signature_name", "")
             if not isinstance(signature, str):
                 raise InvalidInput("signature_name must be a string")
             endpoint = endpoint_of(signature)
             meta = self._dataplane.model_metadata(model, endpoint, version)
             label = meta.endpoint  # a refusal from here on counts under its endpoint
-            infer_request, rows = tfserving_rest.decode_predict(document, model, version, meta)
+            infer_request, rows = await _off_loop_if_large(
+                len(body), tfserving_rest.decode_predict, document, model, version, meta)
         except TapserveError as exc:
             self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), exc,
                                      endpoint_label=label)
@@ -243,11 +251,23 @@ class _Routes:
         return json_response(tfserving_rest.encode_predict(response.outputs, rows))
 
 
+async def _off_loop_if_large(size: int, decode: Callable[..., T], *args: object) -> T:
+    """decode(*args) on the event loop for a small body, on a thread for a large one:
+    millions of JSON values must not stall every other request."""
+    if size <= convert.DECODE_INLINE_BYTES:
+        return decode(*args)
+    return await asyncio.to_thread(decode, *args)
+
+
 async def _json(request: web.Request) -> dict[str, Any]:
+    return _json_object(await request.read())
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        document = orjson.loads(await request.read())
+        document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not JSON: {exc}") from None
+        raise InvalidInput(f"the request body is not JSON: {clip(str(exc), 200)}") from None
     if not isinstance(document, dict):
         raise InvalidInput("the request body must be a JSON object")
     return document

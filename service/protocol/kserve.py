@@ -5,8 +5,10 @@ Domain errors propagate; service.protocol.status maps them to gRPC status codes.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -16,7 +18,9 @@ from service.protocol import convert
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
 from service.statistics import VersionStatistics
-from service.types import EndpointMetadata, InferRequest, InferResponse
+from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
+
+T = TypeVar("T")
 
 
 class DataPlane(Protocol):
@@ -38,6 +42,11 @@ class DataPlane(Protocol):
         self, model: str, endpoint: str | None, version: str | None
     ) -> EndpointMetadata:
         """Raises NotFound if the endpoint is unknown."""
+        ...
+
+    def input_specs(self, model: str, endpoint: str | None, version: str | None
+                    ) -> Mapping[str, TensorSpec]:
+        """The endpoint's inputs by name; raises NotFound or NotReady."""
         ...
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -105,7 +114,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            infer_request = convert.decode_infer_request(request, deadline=deadline_of(context))
+            # The endpoint first: its datatypes are checked before any tensor is decoded.
+            specs = self._dataplane.input_specs(*convert.infer_target(request))
+            infer_request = await decoded(convert.decode_infer_request, request,
+                                          deadline_of(context), specs)
         except TapserveError as exc:  # counted and logged like every failed request
             model, endpoint = request.model_name.partition(".")[::2]
             self._dataplane.rejected(
@@ -149,3 +161,11 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The client's deadline on the time.monotonic() clock, or None when it set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+async def decoded(decode: Callable[..., T], msg: object, *args: object) -> T:
+    """decode(msg, *args), on the event loop for a small message, on a thread for a
+    large one: splitting millions of BYTES elements must not stall every other RPC."""
+    if msg.ByteSize() <= convert.DECODE_INLINE_BYTES:
+        return decode(msg, *args)
+    return await asyncio.to_thread(decode, msg, *args)

@@ -8,16 +8,17 @@ numpy as the datatype says, binary data is sliced from the body as it is.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import orjson
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, clip
 from service.protocol import convert
-from service.protocol.datatypes import numpy_dtype
+from service.protocol.datatypes import element_count, numpy_dtype
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
-from service.types import EndpointMetadata
+from service.types import EndpointMetadata, InferRequest, TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -32,13 +33,13 @@ def decode_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
         except ValueError:
             size = -1
         if not 0 <= size <= len(body):
-            raise InvalidInput(f"{HEADER_LENGTH} is {header_length!r}, the body has "
+            raise InvalidInput(f"{HEADER_LENGTH} is {clip(header_length)}, the body has "
                                f"{len(body)} bytes")
         json_part, binary = body[:size], body[size:]
     try:
         document = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not JSON: {exc}") from None
+        raise InvalidInput(f"the request body is not JSON: {clip(str(exc), 200)}") from None
     if not isinstance(document, dict):
         raise InvalidInput("the request body must be a JSON object")
     return document, binary
@@ -50,21 +51,31 @@ def _pack(name: str, datatype: str, shape: list[int], data: Any) -> bytes:
         flat = np.asarray(data, dtype=object).ravel()
         items = [item.encode() if isinstance(item, str) else item for item in flat]
         if not all(isinstance(i, bytes) for i in items):
-            raise InvalidInput(f"input {name!r}: BYTES data must be strings")
+            raise InvalidInput(f"input {clip(name)}: BYTES data must be strings")
         return b"".join(len(i).to_bytes(4, "little") + i for i in items)
     dtype = numpy_dtype(datatype)  # NotFound-free: an unknown datatype is InvalidInput
     try:
         array = np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"input {name!r}: data is not {datatype}: {exc}") from None
+        raise InvalidInput(f"input {clip(name)}: data is not {datatype}: {exc}") from None
     if array.size != math.prod(shape):
-        raise InvalidInput(f"input {name!r}: shape {shape} needs {math.prod(shape)} "
+        raise InvalidInput(f"input {clip(name)}: shape {shape} needs {math.prod(shape)} "
                            f"values, data has {array.size}")
     return array.astype(dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def decode_infer(document: dict[str, Any], binary: bytes, model_name: str,
-                 version: str) -> tuple[pb.ModelInferRequest, set[str] | None]:
+def decode_request(body: bytes, header_length: str | None, model_name: str, version: str,
+                   specs: Mapping[str, TensorSpec] | None = None
+                   ) -> tuple[InferRequest, set[str] | None]:
+    """An HTTP infer request as an InferRequest, and which outputs go back as binary."""
+    document, binary = decode_body(body, header_length)
+    msg, binary_outputs = decode_infer(document, binary, model_name, version, specs)
+    return convert.decode_infer_request(msg, specs=specs), binary_outputs
+
+
+def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, version: str,
+                 specs: Mapping[str, TensorSpec] | None = None
+                 ) -> tuple[pb.ModelInferRequest, set[str] | None]:
     """The gRPC twin of an HTTP infer request, and which outputs go back as binary
     (None: all, as the request's `binary_data_output` asks)."""
     msg = pb.ModelInferRequest(model_name=model_name, model_version=version)
@@ -73,6 +84,10 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str,
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("the request needs `inputs`: a list of {name, shape, datatype, "
                            "data or parameters.binary_data_size}")
+    outputs = document.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise InvalidInput("`outputs` must be a list of objects with a string `name`")
+    convert.check_counts(len(inputs), len(outputs))
     offset = 0
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
@@ -82,19 +97,20 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str,
                 isinstance(shape, list) and all(isinstance(d, int) for d in shape)):
             raise InvalidInput(f"input #{i} needs a string `name` and `datatype` and an "
                                "integer list `shape`")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        # Cheap checks before any data is packed: the datatype, the shape's size.
+        convert.check_datatype(name, datatype, (specs or {}).get(name))
+        element_count(name, shape)
+        size = _parameters(tensor, f"input {clip(name)}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise InvalidInput(f"input {name!r}: binary_data_size {size!r} runs past the "
-                                   f"{len(binary) - offset} binary bytes left")
+                raise InvalidInput(f"input {clip(name)}: binary_data_size {clip(size)} runs "
+                                   f"past the {len(binary) - offset} binary bytes left")
             raw = binary[offset:offset + size]
             offset += size
         elif "data" in tensor:
-            if any(d < 0 for d in shape):
-                raise InvalidInput(f"input {name!r}: shape {shape} has a negative dimension")
             raw = _pack(name, datatype, shape, tensor["data"])
         else:
-            raise InvalidInput(f"input {name!r} has neither `data` nor "
+            raise InvalidInput(f"input {clip(name)} has neither `data` nor "
                                "parameters.binary_data_size")
         msg.inputs.add(name=name, datatype=datatype, shape=shape)
         msg.raw_input_contents.append(raw)
@@ -102,15 +118,24 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str,
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the inputs "
                            "that no input claims")
     binary_outputs: set[str] | None = set()
-    if (document.get("parameters") or {}).get("binary_data_output"):
+    if _parameters(document, "the request").get("binary_data_output"):
         binary_outputs = None
-    for out in document.get("outputs") or []:
+    for out in outputs:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput("each of `outputs` must be an object with a string `name`")
         msg.outputs.add(name=out["name"])
-        if binary_outputs is not None and (out.get("parameters") or {}).get("binary_data"):
+        if binary_outputs is not None and _parameters(out, f"output {clip(out['name'])}"
+                                                      ).get("binary_data"):
             binary_outputs.add(out["name"])
     return msg, binary_outputs
+
+
+def _parameters(obj: dict[str, Any], what: str) -> dict[str, Any]:
+    """An object's `parameters`: absent or a JSON object."""
+    parameters = obj.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"{what}: `parameters` must be a JSON object")
+    return parameters
 
 
 def encode_infer(msg: pb.ModelInferResponse, binary_outputs: set[str] | None

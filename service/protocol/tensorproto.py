@@ -7,13 +7,12 @@ Both of TensorProto's encodings are read: `tensor_content` (raw little-endian by
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from service.errors import InvalidInput
-from service.types import STRING
+from service.errors import InvalidInput, clip
+from service.protocol.datatypes import element_count
+from service.types import STRING, TensorSpec
 
 # numpy dtype name (or "string") -> (DataType, the typed field that can hold it)
 _TYPES: dict[str, tuple[int, str]] = {
@@ -52,21 +51,25 @@ def shape_proto(shape: tuple[int | None, ...]) -> tensor_shape_pb2.TensorShapePr
         dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=-1 if d is None else d) for d in shape])
 
 
-def to_numpy(name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """One request tensor as numpy; InvalidInput says what does not add up."""
+def to_numpy(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec | None = None
+             ) -> np.ndarray:
+    """One request tensor as numpy; InvalidInput says what does not add up. With `spec`
+    (the endpoint's input), its dtype is checked before any value is read."""
     if proto.dtype not in _NAMES:
-        raise InvalidInput(f"input {name!r}: dtype {dtype_name(proto.dtype)} is not served; "
-                           f"use one of {', '.join(dtype_name(e) for e in _NAMES)}")
+        raise InvalidInput(f"input {clip(name)}: dtype {dtype_name(proto.dtype)} is not "
+                           f"served; use one of {', '.join(dtype_name(e) for e in _NAMES)}")
     internal = _NAMES[proto.dtype]
+    if spec is not None and spec.dtype != internal:
+        raise InvalidInput(f"input {clip(name)} must be {spec.dtype}, got {internal} "
+                           f"({dtype_name(proto.dtype)}); send "
+                           f"{dtype_name(data_type(spec.dtype))}")
     if proto.tensor_shape.unknown_rank:
-        raise InvalidInput(f"input {name!r}: the tensor has no shape (unknown_rank)")
+        raise InvalidInput(f"input {clip(name)}: the tensor has no shape (unknown_rank)")
     shape = tuple(d.size for d in proto.tensor_shape.dim)
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    count = math.prod(shape)
+    count = element_count(name, shape)
     if internal == STRING:
         if len(proto.string_val) != count:
-            raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {count} strings in "
+            raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} strings in "
                                f"string_val, got {len(proto.string_val)}")
         array = np.empty(count, dtype=object)
         array[:] = list(proto.string_val)
@@ -75,7 +78,7 @@ def to_numpy(name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
     if proto.tensor_content:
         expected = count * dtype.itemsize
         if len(proto.tensor_content) != expected:
-            raise InvalidInput(f"input {name!r}: shape {list(shape)} of {internal} needs "
+            raise InvalidInput(f"input {clip(name)}: shape {list(shape)} of {internal} needs "
                                f"{expected} bytes of tensor_content, got "
                                f"{len(proto.tensor_content)}")
         return np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(
@@ -83,7 +86,7 @@ def to_numpy(name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
     field = _TYPES[internal][1]
     values = getattr(proto, field)
     if len(values) != count:
-        raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {count} values in "
+        raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} values in "
                            f"{field} (or tensor_content), got {len(values)}")
     if internal == "float16":  # half_val holds the bit patterns
         return np.array(values, dtype=np.uint16).view(np.float16).reshape(shape)
@@ -91,7 +94,7 @@ def to_numpy(name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
     if dtype.kind in "iu" and count:
         info = np.iinfo(dtype)
         if held.min() < info.min or held.max() > info.max:
-            raise InvalidInput(f"input {name!r}: values out of range for "
+            raise InvalidInput(f"input {clip(name)}: values out of range for "
                                f"{dtype_name(proto.dtype)} [{info.min}, {info.max}]")
     return held.astype(dtype).reshape(shape)
 

@@ -6,6 +6,8 @@ Convert, call the data plane, convert back. `model_spec.signature_name` names an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 from google.protobuf import wrappers_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -19,11 +21,11 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.apis.model_service_pb2_grpc import ModelServiceServicer
 from tensorflow_serving.apis.prediction_service_pb2_grpc import PredictionServiceServicer
 
-from service.errors import InvalidInput, NotFound, TapserveError, Unsupported
+from service.errors import InvalidInput, NotFound, TapserveError, Unsupported, clip
 from service.protocol import convert
-from service.protocol.kserve import DataPlane, deadline_of
+from service.protocol.kserve import DataPlane, deadline_of, decoded
 from service.protocol.tensorproto import data_type, from_numpy, shape_proto, to_numpy
-from service.types import EndpointMetadata, InferRequest
+from service.types import EndpointMetadata, InferRequest, TensorSpec
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -42,7 +44,7 @@ def model_and_version(spec: model_pb2.ModelSpec) -> tuple[str, str | None]:
     """The model name and the version (number or label) a ModelSpec asks for."""
     model, endpoint = convert.parse_model_name(spec.name)
     if endpoint is not None:
-        raise NotFound(f"no model {spec.name!r}: name the model alone and the endpoint in "
+        raise NotFound(f"no model {clip(spec.name)}: name the model alone and the endpoint in "
                        "model_spec.signature_name")
     if spec.HasField("version"):
         return model, convert.parse_version(str(spec.version.value))
@@ -53,16 +55,26 @@ def endpoint_of(signature_name: str) -> str | None:
     return None if signature_name in ("", DEFAULT_SIGNATURE) else signature_name
 
 
-def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = None
-                   ) -> InferRequest:
+def predict_target(msg: predict_pb2.PredictRequest) -> tuple[str, str | None, str | None]:
+    """The (model, endpoint, version) a PredictRequest asks for; raises NotFound."""
     model, version = model_and_version(msg.model_spec)
     endpoint = endpoint_of(msg.model_spec.signature_name)
     if endpoint is not None:
         convert.parse_model_name(f"{model}.{endpoint}")  # NotFound for an impossible name
+    return model, endpoint, version
+
+
+def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = None,
+                   specs: Mapping[str, TensorSpec] | None = None) -> InferRequest:
+    """A PredictRequest as an InferRequest; with `specs` (the endpoint's inputs by name)
+    the dtypes are checked before any tensor is read."""
+    model, endpoint, version = predict_target(msg)
+    convert.check_counts(len(msg.inputs), len(msg.output_filter))
     outputs = list(msg.output_filter)
     if len(set(outputs)) != len(outputs):
-        raise InvalidInput(f"output_filter names an output more than once: {outputs}")
-    inputs = {name: to_numpy(name, tensor) for name, tensor in msg.inputs.items()}
+        raise InvalidInput(f"output_filter names an output more than once: {clip(outputs)}")
+    specs = specs or {}
+    inputs = {name: to_numpy(name, tensor, specs.get(name)) for name, tensor in msg.inputs.items()}
     return InferRequest(model, inputs, endpoint, version, outputs, deadline=deadline,
                         protocol=PROTOCOL)
 
@@ -85,7 +97,9 @@ class PredictionServicer(PredictionServiceServicer):
     async def Predict(self, request: predict_pb2.PredictRequest,
                       context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         try:
-            infer_request = decode_predict(request, deadline_of(context))
+            # The endpoint first: its dtypes are checked before any tensor is read.
+            specs = self._dataplane.input_specs(*predict_target(request))
+            infer_request = await decoded(decode_predict, request, deadline_of(context), specs)
         except TapserveError as exc:  # counted and logged like every failed request
             self._dataplane.rejected(InferRequest(
                 request.model_spec.name, {}, endpoint_of(request.model_spec.signature_name),

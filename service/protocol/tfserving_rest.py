@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, clip
+from service.protocol.convert import check_counts
 from service.protocol.tfserving import PROTOCOL_REST, signature_def
 from service.types import STRING, EndpointMetadata, InferRequest, TensorSpec
 
@@ -24,7 +25,7 @@ def _bytes_in(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) != {"b64"} or not isinstance(value["b64"], str):
             raise InvalidInput(f"a JSON object inside a tensor must be {{\"b64\": ...}}, got "
-                               f"keys {sorted(value)[:5]}")
+                               f"keys {clip(sorted(value)[:5])}")
         try:
             return base64.b64decode(value["b64"], validate=True)
         except binascii.Error as exc:
@@ -40,11 +41,11 @@ def _array(spec: TensorSpec, values: Any) -> np.ndarray:
             nested = _bytes_in(values)
             array = np.array(nested, dtype=object)
             if any(not isinstance(v, bytes) for v in array.ravel()):
-                raise InvalidInput(f"input {spec.name!r} takes strings (or {{\"b64\": ...}})")
+                raise InvalidInput(f"input {clip(spec.name)} takes strings (or {{\"b64\": ...}})")
             return array
         return np.asarray(values, dtype=spec.dtype)  # a {"b64"} object here: TypeError
     except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"input {spec.name!r}: the values are not a rectangular "
+        raise InvalidInput(f"input {clip(spec.name)}: the values are not a rectangular "
                            f"{spec.dtype} tensor: {exc}") from None
 
 
@@ -72,7 +73,7 @@ def decode_predict(document: Any, model: str, version: str | None,
             if unknown or missing:
                 raise InvalidInput(f"each instance needs inputs {sorted(specs)}"
                                    + (f"; missing {missing}" if missing else "")
-                                   + (f"; unexpected {sorted(unknown)}" if unknown else ""))
+                                   + (f"; unexpected {clip(sorted(unknown))}" if unknown else ""))
         elif len(specs) == 1:
             columns = {next(iter(specs)): instances}
         else:
@@ -89,13 +90,15 @@ def decode_predict(document: Any, model: str, version: str | None,
                                "an object naming them")
     unknown = sorted(set(columns) - set(specs))
     if unknown:
-        raise InvalidInput(f"unexpected inputs {unknown}; the endpoint takes {sorted(specs)}")
-    inputs = {name: _array(specs[name], value) for name, value in columns.items()}
+        raise InvalidInput(f"unexpected inputs {clip(unknown)}; the endpoint takes "
+                           f"{sorted(specs)}")
     outputs = document.get("output_filter") or []
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         raise InvalidInput("`output_filter` must be a list of output or tap names")
+    check_counts(len(columns), len(outputs))  # before any value is converted
     if len(set(outputs)) != len(outputs):
-        raise InvalidInput(f"output_filter names an output more than once: {outputs}")
+        raise InvalidInput(f"output_filter names an output more than once: {clip(outputs)}")
+    inputs = {name: _array(specs[name], value) for name, value in columns.items()}
     return InferRequest(model, inputs, meta.endpoint, version, outputs,
                         protocol=PROTOCOL_REST), rows
 

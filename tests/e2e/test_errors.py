@@ -19,7 +19,8 @@ from stock import ServerProcess, infer
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 # One request waits in the queue for its batch to fill for 1.5 s: long enough to race.
-SLOW_BATCHING = {"max_queue_size": 1, "max_queue_delay_ms": 1500, "max_batch_size": 64}
+# The queue holds 3 rows, assert_serves' request.
+SLOW_BATCHING = {"max_queue_size": 3, "max_queue_delay_ms": 1500, "max_batch_size": 64}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_a_batch_over_max_batch_size_is_split_not_refused(server, client, autoen
 
 def test_queue_full_is_resource_exhausted(server, client, autoencoder) -> None:
     waiting: dict[str, object] = {}
-    x = images(1, seed=5)
+    x = images(3, seed=5)  # fills the 3-row queue
 
     def first() -> None:
         with server.client() as c:
@@ -147,14 +148,14 @@ def test_queue_full_is_resource_exhausted(server, client, autoencoder) -> None:
     thread = threading.Thread(target=first)
     thread.start()
     try:
-        wait_for(lambda: server.metric("tapserve_queue_depth", model="queued") == 1,
+        wait_for(lambda: server.metric("tapserve_queue_depth", model="queued") == 3,
                  "the first request to queue")
         with pytest.raises(InferenceServerException) as err:
-            infer(client, "queued", {"image": x})
+            infer(client, "queued", {"image": x[:1]})
     finally:
         thread.join(30)
     assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED", err.value
-    assert "the queue is full (1 rows waiting, limit 1" in err.value.message()
+    assert "the queue is full (3 rows waiting, limit 3" in err.value.message()
     np.testing.assert_allclose(waiting["recon"], np.asarray(autoencoder(x)), atol=1e-5)
     assert_serves(client, autoencoder, "queued")
 

@@ -208,7 +208,11 @@ def test_a_bad_config_names_what_is_missing_and_others_serve(client) -> None:
     with pytest.raises(InferenceServerException) as err:
         infer(client, "bad_config", {"image": np.zeros((1, 8, 8, 1), np.float32)})
     assert err.value.status() == "StatusCode.UNAVAILABLE"
-    assert "no_such_layer" in err.value.message() and "recon" in err.value.message()
+    # A request is told the category; the repository index (and the log) names the layer.
+    assert "its config.yaml does not fit the model" in err.value.message()
+    reason = {r["name"]: r.get("reason", "")
+              for r in client.get_model_repository_index(as_json=True)["models"]}["bad_config"]
+    assert "no_such_layer" in reason and "recon" in reason, reason
     assert not client.is_model_ready("garbage")
     assert client.is_model_ready("autoencoder")
     assert client.is_server_ready()

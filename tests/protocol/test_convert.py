@@ -319,16 +319,24 @@ def test_raw_byte_count_mismatch() -> None:
 
 
 def test_raw_bytes_element_count_mismatch() -> None:
+    # One 8-byte element: enough bytes for two elements' lengths, yet only one element.
     msg = pb.ModelInferRequest(model_name="m",
-                               raw_input_contents=[_serialize_bytes(_bytes_array(b"a"))])
+                               raw_input_contents=[_serialize_bytes(_bytes_array(b"abcdefgh"))])
     _input(msg, "s", "BYTES", [2])
     with pytest.raises(InvalidInput, match=r"'s': shape \[2\] needs 2 BYTES elements, got 1"):
         decode_infer_request(msg)
 
 
+def test_raw_bytes_too_short_for_the_shape_is_refused_before_splitting() -> None:
+    msg = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * 7])
+    _input(msg, "s", "BYTES", [2])
+    with pytest.raises(InvalidInput, match=r"needs 2 BYTES elements, at least 8 bytes; got 7"):
+        decode_infer_request(msg)
+
+
 @pytest.mark.parametrize(("raw", "message"), [
-    (b"\x01\x00", "element 0 is cut inside its 4-byte length"),
-    (b"\x05\x00\x00\x00abc", "element 0 declares 5 bytes, only 3 remain"),
+    (b"\x01\x00\x00\x00a\x01\x00\x00", "element 1 is cut inside its 4-byte length"),
+    (b"\x05\x00\x00\x00abcd", "element 0 declares 5 bytes, only 4 remain"),
     (b"\x01\x00\x00\x00a\x09\x00\x00\x00", "element 1 declares 9 bytes, only 0 remain"),
 ])
 def test_truncated_raw_bytes(raw: bytes, message: str) -> None:

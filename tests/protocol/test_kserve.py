@@ -70,6 +70,10 @@ class EchoDataPlane:
         spec = TensorSpec("x", "float32", (None, 3))
         return EndpointMetadata(model, endpoint or "echo", (1,), "test_echo", (spec,), (spec,))
 
+    def input_specs(self, model: str, endpoint: str | None, version: str | None
+                    ) -> dict[str, TensorSpec]:
+        return {}  # echo takes any input: nothing to check before decoding
+
     def rejected(self, request: InferRequest, error: Exception) -> None:
         self.rejections.append(
             (request.model, request.endpoint, request.id, type(error).__name__))
