@@ -47,10 +47,23 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(OneLineFormatter(TEXT_FORMAT))
+    handler.addFilter(client_gone)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # TensorFlow's Python warnings (e.g. "retracing" while every endpoint compiles at load)
     # are about its internals, not the server's events.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def client_gone(record: logging.LogRecord) -> bool:
+    """gRPC logs an ERROR with a traceback when it cannot send an answer because its client
+    already went away (a cancel, an expired deadline): the client's doing, not a fault of
+    the server's, and one line per cancelled call would drown real errors. It stays, as
+    a one-line DEBUG record."""
+    if record.name.startswith("grpc._cython") and "ExecuteBatchError" in record.getMessage():
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
 
 
 class OneLineFormatter(logging.Formatter):

@@ -4,10 +4,12 @@ tests/e2e/test_deploy_process.py."""
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 import pytest
 
-from service.logs import wrap
+from service.logs import client_gone, wrap
 
 
 @pytest.mark.parametrize(("line", "level", "source", "message"), [
@@ -44,3 +46,28 @@ def test_other_lines_are_wrapped_and_continuations_keep_the_level() -> None:
 def test_json_objects_pass_unchanged() -> None:
     line = '{"time": "t", "level": "INFO", "message": "already JSON"}'
     assert wrap(line, "ERROR") == (line, "ERROR")
+
+
+def test_grpc_failing_to_answer_a_departed_client_is_not_an_error() -> None:
+    """Regression: a cancelled or timed-out client made gRPC log an ERROR and a traceback
+    ("ExecuteBatchError raised in core by servicer method") for every such call."""
+    try:
+        raise RuntimeError("send failed")
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    gone = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1,
+                             "ExecuteBatchError raised in core by servicer method [%s]",
+                             ("/inference.GRPCInferenceService/ModelInfer",), exc_info)
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert not client_gone(gone)  # dropped at INFO
+        assert gone.levelname == "DEBUG" and gone.exc_info is None
+        root.setLevel(logging.DEBUG)
+        assert client_gone(gone)  # kept, one line, at DEBUG
+        other = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1,
+                                  "Unexpected error in the server", (), None)
+        assert client_gone(other) and other.levelname == "ERROR"
+    finally:
+        root.setLevel(level)
