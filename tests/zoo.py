@@ -273,3 +273,17 @@ def sample_inputs(model: keras.Model, batch: int = 4, seed: int = 0) -> dict[str
         else:
             out[name] = rng.random(shape, dtype=np.float32).astype(t.dtype)
     return out
+
+
+EXAMPLES_SCRIPT = Path(__file__).resolve().parent.parent / "models" / "build_examples.py"
+
+
+def write_examples(repository: Path) -> list[Path]:
+    """The example models of models/build_examples.py (trained on sklearn's digits) into
+    `repository`; the script is imported by path (models/ is a repository, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_examples", EXAMPLES_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_all(repository)

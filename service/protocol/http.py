@@ -234,7 +234,7 @@ class _Routes:
         endpoint, label = None, UNKNOWN
         try:
             body = await request.read()
-            document = await _off_loop_if_large(len(body), _json_object, body)
+            document = await _off_loop_if_large(len(body), kserve_rest.json_object, body)
             signature = document.get("signature_name", "")
             if not isinstance(signature, str):
                 raise InvalidInput("signature_name must be a string")
@@ -260,17 +260,7 @@ async def _off_loop_if_large(size: int, decode: Callable[..., T], *args: object)
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
-    return _json_object(await request.read())
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not JSON: {clip(str(exc), 200)}") from None
-    if not isinstance(document, dict):
-        raise InvalidInput("the request body must be a JSON object")
-    return document
+    return kserve_rest.json_object(await request.read())
 
 
 def json_response(value: Any, status: int = 200) -> web.Response:

@@ -36,13 +36,18 @@ def decode_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
             raise InvalidInput(f"{HEADER_LENGTH} is {clip(header_length)}, the body has "
                                f"{len(body)} bytes")
         json_part, binary = body[:size], body[size:]
+    return json_object(json_part), binary
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must hold one JSON object (both REST APIs)."""
     try:
-        document = orjson.loads(json_part)
+        document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"the request body is not JSON: {clip(str(exc), 200)}") from None
     if not isinstance(document, dict):
         raise InvalidInput("the request body must be a JSON object")
-    return document, binary
+    return document
 
 
 def _pack(name: str, datatype: str, shape: list[int], data: Any) -> bytes:

@@ -5,7 +5,6 @@ each answer equal to the gRPC door's (itself checked against Keras) or to Keras.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import time
 import urllib.error
@@ -27,7 +26,6 @@ MODELS = ["autoencoder", "two_heads", "siamese", "nested", "multi_dtype", "strin
 # Also served: "slow" (back-pressure), not in the every-endpoint tests.
 EXAMPLES = ["digits_autoencoder", "digits_classifier"]  # models/build_examples.py
 LIMIT = 1024 * 1024  # --max-request-bytes of this server
-SCRIPT = Path(__file__).resolve().parents[2] / "models" / "build_examples.py"
 
 
 def endpoints(repository: Path, name: str) -> list[str]:
@@ -40,10 +38,7 @@ def endpoints(repository: Path, name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("http_models")
-    spec = importlib.util.spec_from_file_location("build_examples", SCRIPT)
-    examples = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(examples)
-    examples.build_all(repo)
+    zoo.write_examples(repo)
     for name in MODELS:
         zoo.write_model(name, repo)
     config = yaml.safe_load((repo / "autoencoder" / "config.yaml").read_text())

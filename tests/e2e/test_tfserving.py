@@ -4,7 +4,6 @@ endpoint, cut and tap of the test models equal to Keras, and the error table."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -27,16 +26,12 @@ from tensorflow_serving.apis import (
 MODELS = ["autoencoder", "two_heads", "siamese", "nested", "multi_dtype", "string_input",
           "sequential", "legacy_h5"]
 EXAMPLES = ["digits_autoencoder", "digits_classifier"]  # models/build_examples.py
-SCRIPT = Path(__file__).resolve().parents[2] / "models" / "build_examples.py"
 
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("tfs_models")
-    spec = importlib.util.spec_from_file_location("build_examples", SCRIPT)
-    examples = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(examples)
-    examples.build_all(repo)
+    zoo.write_examples(repo)
     for name in MODELS:
         zoo.write_model(name, repo)
     (repo / "autoencoder" / "2").mkdir()
