@@ -12,13 +12,13 @@ import time
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from service.auth import Tokens
 from service.dataplane import DataPlane
 from service.errors import Unauthenticated
+from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
@@ -90,7 +90,7 @@ class TapServer:
             Loader(settings, self.devices), self.metrics, settings.drain_grace_seconds,
             on_change=self._update_health)
         self.dataplane = DataPlane(self.registry, self.metrics, settings.strict_readiness)
-        self.health = HealthServicer()
+        self.health = Health()
         self.grpc_port = 0
         self.metrics_port = 0
         self._loading: asyncio.Task | None = None

@@ -4,6 +4,7 @@ readiness while a model loads, model metadata, and the metrics the server export
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -145,3 +146,26 @@ def test_metrics_exist_with_model_and_endpoint_labels(server: RunningServer) -> 
     assert sample(server, "tapserve_queue_depth", **model) == 0
     assert sample(server, "tapserve_model_ready", **model) == 1
     assert sample(server, "tapserve_model_load_duration_seconds", **model) > 0
+
+
+def test_every_health_watcher_hears_the_drain_after_another_left(repository: Path) -> None:
+    """Regression: grpcio-health-checking's aio servicer forgot a service's watchers once
+    one Watch stream ended, so the others never saw NOT_SERVING at drain."""
+    server = RunningServer(repository)
+    watchers = grpc.insecure_channel(server.url)  # server.stop closes server.channel first
+    try:
+        stub = health_pb2_grpc.HealthStub(watchers)
+        first = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        second = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        model = stub.Watch(health_pb2.HealthCheckRequest(service="autoencoder"))
+        assert [next(w).status for w in (first, second, model)] == [SERVING] * 3
+        first.cancel()
+        time.sleep(0.3)  # its stream has ended on the server
+        stopping = threading.Thread(target=server.stop, kwargs={"grace": 2.0})
+        stopping.start()
+        assert next(second).status == NOT_SERVING
+        assert next(model).status == NOT_SERVING
+        stopping.join(30)
+    finally:
+        watchers.close()
+        server.stop(grace=1.0)
