@@ -1,17 +1,23 @@
-"""End to end: connection hygiene. Aged and idle gRPC connections are closed (so clients
-re-resolve and spread over new replicas) without failing a call; idle and half-sent
-connections do not keep the server from answering everyone else."""
+"""End to end: connection hygiene and abuse. Aged and idle gRPC connections are closed (so
+clients re-resolve and spread over new replicas) without failing a call; idle and
+half-sent connections, and a flood past one model's queue limit, do not keep the server
+from answering everyone else."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import zoo
 from stock import free_port, infer
+from tritonclient.utils import InferenceServerException
 
 X = {"x": np.zeros((1, 16), np.float32)}
 
@@ -83,3 +89,53 @@ def test_idle_sockets_and_half_sent_bodies_do_not_block_others(start_process,
     finally:
         for hog in hogs:
             hog.close()
+
+
+def test_a_flood_past_the_queue_limit_is_refused_and_others_keep_their_latency(
+        start_process, repository: Path) -> None:
+    flooded = repository / "flooded"
+    if not flooded.exists():
+        shutil.copytree(repository / "two_heads", flooded)
+        (flooded / "config.yaml").write_text(yaml.safe_dump({"batching": {
+            "max_queue_size": 8, "max_queue_delay_ms": 50, "max_batch_size": 8}}))
+    server = start_process(repository)
+    rows = {"x": np.zeros((4, 16), np.float32)}
+
+    def latencies(client: object, count: int = 40) -> list[float]:
+        out = []
+        for _ in range(count):
+            started = time.perf_counter()
+            infer(client, "two_heads", X)
+            out.append(time.perf_counter() - started)
+        return sorted(out)
+
+    codes: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def flood() -> None:
+        with server.client() as client:
+            while not stop.is_set():
+                try:
+                    infer(client, "flooded", rows)
+                    codes["OK"] += 1
+                except InferenceServerException as exc:
+                    codes[exc.status()] += 1
+
+    with server.client() as client:
+        quiet = latencies(client)
+        threads = [threading.Thread(target=flood) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            busy = latencies(client)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert codes["StatusCode.RESOURCE_EXHAUSTED"] > 0, codes
+        assert set(codes) <= {"OK", "StatusCode.RESOURCE_EXHAUSTED"}, codes
+        # The other model's median stays within a few times its quiet median (the flood
+        # shares this machine's 2 cores and this process's GIL, not its queue).
+        assert busy[len(busy) // 2] < 4 * quiet[len(quiet) // 2] + 0.02, (quiet, busy)
+        assert infer(client, "flooded", rows).as_numpy("label").shape == (4, 3)  # recovered
