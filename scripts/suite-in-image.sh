@@ -8,9 +8,11 @@
 set -eu
 python -m venv /tmp/suite
 echo /opt/venv/lib/python3.11/site-packages > /tmp/suite/lib/python3.11/site-packages/image.pth
-/tmp/suite/bin/pip install --quiet --disable-pip-version-check -c /src/constraints.txt \
-  "tritonclient[grpc,http]==2.73.0" pytest==9.2.0 pytest-asyncio==1.5.0 scikit-learn==1.9.1 \
-  grpcio-tools==1.81.1
+# The test tools are pyproject.toml's `test` extra, pinned by constraints.txt.
+set -f  # "tritonclient[grpc,http]" is a requirement, not a pattern
+deps=$(python -c "import tomllib; print(' '.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))")
+/tmp/suite/bin/pip install --quiet --disable-pip-version-check -c /src/constraints.txt $deps
+set +f
 # The e2e tests start the `tapserve` beside their Python: the image's.
 ln -s /opt/venv/bin/tapserve /tmp/suite/bin/tapserve
 /tmp/suite/bin/python -c "import service; assert service.__file__.startswith('/opt/venv/')"
