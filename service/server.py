@@ -140,26 +140,12 @@ class TapServer:
             "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME], self.server)
-        address = f"{s.host}:{s.grpc_port}"
-        try:
-            self.grpc_port = (self.server.add_secure_port(address, grpc_credentials(grpc_tls))
-                              if grpc_tls else self.server.add_insecure_port(address))
-        except RuntimeError:
-            self.grpc_port = 0
-        if not self.grpc_port:
-            self._metrics_http.shutdown()
-            raise OSError(f"cannot bind gRPC to {address} (in use?)")
+        self.grpc_port = self._bind(self.server, "gRPC", s.grpc_port,
+                                    grpc_credentials(grpc_tls) if grpc_tls else None)
         if s.health_port:
             self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
-            try:
-                bound = self._health_server.add_insecure_port(f"{s.host}:{s.health_port}")
-            except RuntimeError:
-                bound = 0
-            if not bound:
-                self._metrics_http.shutdown()
-                raise OSError(f"cannot bind the health port to {s.host}:{s.health_port} "
-                              "(in use?)")
+            self._bind(self._health_server, "the health port", s.health_port)
         if s.http_port:
             try:
                 await self._start_http()
@@ -184,6 +170,20 @@ class TapServer:
         if self.tokens or self._http_tls:
             self._watching = asyncio.create_task(self._watch())
         self._loading = asyncio.create_task(self._load())
+
+    def _bind(self, server: grpc.aio.Server, what: str, port: int,
+              credentials: grpc.ServerCredentials | None = None) -> int:
+        """Bind a gRPC server's port; OSError (with nothing left running) if it is taken."""
+        address = f"{self.settings.host}:{port}"
+        try:
+            bound = (server.add_secure_port(address, credentials) if credentials
+                     else server.add_insecure_port(address))
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            self._metrics_http.shutdown()
+            raise OSError(f"cannot bind {what} to {address} (in use?)")
+        return bound
 
     async def _start_http(self) -> None:
         """KServe v2 REST and TF Serving REST, on this event loop, over the data plane."""
