@@ -61,6 +61,8 @@ def main() -> None:
                         help="side A's repository under bench/out/models (default: the "
                         "scenario's), e.g. --b-models s3_separate for shared passes off")
     parser.add_argument("--b-models", default=None)
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="requests in flight (default: the scenario's headline)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds/window")
     parser.add_argument("--warmup", type=float, default=1.0, help="load seconds before each")
@@ -73,7 +75,7 @@ def main() -> None:
         log(f"building models into {out / 'models'}")
         build_models(out / "models")
     repo, model = repository(args.scenario, out / "models", args.delay_ms), MODEL[args.scenario]
-    concurrency = HEADLINE[args.scenario]
+    concurrency = args.concurrency or HEADLINE[args.scenario]
     sides = {}
     for side, flags, env, models in (("A", args.a, args.a_env, args.a_models),
                                      ("B", args.b, args.b_env, args.b_models)):

@@ -35,6 +35,7 @@ class BatchPolicy:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024  # rows queued before new work is refused
     shared_passes: bool = True
+    eager: bool = True  # an idle model starts a batch at once; the delay is only a bound
 
 
 @dataclass
@@ -101,8 +102,11 @@ class Batcher:
     """One queue per model version, one background task forming batches.
 
     A batch closes at max_batch_size rows or max_queue_delay_ms after its first
-    request arrived. At most `concurrency` batches run at once; while they do, new
-    requests gather, so batches grow with load.
+    request arrived, or (eager) as soon as no batch of this version is computing: then
+    waiting only adds latency, and while a batch computes the next one gathers, so
+    batches grow with load and no delay needs tuning (Triton's and TF Serving's advice
+    for CPUs: batch what is queued when a worker frees up). At most `concurrency`
+    batches run at once.
     """
 
     def __init__(self, run: RunBatch, policy: BatchPolicy, concurrency: int,
@@ -115,13 +119,14 @@ class Batcher:
         self._on_depth = on_depth or (lambda rows: None)
         self._pending: OrderedDict[Hashable, deque[Work]] = OrderedDict()
         self._depth = 0
+        self._arrivals = 0  # submits so far: tells whether an event-loop turn brought work
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._closed = False
 
     def start(self) -> None:
         # Made inside the running loop: asyncio primitives bind to it.
-        self._arrived = asyncio.Event()
+        self._wake = asyncio.Event()  # work arrived or a batch finished
         self._slots = asyncio.Semaphore(self.concurrency)
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
@@ -157,7 +162,8 @@ class Batcher:
             self._pending.setdefault(group, deque()).append(w)
             self._depth += w.rows
         self._on_depth(self._depth)
-        self._arrived.set()
+        self._arrivals += 1
+        self._wake.set()
         try:
             parts = await asyncio.gather(*(w.future for w in works))
         finally:
@@ -178,15 +184,23 @@ class Batcher:
                 raise
             task = asyncio.create_task(self._compute(works))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._wake.set()  # an idle model may start its next batch now
 
     async def _next_batch(self) -> list[Work]:
-        """Wait for a group whose batch is full, or whose first request's delay is up."""
+        """Wait for a group whose batch is full, or whose first request's delay is up,
+        or (eager) any group once no batch is computing and the front end is quiet."""
         delay = self.policy.max_queue_delay_ms / 1000
+        seen = -1  # arrivals counted before the last event-loop turn
         while True:
             now, group, close_at = time.monotonic(), None, float("inf")
+            idle = self.policy.eager and not self._running
+            quiet = self._arrivals == seen
             for key, queue in self._pending.items():  # oldest group first
-                if batch_rows(queue) >= self.policy.max_batch_size:
+                if (idle and quiet) or batch_rows(queue) >= self.policy.max_batch_size:
                     group = key
                     break
                 if queue[0].enqueued + delay < close_at:
@@ -195,9 +209,15 @@ class Batcher:
                 group = oldest
             if group is not None:
                 break
-            self._arrived.clear()
+            if idle and self._pending:
+                # Requests the event loop already holds join this batch: one turn of the
+                # loop lets them reach the queue; start once a turn brings none.
+                seen = self._arrivals
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(),
+                await asyncio.wait_for(self._wake.wait(),
                                        None if close_at == float("inf") else close_at - now)
         queue = self._pending[group]
         works, rows = [], 0

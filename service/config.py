@@ -40,6 +40,9 @@ class BatchingConfig(_Strict):
     max_queue_size: int | None = Field(None, ge=1)
     shared_passes: bool = Field(
         True, description="Batch requests to different endpoints/taps in one forward pass.")
+    eager: bool | None = Field(
+        None, description="Start a batch at once when the model is idle (max_queue_delay_ms "
+        "only bounds the wait); false: always wait for a full batch or the delay.")
 
 
 class LatestPolicy(_Strict):

@@ -81,6 +81,8 @@ class FakeRun:
 @asynccontextmanager
 async def batcher(run: FakeRun, concurrency: int = 1, **policy: object
                   ) -> AsyncIterator[Batcher]:
+    # Most tests pin batch forming to size and delay; the eager rule's tests turn it on.
+    policy.setdefault("eager", False)
     b = Batcher(run, BatchPolicy(**policy), concurrency)
     b.start()
     try:
@@ -215,6 +217,60 @@ async def test_batches_grow_while_the_device_is_busy() -> None:
         for t in rest:
             await result(t)
     assert [c.size for c in run.calls] == [1, 5]
+
+
+async def test_eager_an_idle_model_starts_a_batch_at_once() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=8, max_queue_delay_ms=FOREVER_MS, eager=True) as b:
+        out, queued = await asyncio.wait_for(submit(b, xs(1)), SAFETY)
+    np.testing.assert_array_equal(out["y"], [2])
+    assert [c.size for c in run.calls] == [1] and queued < 1  # never waited for the delay
+
+
+async def test_eager_while_a_batch_computes_the_next_gathers_until_it_finishes() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    # Two batches may run at once, yet a partial one waits while the model is busy.
+    async with batcher(run, concurrency=2, max_batch_size=8, max_queue_delay_ms=FOREVER_MS,
+                       eager=True) as b:
+        first = submit(b, xs(0))
+        await asyncio.wait_for(run.started.wait(), SAFETY)
+        rest = [submit(b, xs(i)) for i in range(1, 6)]
+        await settle()
+        assert len(run.calls) == 1 and b.depth == 5
+        run.gate.set()
+        for t in [first, *rest]:
+            await result(t)
+    assert [c.size for c in run.calls] == [1, 5]
+
+
+async def test_eager_a_full_batch_starts_while_another_computes() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    async with batcher(run, concurrency=2, max_batch_size=4, max_queue_delay_ms=FOREVER_MS,
+                       eager=True) as b:
+        tasks = [submit(b, xs(0))]
+        await asyncio.wait_for(run.started.wait(), SAFETY)
+        tasks += [submit(b, xs(i)) for i in range(1, 5)]
+        await settle()
+        assert [c.size for c in run.calls] == [1, 4] and run.running == 2
+        run.gate.set()
+        for t in tasks:
+            await result(t)
+
+
+async def test_eager_the_delay_still_bounds_the_wait_while_the_model_is_busy() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    async with batcher(run, concurrency=2, max_batch_size=8, max_queue_delay_ms=50,
+                       eager=True) as b:
+        first = submit(b, xs(0))
+        await asyncio.wait_for(run.started.wait(), SAFETY)
+        second = submit(b, xs(1))
+        await settle()
+        assert len(run.calls) == 1  # busy, not full: waits...
+        await asyncio.sleep(0.2)
+        assert [c.size for c in run.calls] == [1, 1]  # ...at most the delay
+        run.gate.set()
+        await result(first)
+        await result(second)
 
 
 async def test_different_sources_never_share_a_batch() -> None:
@@ -449,7 +505,8 @@ async def test_close_finishes_queued_work_then_refuses_new_submits() -> None:
 
 async def test_close_with_a_timeout_cancels_what_is_left() -> None:
     run = FakeRun()
-    b = Batcher(run, BatchPolicy(max_batch_size=4, max_queue_delay_ms=FOREVER_MS), 1)
+    b = Batcher(run, BatchPolicy(max_batch_size=4, max_queue_delay_ms=FOREVER_MS,
+                                 eager=False), 1)
     b.start()
     task = submit(b, xs(1))
     await settle()
