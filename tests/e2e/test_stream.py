@@ -8,6 +8,7 @@ together; the in-flight bound holds; tokens, metrics, cancellation and the drain
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import time
 from pathlib import Path
@@ -116,15 +117,14 @@ def test_answers_equal_the_unary_call_under_their_ids(server, repository: Path) 
         assert not errors, [e.message() for e in errors]
         assert sorted(results) == sorted(requests)
         for request_id, (model, feeds, outputs) in requests.items():
-            unary = infer(client, model, feeds, outputs).get_response(as_json=True)
+            unary = infer(client, model, feeds, outputs)
             streamed = results[request_id].get_response(as_json=True)
             assert streamed["model_name"] == model and streamed["model_version"] == "1"
-            assert [o["name"] for o in streamed["outputs"]] == \
-                [o["name"] for o in unary["outputs"]], request_id
-            for out in unary["outputs"]:
-                np.testing.assert_allclose(
-                    results[request_id].as_numpy(out["name"]),
-                    infer(client, model, feeds, outputs).as_numpy(out["name"]), atol=1e-6)
+            names = [o["name"] for o in unary.get_response(as_json=True)["outputs"]]
+            assert [o["name"] for o in streamed["outputs"]] == names, request_id
+            for name in names:
+                np.testing.assert_allclose(results[request_id].as_numpy(name),
+                                           unary.as_numpy(name), atol=1e-6)
 
 
 def bad_requests() -> dict[str, tuple[str, dict[str, np.ndarray], list[str] | None]]:
@@ -159,7 +159,6 @@ def test_a_bad_request_gets_its_error_and_the_stream_goes_on(server, autoencoder
             client.stop_stream()
     assert all(e is not None for e in errors), errors
     assert sorted(e.message() for e in errors) == sorted(unary_errors)
-    assert not any("Traceback" in m or "/" in m.split("model")[0] for m in unary_errors)
     assert error is None, error
     assert result.get_response().id == "after"
     np.testing.assert_allclose(result.as_numpy("recon"), np.asarray(autoencoder(x)), atol=1e-5)
@@ -180,11 +179,16 @@ def test_an_error_answer_carries_the_request_id_and_model(server) -> None:
     with grpc.insecure_channel(server.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         answers = {a.infer_response.id: a for a in stub.ModelStreamInfer(iter(sent), timeout=60)}
+        unary = {}
+        for bad in sent[1:3]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(bad, timeout=60)
+            unary[bad.id] = err.value.details()
     assert sorted(answers) == ["bad-1", "bad-2", "ok-1", "ok-2"]
-    assert "needs" in answers["bad-1"].error_message or "shape" in answers["bad-1"].error_message
-    assert answers["bad-1"].infer_response.model_name == "autoencoder"
-    assert answers["bad-2"].infer_response.model_name == "no_such_model"
-    assert "no_such_model" in answers["bad-2"].error_message
+    for request_id, model in (("bad-1", "autoencoder"), ("bad-2", "no_such_model")):
+        assert answers[request_id].error_message == unary[request_id]
+        assert answers[request_id].infer_response.model_name == model
+        assert not answers[request_id].infer_response.outputs
     assert not answers["ok-2"].error_message
     assert answers["ok-2"].infer_response.model_name == "autoencoder.encoder"
     assert list(answers["ok-2"].infer_response.outputs[0].shape) == [2, 4]
@@ -303,7 +307,10 @@ def test_a_stream_needs_a_token(guarded: ServerProcess, autoencoder) -> None:
         with guarded.client() as client:
             client.start_stream(answers, headers=headers)
             try:
-                send(client, "autoencoder", {"image": x}, "refused")
+                # The refusal may end the stream before this is sent: then tritonclient
+                # refuses to send it and points at the callback.
+                with contextlib.suppress(InferenceServerException):
+                    send(client, "autoencoder", {"image": x}, "refused")
                 (result, error), = answers.take(1)
             finally:
                 client.stop_stream()
