@@ -2,7 +2,10 @@
 
 `--door` picks the front door: KServe v2 over gRPC (the default) or HTTP (binary tensor
 data extension), or TF Serving's gRPC Predict or REST `:predict` (JSON, columnar); the
-same variants, so doors compare side by side.
+same variants, so doors compare side by side. `kserve_grpc_stream` sends the same
+ModelInfer bytes over ModelStreamInfer: the `--concurrency` requests in flight share
+`--streams` bidirectional streams (default 1), each request tagged with its own id so its
+answer finds it (answers come back in any order).
 
     .venv/bin/python bench/load.py --target 127.0.0.1:8001 --spec SPEC.json \
         --concurrency 8 --warmup 3 --duration 10 --out result.json
@@ -42,8 +45,9 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
-DOORS = ("kserve_grpc", "tfserving_grpc", "kserve_http", "tfserving_http")
+DOORS = ("kserve_grpc", "kserve_grpc_stream", "tfserving_grpc", "kserve_http", "tfserving_http")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64,
           "UINT8": np.uint8}
@@ -63,7 +67,7 @@ def build_request(variant: dict, rng: np.random.Generator) -> bytes:
 
 def build_payload(door: str, variant: dict, rng: np.random.Generator) -> bytes:
     """One variant as the door's request body, serialized once."""
-    if door == "kserve_grpc":
+    if door.startswith("kserve_grpc"):
         return build_request(variant, rng)
     data = {spec["name"]: rng.random(spec["shape"]).astype(DTYPES[spec["datatype"]])
             for spec in variant["inputs"]}
@@ -157,7 +161,8 @@ class Window:
         self.errors: dict[str, int] = {}
 
 
-Send = Callable[[int], Awaitable[str | None]]  # request i -> None, or its error code
+# (request i, worker) -> None, or its error code
+Send = Callable[[int, int], Awaitable[str | None]]
 
 
 async def worker(index: int, send: Send, count: int,
@@ -171,7 +176,7 @@ async def worker(index: int, send: Send, count: int,
         started = time.perf_counter()
         if started >= stop:
             return
-        code = await send(i)
+        code = await send(i, index)
         done = time.perf_counter()
         if window.start <= started and done <= window.end:
             if code is None:
@@ -183,18 +188,83 @@ async def worker(index: int, send: Send, count: int,
             window.errors[f"warmup:{code}"] = window.errors.get(f"warmup:{code}", 0) + 1
 
 
+def with_id(request: bytes, request_id: int) -> bytes:
+    """A serialized ModelInferRequest with its `id` (field 3) set: a field appended to a
+    message's bytes replaces the one before, so the request is not serialized again."""
+    value = str(request_id).encode()
+    return request + b"\x1a" + bytes([len(value)]) + value  # ids stay under 128 bytes
+
+
+class Streams:
+    """Requests in flight over `count` ModelStreamInfer streams of one channel; each
+    answer resolves the future of the request whose id it carries."""
+
+    def __init__(self, channel: grpc.aio.Channel, count: int) -> None:
+        self._call = channel.stream_stream(
+            STREAM, request_serializer=None,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        self._outboxes = [asyncio.Queue() for _ in range(count)]
+        self._pending: dict[str, asyncio.Future] = {}
+        self._next = 0
+        self._readers = [asyncio.create_task(self._read(box)) for box in self._outboxes]
+
+    async def _read(self, outbox: asyncio.Queue) -> None:
+        async def requests() -> AsyncIterator[bytes]:
+            while (request := await outbox.get()) is not None:
+                yield request
+
+        try:
+            async for answer in self._call(requests()):
+                future = self._pending.pop(answer.infer_response.id, None)
+                if future is not None and not future.done():
+                    future.set_result("stream_error" if answer.error_message else None)
+        except grpc.aio.AioRpcError as exc:  # the stream ended: so did its requests
+            code = exc.code().name
+            for future in list(self._pending.values()):
+                if not future.done():
+                    future.set_result(code)
+
+    async def send(self, request: bytes, worker: int, timeout: float) -> str | None:
+        self._next += 1
+        key = str(self._next)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        self._outboxes[worker % len(self._outboxes)].put_nowait(with_id(request, self._next))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self._pending.pop(key, None)
+            return "timeout"
+
+    async def close(self) -> None:
+        for box in self._outboxes:
+            box.put_nowait(None)
+        await asyncio.gather(*self._readers)
+
+
 @contextlib.asynccontextmanager
 async def door_sender(door: str, target: str, variants: list[dict], requests: list[bytes],
-                      timeout: float) -> AsyncIterator[Send]:
-    """How to send request i through `door`: a generic gRPC call, or an HTTP POST."""
-    if door.endswith("_grpc"):
+                      timeout: float, streams: int = 1) -> AsyncIterator[Send]:
+    """How to send request i through `door`: a generic gRPC call, a message on a stream,
+    or an HTTP POST. Send takes the request's index and the worker's."""
+    if "_grpc" in door:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         async with grpc.aio.insecure_channel(target, options=options) as channel:
+            if door == "kserve_grpc_stream":
+                carried = Streams(channel, streams)
+
+                async def send_stream(i: int, worker: int = 0) -> str | None:
+                    return await carried.send(requests[i], worker, timeout)
+                try:
+                    yield send_stream
+                finally:
+                    await carried.close()
+                return
             call = channel.unary_unary(METHOD if door == "kserve_grpc" else PREDICT,
                                        request_serializer=None, response_deserializer=None)
 
-            async def send_grpc(i: int) -> str | None:
+            async def send_grpc(i: int, worker: int = 0) -> str | None:
                 try:
                     await call(requests[i], timeout=timeout)
                 except grpc.aio.AioRpcError as exc:
@@ -218,7 +288,7 @@ async def door_sender(door: str, target: str, variants: list[dict], requests: li
     limit = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=limit) as session:
 
-        async def send_http(i: int) -> str | None:
+        async def send_http(i: int, worker: int = 0) -> str | None:
             try:
                 async with session.post(urls[i], data=bodies[i], headers=headers[i]) as answer:
                     await answer.read()
@@ -233,13 +303,14 @@ async def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     requests = [build_payload(args.door, v, rng) for v in variants]
     rows = [v["inputs"][0]["shape"][0] for v in variants]
-    async with door_sender(args.door, args.target, variants, requests, args.timeout) as send:
+    async with door_sender(args.door, args.target, variants, requests, args.timeout,
+                           args.streams) as send:
         # One of each first: a wrong request fails here, loudly, not as a slow run.
-        failed = {i: code for i in range(len(requests)) if (code := await send(i))}
+        failed = {i: code for i in range(len(requests)) if (code := await send(i, 0))}
         if failed:
             raise SystemExit(f"the first request of each variant failed: {failed}")
         seen = [describe_response(await _raw_answer(args, requests[0]))] if (
-            args.door == "kserve_grpc") else []
+            args.door.startswith("kserve_grpc")) else []
         now = time.perf_counter()
         window = Window(now + args.warmup, now + args.warmup + args.duration)
         stop = window.end
@@ -257,6 +328,7 @@ async def run(args: argparse.Namespace) -> dict:
         "target": args.target,
         "door": args.door,
         "concurrency": args.concurrency,
+        "streams": args.streams if args.door == "kserve_grpc_stream" else None,
         "mix": args.mix if len(requests) > 1 else None,
         "duration_s": seconds,
         "warmup_s": args.warmup,
@@ -300,7 +372,10 @@ def main() -> None:
     parser.add_argument("--target", required=True, help="host:port of the server's door")
     parser.add_argument("--door", choices=DOORS, default="kserve_grpc")
     parser.add_argument("--spec", required=True, help="JSON list of request variants")
-    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, required=True,
+                        help="requests in flight (one per worker)")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="kserve_grpc_stream: streams the requests in flight share")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline (s)")

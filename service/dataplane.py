@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from importlib.metadata import version as package_version
 
-from service.errors import NotFound, NotReady, TapserveError
+from service.errors import SHUTTING_DOWN, NotFound, NotReady, TapserveError
 from service.metrics import UNKNOWN, Metrics
 from service.registry import ModelRegistry
 from service.statistics import VersionStatistics
@@ -29,7 +29,27 @@ class DataPlane:
         self.registry = registry
         self.metrics = metrics
         self.strict_readiness = strict_readiness
-        self.draining = False
+        self._draining = False
+        self._drain_started: asyncio.Event | None = None  # made in the loop, when awaited
+
+    @property
+    def draining(self) -> bool:
+        """Set once, when the server starts to drain: new requests are refused."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        if value and self._drain_started is not None:
+            self._drain_started.set()
+
+    async def until_draining(self) -> None:
+        """Return once the server drains (streams stop reading then)."""
+        if self._drain_started is None:
+            self._drain_started = asyncio.Event()
+        if self._draining:
+            return
+        await self._drain_started.wait()
 
     def live(self) -> bool:
         return True
@@ -86,7 +106,7 @@ class DataPlane:
         """The endpoint's inputs by name, so a request's datatypes are checked before its
         tensors are decoded; raises NotFound or NotReady as `infer` would."""
         if self.draining:
-            raise NotReady("the server is shutting down; retry on another replica")
+            raise NotReady(SHUTTING_DOWN)
         return {s.name: s for s in self.registry.get(model, version).endpoint(endpoint).inputs}
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -95,7 +115,7 @@ class DataPlane:
         model = None
         try:
             if self.draining:
-                raise NotReady("the server is shutting down; retry on another replica")
+                raise NotReady(SHUTTING_DOWN)
             model = self.registry.get(request.model, request.version)
             ep = model.endpoint(request.endpoint)
             endpoint = ep.name  # errors below count under it

@@ -9,6 +9,8 @@ from __future__ import annotations
 # to MAX_MESSAGE: a megabyte of name must not come back as a megabyte of error.
 MAX_ECHO = 100
 MAX_MESSAGE = 2000
+# Why a draining server refuses requests (and ends ModelStreamInfer streams).
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
 
 def clip(value: object, limit: int = MAX_ECHO) -> str:

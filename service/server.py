@@ -129,7 +129,7 @@ class TapServer:
                      # A second server on a taken port must fail, not share it silently.
                      ("grpc.so_reuseport", 0), *connection_options(s)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane), self.server)
+            InferenceServicer(self.dataplane, s.max_stream_in_flight), self.server)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.dataplane), self.server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
         "(keepalive enforcement).")
     max_concurrent_streams: int = Field(
         100, ge=1, description="Concurrent calls one client connection may hold.")
+    max_stream_in_flight: int = Field(
+        100, ge=1, description="Requests one ModelStreamInfer stream may have read and not "
+        "yet answered; past it the stream is not read (flow control holds the client).")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: str = Field("INFO", description="Python logging level.")
 

@@ -6,21 +6,25 @@ Domain errors propagate; service.protocol.status maps them to gRPC status codes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format
 
-from service.errors import TapserveError
+from service.errors import SHUTTING_DOWN, TapserveError
 from service.protocol import convert
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
+from service.protocol.status import INTERNAL_MESSAGE, status_code
+from service.protocol.streams import answered_concurrently
 from service.statistics import VersionStatistics
 from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class DataPlane(Protocol):
@@ -53,6 +57,13 @@ class DataPlane(Protocol):
         """Raises TapserveError subclasses."""
         ...
 
+    @property
+    def draining(self) -> bool: ...
+
+    async def until_draining(self) -> None:
+        """Return once the server drains."""
+        ...
+
     def rejected(self, request: InferRequest, error: TapserveError,
                  started: float | None = None, endpoint_label: str = "_unknown") -> None:
         """Count and log a request refused before it reached `infer` (e.g. bad bytes),
@@ -76,8 +87,9 @@ class DataPlane(Protocol):
 class InferenceServicer(GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService for a grpc.aio server."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, stream_in_flight: int = 100) -> None:
         self._dataplane = dataplane
+        self._stream_in_flight = stream_in_flight
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -113,11 +125,32 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Every request read runs at once (so one stream's requests batch together) and is
+        # answered when done, in any order; errors are per request and the stream goes on.
+        deadline = deadline_of(context)
+
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return await self._stream_answer(request, deadline)
+
+        async for response in answered_concurrently(requests, answer, self._stream_in_flight,
+                                                    self._dataplane.until_draining):
+            yield response
+        if self._dataplane.draining:  # what was read is answered: say why it ends
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None
+                     ) -> pb.ModelInferResponse:
+        """One ModelInfer, unary or streamed; raises TapserveError (counted and logged)."""
         try:
             # The endpoint first: its datatypes are checked before any tensor is decoded.
             specs = self._dataplane.input_specs(*convert.infer_target(request))
-            infer_request = await decoded(convert.decode_infer_request, request,
-                                          deadline_of(context), specs)
+            infer_request = await decoded(convert.decode_infer_request, request, deadline,
+                                          specs)
         except TapserveError as exc:  # counted and logged like every failed request
             model, endpoint = request.model_name.partition(".")[::2]
             self._dataplane.rejected(
@@ -125,6 +158,23 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             raise
         response = await self._dataplane.infer(infer_request)
         return convert.encode_infer_response(response, request.model_name)
+
+    async def _stream_answer(self, request: pb.ModelInferRequest, deadline: float | None
+                             ) -> pb.ModelStreamInferResponse:
+        """The stream's answer to one request: its response, or the message the unary call
+        would have failed with, under the request's id and model (as Triton answers)."""
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request,
+                                                                                deadline))
+        except Exception as exc:
+            if status_code(exc) is None:  # the server's fault: the details stay in the log
+                log.exception("unhandled error in ModelStreamInfer")
+                message = INTERNAL_MESSAGE
+            else:
+                message = str(exc)
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=(
+            pb.ModelInferResponse(model_name=request.model_name,
+                                  model_version=request.model_version, id=request.id)))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext

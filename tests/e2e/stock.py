@@ -85,13 +85,21 @@ class ServerProcess:
             raise
 
 
-def infer(client: triton.InferenceServerClient, model: str, feeds: dict[str, np.ndarray],
-          outputs: list[str] | None = None, **kwargs: object) -> triton.InferResult:
-    """One ModelInfer through the stock client, the way a user writes it."""
+def infer_inputs(feeds: dict[str, np.ndarray]) -> list[triton.InferInput]:
+    """The stock client's input tensors for `feeds`, the way a user writes them."""
     inputs = []
     for name, array in feeds.items():
         tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
-    requested = [triton.InferRequestedOutput(o) for o in outputs] if outputs else None
-    return client.infer(model, inputs, outputs=requested, **kwargs)
+    return inputs
+
+
+def requested(outputs: list[str] | None) -> list[triton.InferRequestedOutput] | None:
+    return [triton.InferRequestedOutput(o) for o in outputs] if outputs else None
+
+
+def infer(client: triton.InferenceServerClient, model: str, feeds: dict[str, np.ndarray],
+          outputs: list[str] | None = None, **kwargs: object) -> triton.InferResult:
+    """One ModelInfer through the stock client, the way a user writes it."""
+    return client.infer(model, infer_inputs(feeds), outputs=requested(outputs), **kwargs)

@@ -10,6 +10,7 @@ MESSAGES = [
     "ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse",
     "ModelReadyRequest", "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse",
     "ModelMetadataRequest", "ModelMetadataResponse", "ModelInferRequest", "ModelInferResponse",
+    "ModelStreamInferResponse",
     "InferParameter", "InferTensorContents", "ModelRepositoryParameter",
     "RepositoryIndexRequest", "RepositoryIndexResponse", "RepositoryModelLoadRequest",
     "RepositoryModelLoadResponse", "RepositoryModelUnloadRequest",
@@ -18,8 +19,8 @@ MESSAGES = [
     "ModelStatistics", "ModelStatisticsResponse",
 ]
 METHODS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-           "ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
-           "ModelStatistics"]
+           "ModelInfer", "ModelStreamInfer", "RepositoryIndex", "RepositoryModelLoad",
+           "RepositoryModelUnload", "ModelStatistics"]
 
 
 def _describe(stock_client: StockClient, module: str) -> dict:
