@@ -73,12 +73,7 @@ def batch_rows(works: Sequence[Work]) -> int:
 
 def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
     """Each work's slice of the batch result, checking every output's row count."""
-    for name in batch.outputs:
-        want = int(batch.masks[name].sum()) if batch.masks is not None else batch_rows(works)
-        got = result[name].shape[0] if result[name].ndim else None
-        if got != want:
-            raise RuntimeError(f"the model returned {got} rows for output {name!r}, "
-                               f"expected {want}")
+    batch.check(result)
     offsets = dict.fromkeys(batch.outputs, 0)
     parts = []
     for w in works:
