@@ -40,6 +40,8 @@ class BatchingConfig(_Strict):
     max_queue_size: int | None = Field(None, ge=1)
     shared_passes: bool = Field(
         True, description="Batch requests to different endpoints/taps in one forward pass.")
+    dedup_rows: bool = Field(
+        True, description="Compute rows with byte-identical inputs once per batch.")
 
 
 class LatestPolicy(_Strict):

@@ -42,7 +42,8 @@ class Loader:
             max_queue_delay_ms=(b.max_queue_delay_ms if b.max_queue_delay_ms is not None
                                 else s.max_queue_delay_ms),
             max_queue_size=b.max_queue_size or s.max_queue_size,
-            shared_passes=b.shared_passes)
+            shared_passes=b.shared_passes,
+            dedup_rows=b.dedup_rows)
 
     def load(self, source: ModelSource) -> LoadedModel:
         """Load and warm up; raises ConfigError (or anything a broken file raises)."""
