@@ -68,25 +68,48 @@ def distinct(batch: Batch) -> Distinct | None:
 
 
 def _numeric_rows(feeds: Arrays) -> tuple[np.ndarray, np.ndarray] | None:
-    """(first occurrences, inverse) of the rows, or None if all differ: one sort of each
-    row's bytes as a single opaque value, stopping early when no neighbours are equal."""
+    """(first occurrences, inverse) of the rows, or None if all differ.
+
+    Cheap first: a fingerprint per row (the wrapping sum of its 8-byte words), sorted. Rows
+    with different fingerprints differ, so all-distinct fingerprints end it. Rows that share
+    one are compared byte for byte; if any pair differs (a collision: the same words in
+    another order), one sort of the rows' whole bytes decides instead."""
     rows = len(next(iter(feeds.values())))
     parts = [np.ascontiguousarray(a).reshape(rows, -1).view(np.uint8) for a in feeds.values()]
     joined = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     if joined.shape[1] == 0:  # rows of no values: nothing to compare, nothing to save
         return None
-    keys = np.ascontiguousarray(joined).view(np.dtype((np.void, joined.shape[1]))).ravel()
-    order = np.argsort(keys, kind="stable")  # stable: each run starts at its first row
-    ordered = keys[order]
-    starts = np.empty(rows, dtype=bool)
-    starts[0] = True
-    starts[1:] = ordered[1:] != ordered[:-1]
+    if joined.shape[1] % 8:
+        joined = np.pad(joined, ((0, 0), (0, 8 - joined.shape[1] % 8)))
+    words = np.ascontiguousarray(joined).view(np.uint64)
+    order, starts = _runs(words.sum(axis=1))
     if starts.all():
         return None
-    first_sorted = order[starts]  # each distinct row's first occurrence, in key order
+    heads = order[starts][np.cumsum(starts) - 1]  # per sorted row, the first of its run
+    if not (words[order[~starts]] == words[heads[~starts]]).all():
+        order, starts = _runs(words.view(np.dtype((np.void, words.shape[1] * 8))).ravel())
+        if starts.all():
+            return None
+    return _first_and_inverse(order, starts)
+
+
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stable sort of the keys, and which sorted keys start a run of equal ones."""
+    order = np.argsort(keys, kind="stable")  # stable: each run starts at its first row
+    ordered = keys[order]
+    starts = np.empty(len(keys), dtype=bool)
+    starts[0] = True
+    starts[1:] = ordered[1:] != ordered[:-1]
+    return order, starts
+
+
+def _first_and_inverse(order: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From runs of equal rows: each distinct row's first occurrence, in row order, and
+    each row's place among them."""
+    first_sorted = order[starts]  # in key order
     rank = np.empty(len(first_sorted), dtype=np.intp)  # key order -> occurrence order
     rank[np.argsort(first_sorted)] = np.arange(len(first_sorted))
-    inverse = np.empty(rows, dtype=np.intp)
+    inverse = np.empty(len(order), dtype=np.intp)
     inverse[order] = rank[np.cumsum(starts) - 1]
     return np.sort(first_sorted), inverse
 

@@ -100,6 +100,15 @@ def test_byte_identical_means_bytes_negative_zero_is_another_row() -> None:
     np.testing.assert_array_equal(found.inverse, [0, 1, 0])
 
 
+def test_rows_of_the_same_words_in_another_order_are_told_apart() -> None:
+    # Their cheap fingerprints (sums of 8-byte words) collide: the exact comparison decides.
+    x = np.array([[1.0, 2.0], [2.0, 1.0], [1.0, 2.0], [3.0, 0.0]])
+    found = distinct(Batch("g", ("y",), {"x": x}, None))
+    assert found is not None
+    np.testing.assert_array_equal(found.inverse, [0, 1, 0, 2])
+    assert distinct(Batch("g", ("y",), {"x": x[:2]}, None)) is None
+
+
 def test_string_rows_are_deduplicated_exactly() -> None:
     words = np.array([[b"a", b"bc"], [b"a", b"b"], [b"a", b"bc"], [b"ab", b"c"]], dtype=object)
     batch = Batch("g", ("n",), {"w": words, "i": np.array([1, 1, 1, 1], dtype=np.int32)},
