@@ -3,6 +3,7 @@
     .venv/bin/python bench/ab.py --scenario 1 --b "--inter-op-threads 2"
     .venv/bin/python bench/ab.py --scenario 2 --a "--cpu-batches-in-flight 2" \
         --b "--cpu-batches-in-flight 1" --rounds 6
+    .venv/bin/python bench/ab.py --scenario 4 --a-models s4_separate --b-models s4_dedup
 
 Single windows on a shared machine swing by tens of percent; a change worth a few
 percent is only visible when both sides see the same background. Both servers start
@@ -27,6 +28,7 @@ from pathlib import Path
 from run import (
     BENCH,
     HEADLINE,
+    MIX,
     S2_BATCH,
     Policy,
     ServerProcess,
@@ -40,26 +42,30 @@ from run import (
     serve_command,
 )
 
-MODEL = {1: "ae28", 2: "dense64", 3: "trunk3"}
+MODEL = {1: "ae28", 2: "dense64", 3: "trunk3", 4: "fanout3"}
+# The repository bench/run.py serves first in each scenario (2 is written per delay).
+REPOSITORY = {1: "s1", 3: "s3_shared", 4: "s4_dedup"}
 
 
 def repository(scenario: int, models: Path, delay_ms: float) -> Path:
-    """The model repository bench/run.py serves in one scenario (3: shared passes on)."""
+    """The model repository bench/run.py serves in one scenario."""
     if scenario == 2:
         return s2_repository(models.parent, Policy(S2_BATCH, delay_ms))
-    return models / ("s1" if scenario == 1 else "s3_shared")
+    return models / REPOSITORY[scenario]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", type=int, choices=(1, 2, 3), required=True)
+    parser.add_argument("--scenario", type=int, choices=(1, 2, 3, 4), required=True)
     parser.add_argument("--a", default="", help="extra `tapserve serve` flags of side A")
     parser.add_argument("--b", default="", help="extra `tapserve serve` flags of side B")
     parser.add_argument("--a-env", default="", help="KEY=VALUE,... for side A")
     parser.add_argument("--b-env", default="", help="KEY=VALUE,... for side B")
     parser.add_argument("--a-models", default=None,
                         help="side A's repository under bench/out/models (default: the "
-                        "scenario's), e.g. --b-models s3_separate for shared passes off")
+                        "scenario's), e.g. --b-models s3_separate for shared passes off, "
+                        "s3_shared_nodedup for dedup_rows off; scenario 4: s4_dedup, "
+                        "s4_shared, s4_separate_dedup, s4_separate")
     parser.add_argument("--b-models", default=None)
     parser.add_argument("--concurrency", type=int, default=None,
                         help="requests in flight (default: the scenario's headline)")
@@ -71,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     (out / "ab").mkdir(parents=True, exist_ok=True)
-    if not (out / "models" / "s1").exists():
+    wanted = [out / "models" / m for m in ("s1", "s4_dedup", args.a_models, args.b_models) if m]
+    if not all(folder.exists() for folder in wanted):
         log(f"building models into {out / 'models'}")
         build_models(out / "models")
     repo, model = repository(args.scenario, out / "models", args.delay_ms), MODEL[args.scenario]
@@ -90,7 +97,7 @@ def main() -> None:
             order = ("A", "B") if r % 2 == 0 else ("B", "A")  # neither always goes first
             for side in order:
                 load = measure(sides[side], request_mix(args.scenario), concurrency, out, args,
-                               f"ab_{side}{r}").load
+                               f"ab_{side}{r}", mix=MIX.get(args.scenario, "random")).load
                 results[side].append({k: load[k] for k in ("req_per_s", "p50_ms", "p99_ms")}
                                      | {"server_cores": load.get("server_cpu_cores")})
     summary = {side: {k: statistics.median(w[k] for w in windows)

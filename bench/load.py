@@ -11,15 +11,22 @@ answer finds it (answers come back in any order).
         --concurrency 8 --warmup 3 --duration 10 --out result.json
 
 SPEC.json is a list of request variants, each
-`{"model_name": ..., "inputs": [{"name", "datatype", "shape"}], "outputs": [names]}`.
-Each variant's ModelInferRequest is serialized once (random data from a fixed seed,
+`{"model_name": ..., "inputs": [{"name", "datatype", "shape"}], "outputs": [names]}`,
+optionally with `"pool": P` (P different input blocks, default 1) and `"data": KEY`
+(variants with the same key send the same blocks: the same images to other endpoints).
+Each request is serialized once per block (random data from a fixed seed,
 `raw_input_contents`) and sent as bytes through a generic unary-unary call, so no
 server's generated code is imported (tritonclient's messages only build the bytes).
+Worker w's k-th request takes block (w + k * concurrency) mod P: with P a multiple of
+`--concurrency`, the requests in flight never carry the same block, so a server that
+computes identical rows once gains nothing it would not gain on real, distinct traffic.
 `--concurrency` workers each keep one request in flight. With several variants, each
 request is one of them drawn at random (`--mix random`, seeded: independent callers of
 mixed endpoints), or worker i always sends variant i mod n (`--mix fixed`: one client
 per endpoint). Taking the variants in turn would make the workers move between
-endpoints in lockstep, which no real traffic does.
+endpoints in lockstep, which no real traffic does. `--mix fanout`: each worker draws a
+data key and sends one block to every variant of that key at once (one event asked of
+several endpoints by several services), so it keeps that many requests in flight.
 
 Runs in its own process, never beside a server: the client must not take the server's
 GIL. Requests that complete inside the measured window count; latencies are per request.
@@ -38,6 +45,7 @@ import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -53,24 +61,27 @@ DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np
           "UINT8": np.uint8}
 
 
-def build_request(variant: dict, rng: np.random.Generator) -> bytes:
-    """One variant's ModelInferRequest, serialized."""
+def random_inputs(variant: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One block of a variant's inputs."""
+    return {spec["name"]: rng.random(spec["shape"]).astype(DTYPES[spec["datatype"]])
+            for spec in variant["inputs"]}
+
+
+def build_request(variant: dict, data: dict[str, np.ndarray]) -> bytes:
+    """One variant's ModelInferRequest carrying `data`, serialized."""
     request = service_pb2.ModelInferRequest(model_name=variant["model_name"])
     for spec in variant["inputs"]:
         request.inputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
-        data = rng.random(spec["shape"]).astype(DTYPES[spec["datatype"]])
-        request.raw_input_contents.append(data.tobytes())
+        request.raw_input_contents.append(data[spec["name"]].tobytes())
     for name in variant.get("outputs", []):
         request.outputs.add(name=name)
     return request.SerializeToString()
 
 
-def build_payload(door: str, variant: dict, rng: np.random.Generator) -> bytes:
-    """One variant as the door's request body, serialized once."""
+def build_payload(door: str, variant: dict, data: dict[str, np.ndarray]) -> bytes:
+    """One variant carrying `data` as the door's request body, serialized once."""
     if door.startswith("kserve_grpc"):
-        return build_request(variant, rng)
-    data = {spec["name"]: rng.random(spec["shape"]).astype(DTYPES[spec["datatype"]])
-            for spec in variant["inputs"]}
+        return build_request(variant, data)
     model, _, endpoint = variant["model_name"].partition(".")
     outputs = variant.get("outputs", [])
     if door == "tfserving_grpc":  # imported here: it brings TensorFlow's protos
@@ -161,31 +172,68 @@ class Window:
         self.errors: dict[str, int] = {}
 
 
-# (request i, worker) -> None, or its error code
-Send = Callable[[int, int], Awaitable[str | None]]
+Send = Callable[[int], Awaitable[str | None]]  # request i -> None, or its error code
 
 
-async def worker(index: int, send: Send, count: int,
-                 rows: list[int], window: Window, stop: float,
-                 mix: str, seed: int) -> None:
+@dataclass
+class Plan:
+    """The serialized requests, one per (variant, block), and which variants go together."""
+
+    payloads: list[bytes]
+    ids: list[list[int]]  # per variant, its payload's index per block
+    rows: list[int]  # per payload
+    groups: list[list[int]]  # variants sent at once: one each, or (fanout) per data key
+    pools: list[int]  # per group, how many blocks it has
+
+
+def make_plan(door: str, variants: list[dict], mix: str, rng: np.random.Generator) -> Plan:
+    keys = [v.get("data", f"#{i}") for i, v in enumerate(variants)]  # none: its own data
+    blocks: dict[str, list[dict[str, np.ndarray]]] = {}
+    plan = Plan([], [], [], [], [])
+    for key, variant in zip(keys, variants, strict=True):
+        if key not in blocks:  # the first variant of a key sets its pool
+            blocks[key] = [random_inputs(variant, rng) for _ in range(variant.get("pool", 1))]
+        plan.ids.append([])
+        for data in blocks[key]:
+            plan.ids[-1].append(len(plan.payloads))
+            plan.payloads.append(build_payload(door, variant, data))
+            plan.rows.append(variant["inputs"][0]["shape"][0])
+    if mix == "fanout":
+        plan.groups = [[v for v, k in enumerate(keys) if k == key] for key in blocks]
+    else:
+        plan.groups = [[v] for v in range(len(variants))]
+    plan.pools = [len(plan.ids[g[0]]) for g in plan.groups]
+    return plan
+
+
+async def worker(index: int, send: Send, plan: Plan, window: Window, stop: float,
+                 mix: str, seed: int, concurrency: int) -> None:
     rng = np.random.default_rng([seed, index])
-    i = index % count
+    group, k = index % len(plan.groups), 0
     while True:
-        if mix == "random":
-            i = int(rng.integers(count))
+        if mix != "fixed":
+            group = int(rng.integers(len(plan.groups)))
+        block = (index + k * concurrency) % plan.pools[group]
+        k += 1
         started = time.perf_counter()
         if started >= stop:
             return
-        code = await send(i, index)
-        done = time.perf_counter()
-        if window.start <= started and done <= window.end:
-            if code is None:
-                window.latencies.append(done - started)
-                window.rows += rows[i]
-            else:
-                window.errors[code] = window.errors.get(code, 0) + 1
-        elif code is not None and started < window.start:
-            window.errors[f"warmup:{code}"] = window.errors.get(f"warmup:{code}", 0) + 1
+        await asyncio.gather(*(timed(send, plan.ids[v][block], plan.rows, started, window)
+                               for v in plan.groups[group]))
+
+
+async def timed(send: Send, i: int, rows: list[int], started: float, window: Window) -> None:
+    """Send request i, counting it if it started and ended inside the window."""
+    code = await send(i)
+    done = time.perf_counter()
+    if window.start <= started and done <= window.end:
+        if code is None:
+            window.latencies.append(done - started)
+            window.rows += rows[i]
+        else:
+            window.errors[code] = window.errors.get(code, 0) + 1
+    elif code is not None and started < window.start:
+        window.errors[f"warmup:{code}"] = window.errors.get(f"warmup:{code}", 0) + 1
 
 
 def with_id(request: bytes, request_id: int) -> bytes:
@@ -196,8 +244,8 @@ def with_id(request: bytes, request_id: int) -> bytes:
 
 
 class Streams:
-    """Requests in flight over `count` ModelStreamInfer streams of one channel; each
-    answer resolves the future of the request whose id it carries."""
+    """Requests in flight over `count` ModelStreamInfer streams of one channel, taken in
+    turn; each answer resolves the future of the request whose id it carries."""
 
     def __init__(self, channel: grpc.aio.Channel, count: int) -> None:
         self._call = channel.stream_stream(
@@ -224,12 +272,12 @@ class Streams:
                 if not future.done():
                     future.set_result(code)
 
-    async def send(self, request: bytes, worker: int, timeout: float) -> str | None:
+    async def send(self, request: bytes, timeout: float) -> str | None:
         self._next += 1
         key = str(self._next)
         future = asyncio.get_running_loop().create_future()
         self._pending[key] = future
-        self._outboxes[worker % len(self._outboxes)].put_nowait(with_id(request, self._next))
+        self._outboxes[self._next % len(self._outboxes)].put_nowait(with_id(request, self._next))
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -243,10 +291,11 @@ class Streams:
 
 
 @contextlib.asynccontextmanager
-async def door_sender(door: str, target: str, variants: list[dict], requests: list[bytes],
+async def door_sender(door: str, target: str, variants: list[dict], plan: Plan,
                       timeout: float, streams: int = 1) -> AsyncIterator[Send]:
     """How to send request i through `door`: a generic gRPC call, a message on a stream,
-    or an HTTP POST. Send takes the request's index and the worker's."""
+    or an HTTP POST."""
+    requests = plan.payloads
     if "_grpc" in door:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -254,8 +303,8 @@ async def door_sender(door: str, target: str, variants: list[dict], requests: li
             if door == "kserve_grpc_stream":
                 carried = Streams(channel, streams)
 
-                async def send_stream(i: int, worker: int = 0) -> str | None:
-                    return await carried.send(requests[i], worker, timeout)
+                async def send_stream(i: int) -> str | None:
+                    return await carried.send(requests[i], timeout)
                 try:
                     yield send_stream
                 finally:
@@ -264,7 +313,7 @@ async def door_sender(door: str, target: str, variants: list[dict], requests: li
             call = channel.unary_unary(METHOD if door == "kserve_grpc" else PREDICT,
                                        request_serializer=None, response_deserializer=None)
 
-            async def send_grpc(i: int, worker: int = 0) -> str | None:
+            async def send_grpc(i: int) -> str | None:
                 try:
                     await call(requests[i], timeout=timeout)
                 except grpc.aio.AioRpcError as exc:
@@ -275,7 +324,8 @@ async def door_sender(door: str, target: str, variants: list[dict], requests: li
     import aiohttp  # the HTTP doors only
 
     urls, headers = [], []
-    for v, body in zip(variants, requests, strict=True):
+    owners = [variants[v] for v, ids in enumerate(plan.ids) for _ in ids]  # variant-major
+    for v, body in zip(owners, requests, strict=True):
         model, _, endpoint = v["model_name"].partition(".")
         if door == "kserve_http":
             urls.append(f"http://{target}/v2/models/{v['model_name']}/infer")
@@ -288,7 +338,7 @@ async def door_sender(door: str, target: str, variants: list[dict], requests: li
     limit = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=limit) as session:
 
-        async def send_http(i: int, worker: int = 0) -> str | None:
+        async def send_http(i: int) -> str | None:
             try:
                 async with session.post(urls[i], data=bodies[i], headers=headers[i]) as answer:
                     await answer.read()
@@ -301,12 +351,12 @@ async def door_sender(door: str, target: str, variants: list[dict], requests: li
 async def run(args: argparse.Namespace) -> dict:
     variants = json.loads(Path(args.spec).read_text())
     rng = np.random.default_rng(args.seed)
-    requests = [build_payload(args.door, v, rng) for v in variants]
-    rows = [v["inputs"][0]["shape"][0] for v in variants]
-    async with door_sender(args.door, args.target, variants, requests, args.timeout,
+    plan = make_plan(args.door, variants, args.mix, rng)
+    requests = plan.payloads
+    async with door_sender(args.door, args.target, variants, plan, args.timeout,
                            args.streams) as send:
         # One of each first: a wrong request fails here, loudly, not as a slow run.
-        failed = {i: code for i in range(len(requests)) if (code := await send(i, 0))}
+        failed = {v: code for v, ids in enumerate(plan.ids) if (code := await send(ids[0]))}
         if failed:
             raise SystemExit(f"the first request of each variant failed: {failed}")
         seen = [describe_response(await _raw_answer(args, requests[0]))] if (
@@ -314,8 +364,8 @@ async def run(args: argparse.Namespace) -> dict:
         now = time.perf_counter()
         window = Window(now + args.warmup, now + args.warmup + args.duration)
         stop = window.end
-        workers = [asyncio.create_task(worker(i, send, len(requests), rows, window, stop,
-                                              args.mix, args.seed))
+        workers = [asyncio.create_task(worker(i, send, plan, window, stop, args.mix,
+                                              args.seed, args.concurrency))
                    for i in range(args.concurrency)]
         await asyncio.sleep(max(window.start - time.perf_counter(), 0))
         before = snapshot(args)
@@ -329,7 +379,7 @@ async def run(args: argparse.Namespace) -> dict:
         "door": args.door,
         "concurrency": args.concurrency,
         "streams": args.streams if args.door == "kserve_grpc_stream" else None,
-        "mix": args.mix if len(requests) > 1 else None,
+        "mix": args.mix if len(variants) > 1 else None,
         "duration_s": seconds,
         "warmup_s": args.warmup,
         "requests": len(lat),
@@ -380,7 +430,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline (s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mix", choices=["random", "fixed"], default="random",
+    parser.add_argument("--mix", choices=["random", "fixed", "fanout"], default="random",
                         help="how workers pick among several request variants")
     parser.add_argument("--metrics-url")
     parser.add_argument("--metric-prefix", action="append", default=[])

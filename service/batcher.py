@@ -5,7 +5,8 @@ Requests with the same `source` (what the runtime computes from, e.g. the endpoi
 inputs) whose inputs have the same non-batch shapes and dtypes may share a batch even
 when they ask for different outputs: then `batch.masks` holds a boolean mask per output,
 and each output comes back holding only the rows that asked for it (a shared pass).
-`merge` and `split` are pure numpy, tested alone.
+`merge` and `split` are pure numpy, tested alone. Between them, rows with byte-identical
+inputs are computed once (service/dedup.py) unless the policy turns that off.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.dedup import distinct
 from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded, TapserveError
 from service.types import Batch
 
@@ -36,6 +38,7 @@ class BatchPolicy:
     max_queue_size: int = 1024  # rows queued before new work is refused
     shared_passes: bool = True
     eager: bool = True  # an idle model starts a batch at once; the delay is only a bound
+    dedup_rows: bool = True  # byte-identical rows of one batch are computed once
 
 
 @dataclass
@@ -74,12 +77,7 @@ def batch_rows(works: Sequence[Work]) -> int:
 
 def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
     """Each work's slice of the batch result, checking every output's row count."""
-    for name in batch.outputs:
-        want = int(batch.masks[name].sum()) if batch.masks is not None else batch_rows(works)
-        got = result[name].shape[0] if result[name].ndim else None
-        if got != want:
-            raise RuntimeError(f"the model returned {got} rows for output {name!r}, "
-                               f"expected {want}")
+    batch.check(result)
     offsets = dict.fromkeys(batch.outputs, 0)
     parts = []
     for w in works:
@@ -111,12 +109,14 @@ class Batcher:
 
     def __init__(self, run: RunBatch, policy: BatchPolicy, concurrency: int,
                  on_batch: Callable[[int, float], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None) -> None:
+                 on_depth: Callable[[int], None] | None = None,
+                 on_dedup: Callable[[int], None] | None = None) -> None:
         self.run = run
         self.policy = policy
         self.concurrency = concurrency
         self._on_batch = on_batch or (lambda rows, seconds: None)
         self._on_depth = on_depth or (lambda rows: None)
+        self._on_dedup = on_dedup or (lambda rows: None)  # rows a batch did not compute
         self._pending: OrderedDict[Hashable, deque[Work]] = OrderedDict()
         self._depth = 0
         self._arrivals = 0  # submits so far: tells whether an event-loop turn brought work
@@ -245,11 +245,15 @@ class Batcher:
         """Run works as one batch. If it fails, run each alone (isolate): a request the
         model cannot compute (say, a token out of its vocabulary) fails by itself."""
         batch = merge(works)
+        rows = distinct(batch) if self.policy.dedup_rows else None
         started = time.monotonic()
         for w in works:
             w.started = w.started or started
         try:
-            result = await self.run(batch)
+            if rows is None:
+                result = await self.run(batch)
+            else:
+                result = rows.expand(await self.run(rows.batch))
             parts = split(works, batch, result)
         except Exception as exc:
             if isolate:
@@ -265,6 +269,8 @@ class Batcher:
                     w.future.set_exception(exc)
             return
         self._on_batch(batch_rows(works), time.monotonic() - started)
+        if rows is not None:
+            self._on_dedup(rows.saved)
         for w, part in zip(works, parts, strict=True):
             if not w.future.done():
                 w.future.set_result(part)

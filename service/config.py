@@ -43,6 +43,8 @@ class BatchingConfig(_Strict):
     eager: bool | None = Field(
         None, description="Start a batch at once when the model is idle (max_queue_delay_ms "
         "only bounds the wait); false: always wait for a full batch or the delay.")
+    dedup_rows: bool = Field(
+        True, description="Compute rows with byte-identical inputs once per batch.")
 
 
 class LatestPolicy(_Strict):

@@ -43,7 +43,8 @@ class Loader:
                                 else s.max_queue_delay_ms),
             max_queue_size=b.max_queue_size or s.max_queue_size,
             shared_passes=b.shared_passes,
-            eager=b.eager if b.eager is not None else s.eager_batching)
+            eager=b.eager if b.eager is not None else s.eager_batching,
+            dedup_rows=b.dedup_rows)
 
     def load(self, source: ModelSource) -> LoadedModel:
         """Load and warm up; raises ConfigError (or anything a broken file raises)."""

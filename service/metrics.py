@@ -45,6 +45,9 @@ class Metrics:
         self.batch_size = Histogram(
             "tapserve_batch_size", "Rows per executed batch.",
             ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.deduplicated_rows = Counter(
+            "tapserve_deduplicated_rows", "Rows of executed batches not computed: copies "
+            "of a byte-identical row of the same batch, computed once.", ["model"], registry=r)
         self.queue_depth = Gauge(
             "tapserve_queue_depth", "Rows waiting to be batched.", ["model", "version"],
             registry=r)

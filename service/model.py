@@ -68,7 +68,8 @@ class LoadedModel:
         self.stats = VersionStatistics()
 
     def start(self, on_batch: Callable[[int, float], None] | None = None,
-              on_depth: Callable[[int], None] | None = None) -> None:
+              on_depth: Callable[[int], None] | None = None,
+              on_dedup: Callable[[int], None] | None = None) -> None:
         """Start batching (inside the running event loop)."""
         # One batch more than the compute threads: it waits in the runtime's executor, so a
         # thread that finishes starts the next batch at once, not after an event-loop turn.
@@ -78,7 +79,7 @@ class LoadedModel:
                 on_batch(rows, seconds)
 
         self._batcher = Batcher(self.runtime.run, self.policy, self.runtime.slots + 1,
-                                on_batch=batched, on_depth=on_depth)
+                                on_batch=batched, on_depth=on_depth, on_dedup=on_dedup)
         self._batcher.start()
 
     async def infer(self, endpoint: Endpoint, inputs: dict[str, np.ndarray],

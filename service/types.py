@@ -67,3 +67,16 @@ class Batch:
     outputs: tuple[str, ...]
     feeds: dict[str, np.ndarray]
     masks: dict[str, np.ndarray] | None  # per output, the rows that asked for it; None: all
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+    def check(self, result: dict[str, np.ndarray]) -> None:
+        """Raise unless each output holds one row per row that asked for it."""
+        for name in self.outputs:
+            want = int(self.masks[name].sum()) if self.masks is not None else self.rows
+            got = result[name].shape[0] if result[name].ndim else None
+            if got != want:
+                raise RuntimeError(f"the model returned {got} rows for output {name!r}, "
+                                   f"expected {want}")

@@ -287,11 +287,10 @@ async def test_different_sources_never_share_a_batch() -> None:
 async def test_inputs_of_different_shapes_or_dtypes_never_share_a_batch() -> None:
     run = FakeRun()
     async with batcher(run, max_batch_size=2, max_queue_delay_ms=FOREVER_MS) as b:
-        wide = {"x": np.ones((1, 3), dtype=np.float32)}
-        narrow = {"x": np.ones((1, 2), dtype=np.float32)}
-        ints = {"x": np.ones((1, 2), dtype=np.int64)}
-        tasks = [submit(b, wide), submit(b, narrow), submit(b, ints),
-                 submit(b, wide), submit(b, narrow), submit(b, ints)]
+        wide = [{"x": np.full((1, 3), i, dtype=np.float32)} for i in (1, 2)]
+        narrow = [{"x": np.full((1, 2), i, dtype=np.float32)} for i in (1, 2)]
+        ints = [{"x": np.full((1, 2), i, dtype=np.int64)} for i in (1, 2)]
+        tasks = [submit(b, feeds[i]) for i in (0, 1) for feeds in (wide, narrow, ints)]
         outs = [await result(t) for t in tasks]
     assert sorted((c.feeds["x"].shape, c.feeds["x"].dtype.str) for c in run.calls) == sorted(
         [((2, 3), "<f4"), ((2, 2), "<f4"), ((2, 2), "<i8")])
@@ -352,6 +351,85 @@ async def test_many_concurrent_requests_each_get_their_own_answer() -> None:
     assert all(c.size <= 16 for c in run.calls)
     assert len(run.calls) < 200  # requests really were batched together
     np.testing.assert_array_equal(np.sort(run.seen()), np.arange(start))  # each row once
+
+
+# --- identical rows computed once --------------------------------------------------------
+
+async def test_identical_rows_asked_of_different_outputs_are_computed_once() -> None:
+    saved: list[int] = []
+    rows: list[int] = []
+    run = FakeRun()
+    b = Batcher(run, BatchPolicy(max_batch_size=6, max_queue_delay_ms=FOREVER_MS), 1,
+                on_batch=lambda n, seconds: rows.append(n), on_dedup=saved.append)
+    b.start()
+    try:  # one 6-row batch of 3 distinct rows: 1 and 2 asked of y and z, 1 twice by one
+        tasks = [submit(b, xs(1, 2), ("y",)), submit(b, xs(2, 1), ("z",)),
+                 submit(b, xs(1, 3), ("y", "z"))]
+        outs = [await result(t) for t in tasks]
+    finally:
+        await b.close(timeout=1.0)
+    (call,) = run.calls
+    np.testing.assert_array_equal(call.feeds["x"], [1, 2, 3])
+    np.testing.assert_array_equal(call.masks["y"], [True, True, True])
+    np.testing.assert_array_equal(call.masks["z"], [True, True, True])
+    np.testing.assert_array_equal(outs[0]["y"], [2, 4])
+    np.testing.assert_array_equal(outs[1]["z"], [3, 2])
+    np.testing.assert_array_equal(outs[2]["y"], [2, 6])
+    np.testing.assert_array_equal(outs[2]["z"], [2, 4])
+    assert rows == [6] and saved == [3]  # the batch size counts rows asked for
+
+
+async def test_with_dedup_rows_off_every_row_is_computed() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=4, max_queue_delay_ms=FOREVER_MS,
+                       dedup_rows=False) as b:
+        tasks = [submit(b, xs(1, 1), ("y",)), submit(b, xs(1, 1), ("z",))]
+        outs = [await result(t) for t in tasks]
+    np.testing.assert_array_equal(run.seen(), [1, 1, 1, 1])
+    np.testing.assert_array_equal(outs[0]["y"], [2, 2])
+    np.testing.assert_array_equal(outs[1]["z"], [2, 2])
+
+
+async def test_a_batch_of_distinct_rows_reaches_run_as_merged() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=3, max_queue_delay_ms=FOREVER_MS) as b:
+        tasks = [submit(b, xs(1), ("y",)), submit(b, xs(2, 3), ("z",))]
+        for t in tasks:
+            await result(t)
+    (call,) = run.calls
+    np.testing.assert_array_equal(call.feeds["x"], [1, 2, 3])
+    np.testing.assert_array_equal(call.masks["y"], [True, False, False])
+
+
+async def test_many_concurrent_requests_with_repeated_rows_each_get_their_own_answer() -> None:
+    rng = np.random.default_rng(1)
+    choices = [("y",), ("z",), ("y", "z")]
+    run = FakeRun()
+    async with batcher(run, concurrency=2, max_batch_size=16, max_queue_delay_ms=1) as b:
+        requests = [(rng.integers(0, 5, size=int(rng.integers(1, 12))).astype(np.float32),
+                     choices[int(rng.integers(3))]) for _ in range(100)]
+        tasks = [submit(b, {"x": x}, outputs) for x, outputs in requests]
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), SAFETY * 4)
+    for (x, outputs), (out, _) in zip(requests, outs, strict=True):
+        assert set(out) == set(outputs)
+        want = compute({"x": x}, outputs, None)
+        for name in outputs:
+            np.testing.assert_array_equal(out[name], want[name])
+    assert all(len(np.unique(c.feeds["x"])) == c.size <= 5 for c in run.calls)  # no repeats
+    assert sum(c.size for c in run.calls) < sum(len(x) for x, _ in requests) / 2
+
+
+async def test_an_expired_copy_of_a_row_is_not_computed_nor_answered() -> None:
+    run = FakeRun()
+    async with batcher(run, max_batch_size=3, max_queue_delay_ms=FOREVER_MS) as b:
+        late = submit(b, xs(4), ("z",), deadline=time.monotonic() - 1)
+        ok = [submit(b, xs(4), ("y",)), submit(b, xs(4), ("y",))]
+        with pytest.raises(DeadlineExceeded):
+            await result(late)
+        assert [float((await result(t))["y"][0]) for t in ok] == [8, 8]
+    (call,) = run.calls
+    assert call.outputs == ("y",) and call.masks is None  # z was asked only by the late one
+    np.testing.assert_array_equal(call.feeds["x"], [4])
 
 
 # --- refusals, deadlines, cancellation ---------------------------------------------------

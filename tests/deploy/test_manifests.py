@@ -53,7 +53,7 @@ DEPLOYMENTS = ("deployment.yaml", "deployment-gpu.yaml")
 
 # The metric names the server exports (see the README's metrics table).
 COUNTERS = {"tapserve_requests_total", "tapserve_grpc_requests_total",
-            "tapserve_model_load_failures_total"}
+            "tapserve_model_load_failures_total", "tapserve_deduplicated_rows_total"}
 HISTOGRAMS = {
     "tapserve_request_duration_seconds",
     "tapserve_queue_duration_seconds",
