@@ -20,7 +20,7 @@ def repository(tmp: Path, shared: bool, dedup: bool = True) -> Path:
     zoo.write_model("two_heads", tmp)
     config = dict(zoo.CONFIGS["two_heads"])
     # The batch closes when its 12 rows are in: three 4-row requests, one of each kind.
-    config["batching"] = {"max_batch_size": 12, "max_queue_delay_ms": 60_000,
+    config["batching"] = {"max_batch_size": 12, "max_queue_delay_ms": 60_000, "eager": False,
                           "shared_passes": shared, "dedup_rows": dedup}
     (tmp / "two_heads" / "config.yaml").write_text(yaml.safe_dump(config))
     return tmp

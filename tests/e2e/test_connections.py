@@ -97,7 +97,8 @@ def test_a_flood_past_the_queue_limit_is_refused_and_others_keep_their_latency(
     if not flooded.exists():
         shutil.copytree(repository / "two_heads", flooded)
         (flooded / "config.yaml").write_text(yaml.safe_dump({"batching": {
-            "max_queue_size": 8, "max_queue_delay_ms": 50, "max_batch_size": 8}}))
+            "max_queue_size": 8, "max_queue_delay_ms": 50, "max_batch_size": 8,
+            "eager": False}}))
     server = start_process(repository)
     rows = {"x": np.zeros((4, 16), np.float32)}
 

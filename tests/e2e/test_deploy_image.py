@@ -53,7 +53,7 @@ def models() -> Iterator[Path]:
     # One request holds its batch open 3 s, and with it the drain.
     zoo.save(zoo.ZOO["autoencoder"](), repo / "slow")
     (repo / "slow" / "config.yaml").write_text(yaml.safe_dump(
-        {"batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64}}))
+        {"batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64, "eager": False}}))
     for path in [repo, *repo.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     yield repo

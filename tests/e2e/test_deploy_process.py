@@ -30,7 +30,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One request holds its batch open 3 s, and with it the drain (NOT_SERVING meanwhile).
     zoo.save(zoo.ZOO["autoencoder"](), repo / "slow")
     (repo / "slow" / "config.yaml").write_text(yaml.safe_dump(
-        {"batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64}}))
+        {"batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64, "eager": False}}))
     return repo
 
 

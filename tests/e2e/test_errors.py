@@ -20,7 +20,8 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 # One request waits in the queue for its batch to fill for 1.5 s: long enough to race.
 # The queue holds 3 rows, assert_serves' request.
-SLOW_BATCHING = {"max_queue_size": 3, "max_queue_delay_ms": 1500, "max_batch_size": 64}
+SLOW_BATCHING = {"max_queue_size": 3, "max_queue_delay_ms": 1500, "max_batch_size": 64,
+                 "eager": False}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     zoo.write_model("siamese", repo)  # two inputs: one can go missing
     zoo.save(zoo.ZOO["multi_dtype"](), repo / "tokens")  # int64 tokens into an Embedding
     (repo / "tokens" / "config.yaml").write_text(yaml.safe_dump(
-        {"batching": {"max_batch_size": 9, "max_queue_delay_ms": 60_000}}))
+        {"batching": {"max_batch_size": 9, "max_queue_delay_ms": 60_000, "eager": False}}))
     # Same weights as the autoencoder, slow queues; one model per test that reads its
     # metrics, so their counts do not mix.
     for name in ("queued", "delayed", "draining"):

@@ -47,7 +47,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A queue that holds one 4-row request for 2 s and nothing more: back-pressure.
     zoo.save(zoo.ZOO["two_heads"](), repo / "slow")
     (repo / "slow" / "config.yaml").write_text(yaml.safe_dump({"batching": {
-        "max_queue_delay_ms": 2000, "max_batch_size": 64, "max_queue_size": 4}}))
+        "max_queue_delay_ms": 2000, "max_batch_size": 64, "max_queue_size": 4,
+        "eager": False}}))
     return repo
 
 

@@ -35,7 +35,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One request holds its batch open 1.5 s, and with it the drain.
     zoo.save(zoo.ZOO["autoencoder"](), repo / "slow")
     (repo / "slow" / "config.yaml").write_text(yaml.safe_dump(
-        {"batching": {"max_queue_delay_ms": 1500, "max_batch_size": 64}}))
+        {"batching": {"max_queue_delay_ms": 1500, "max_batch_size": 64, "eager": False}}))
     return repo
 
 

@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 TOKEN = "tok-stream-5d1e"
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 # Requests wait this long in the queue for their batch to fill: long enough to look at.
-SLOW = {"max_batch_size": 64, "max_queue_delay_ms": 1500, "max_queue_size": 64}
+SLOW = {"max_batch_size": 64, "max_queue_delay_ms": 1500, "max_queue_size": 64, "eager": False}
 
 
 @pytest.fixture(scope="module")
