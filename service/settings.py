@@ -78,8 +78,8 @@ class Settings(BaseSettings):
         1000, ge=0, description="Client connections the gRPC port accepts at once; more are "
         "closed at accept (0: no limit).")
     max_concurrent_rpcs: int = Field(
-        0, ge=0, description="gRPC calls the server holds at once, over all connections (0: "
-        "no limit).")
+        1024, ge=0, description="gRPC calls the server holds at once, over all connections "
+        "(health checks too); more are refused with RESOURCE_EXHAUSTED (0: no limit).")
     max_receiving_bytes: int = Field(
         1024 * 1024 * 1024, ge=0, description="HTTP request bodies being received, over all "
         "connections: each reserves its Content-Length before it is read, and one that does "
