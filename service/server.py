@@ -26,6 +26,7 @@ from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.http import build_app
 from service.protocol.kserve import InferenceServicer
+from service.protocol.read_timeout import RequestReadTimeout
 from service.protocol.status import ErrorStatusInterceptor
 from service.protocol.tfserving import PROTOCOL as TFS_GRPC
 from service.protocol.tfserving import ModelStatusServicer, PredictionServicer, endpoint_of
@@ -71,7 +72,9 @@ def connection_options(s: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),  # clients may ping idle connections
         ("grpc.http2.max_ping_strikes", 2),  # then GOAWAY for pinging too often
-        ("grpc.max_concurrent_streams", s.max_concurrent_streams)]
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams)] + (
+        [("grpc.max_allowed_incoming_connections", s.max_connections)]
+        if s.max_connections else [])
 
 
 class TapServer:
@@ -117,6 +120,9 @@ class TapServer:
                                         "HTTP")
             self._http_tls = HttpTls(http_tls)
         interceptors = [ErrorStatusInterceptor(on_done=self._count_rpc)]
+        if s.request_read_timeout_secs:
+            interceptors.insert(0, RequestReadTimeout(s.request_read_timeout_secs,
+                                                      on_done=self._count_rpc))
         if s.auth_token_file is not None:
             self.tokens = Tokens(s.auth_token_file)
             interceptors.append(BearerTokenInterceptor(self.tokens, self._refused))
@@ -124,6 +130,7 @@ class TapServer:
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
             interceptors=interceptors,
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
             options=[("grpc.max_receive_message_length", s.max_request_bytes),
                      ("grpc.max_send_message_length", s.max_response_bytes),
                      # A second server on a taken port must fail, not share it silently.
@@ -187,13 +194,14 @@ class TapServer:
 
     async def _start_http(self) -> None:
         """KServe v2 REST and TF Serving REST, on this event loop, over the data plane."""
-        app = build_app(self.dataplane, self.settings.max_request_bytes, self.tokens)
+        s = self.settings
+        app = build_app(self.dataplane, s.max_request_bytes, self.tokens,
+                        s.max_receiving_bytes, s.request_read_timeout_secs)
         # Handlers finish within the drain; the runner's own wait is for stragglers only.
         self._http = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
-                                   keepalive_timeout=self.settings.max_connection_idle_secs
-                                   or 75.0)
+                                   keepalive_timeout=s.max_connection_idle_secs or 75.0)
         await self._http.setup()
-        await web.TCPSite(self._http, self.settings.host, self.settings.http_port,
+        await web.TCPSite(self._http, s.host, s.http_port,
                           ssl_context=self._http_tls.context if self._http_tls else None).start()
 
     async def _watch(self) -> None:

@@ -77,6 +77,20 @@ class Settings(BaseSettings):
     max_stream_in_flight: int = Field(
         100, ge=1, description="Requests one ModelStreamInfer stream may have read and not "
         "yet answered; past it the stream is not read (flow control holds the client).")
+    max_connections: int = Field(
+        1000, ge=0, description="Client connections the gRPC port accepts at once; more are "
+        "closed at accept (0: no limit).")
+    max_concurrent_rpcs: int = Field(
+        1024, ge=0, description="gRPC calls the server holds at once, over all connections "
+        "(health checks too); more are refused with RESOURCE_EXHAUSTED (0: no limit).")
+    max_receiving_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0, description="HTTP request bodies being received, over all "
+        "connections: each reserves its Content-Length before it is read, and one that does "
+        "not fit is refused with 429 (0: no limit).")
+    request_read_timeout_secs: float = Field(
+        30.0, ge=0, description="A gRPC request message, or an HTTP request body, not fully "
+        "received this long after the call started is refused (DEADLINE_EXCEEDED / 408) and "
+        "its buffered bytes freed (0: no limit).")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: str = Field("INFO", description="Python logging level.")
 

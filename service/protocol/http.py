@@ -13,7 +13,15 @@ import orjson
 from aiohttp import web
 
 from service.auth import Tokens
-from service.errors import InvalidInput, NotFound, TapserveError, Unauthenticated, clip
+from service.errors import (
+    Cancelled,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    TapserveError,
+    Unauthenticated,
+    clip,
+)
 from service.metrics import UNKNOWN
 from service.protocol import convert, kserve_rest, tfserving_rest
 from service.protocol.kserve import DataPlane
@@ -82,11 +90,48 @@ def _bearer_token(tokens: Tokens, routes: _Routes) -> Callable[..., Any]:
     return check
 
 
-def build_app(dataplane: DataPlane, max_request_bytes: int,
-              tokens: Tokens | None = None) -> web.Application:
-    """The aiohttp application serving both REST APIs (with `tokens`: behind bearer tokens)."""
+def _body_limits(max_request_bytes: int, budget: int, timeout: float) -> Callable[..., Any]:
+    """Bodies being received share a byte budget: each reserves its Content-Length (a
+    chunked one, --max-request-bytes) before it is read, and is refused (429) if that does
+    not fit, so many stalled uploads cannot hold more than `budget` between them. A body
+    must arrive within `timeout` seconds (408). Both 0: off."""
+    reserved = 0
+
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal reserved
+        if not request.body_exists:
+            return await handler(request)
+        size = min(request.content_length or max_request_bytes, max_request_bytes)
+        if budget and reserved + size > budget:
+            raise Overloaded(f"the server is receiving {reserved} bytes of request bodies, "
+                             f"its limit is {budget} (--max-receiving-bytes): retry later")
+        reserved += size
+        try:
+            try:
+                async with asyncio.timeout(timeout or None):
+                    await request.read()  # the handler's read() returns these bytes
+            except TimeoutError:
+                response = error_response(408, f"the request body did not arrive within "
+                                          f"{timeout:g} s (--request-read-timeout-secs)")
+                response.force_close()  # the rest of the body is not worth waiting for
+                return response
+            except ConnectionResetError:  # the client went away: no traceback in the log
+                raise Cancelled("the client closed the connection during its body") from None
+            return await handler(request)
+        finally:
+            reserved -= size
+
+    return limit
+
+
+def build_app(dataplane: DataPlane, max_request_bytes: int, tokens: Tokens | None = None,
+              body_budget: int = 0, read_timeout: float = 0) -> web.Application:
+    """The aiohttp application serving both REST APIs (with `tokens`: behind bearer tokens;
+    `body_budget` and `read_timeout`: see _body_limits)."""
     routes = _Routes(dataplane)
-    middlewares = [_errors] + ([_bearer_token(tokens, routes)] if tokens else [])
+    middlewares = [_errors] + ([_bearer_token(tokens, routes)] if tokens else []) + [
+        _body_limits(max_request_bytes, body_budget, read_timeout)]
     app = web.Application(client_max_size=max_request_bytes, middlewares=middlewares)
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"

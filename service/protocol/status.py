@@ -90,12 +90,12 @@ def _mapping_errors(
             await context.abort(code, INTERNAL_MESSAGE)
         finally:
             if on_done is not None:
-                _report(on_done, method, code)
+                report(on_done, method, code)
 
     return wrapper
 
 
-def _report(on_done: OnDone, method: str, code: grpc.StatusCode) -> None:
+def report(on_done: OnDone, method: str, code: grpc.StatusCode) -> None:
     # A failing metrics hook must not turn a served request into an error.
     try:
         on_done(method, code.name)

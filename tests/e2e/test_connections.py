@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 import zoo
+from stalled import MIB, StalledGrpcCall, http_status, rss_bytes, stalled_http_post
 from stock import free_port, infer
 from tritonclient.utils import InferenceServerException
 
@@ -140,3 +142,69 @@ def test_a_flood_past_the_queue_limit_is_refused_and_others_keep_their_latency(
         # shares this machine's 2 cores and this process's GIL, not its queue).
         assert busy[len(busy) // 2] < 4 * quiet[len(quiet) // 2] + 0.02, (quiet, busy)
         assert infer(client, "flooded", rows).as_numpy("label").shape == (4, 3)  # recovered
+
+
+# Half-sent bodies: each announces DECLARED bytes, sends SENT and stalls.
+DECLARED, SENT, STALLED = 3_000_000, 2_900_000, 120
+CALLS = 40  # --max-concurrent-rpcs of the test below
+BODIES = 20  # HTTP bodies --max-receiving-bytes admits
+READ_TIMEOUT = 6.0
+# Allocator and bookkeeping overhead on top of the bytes held, and the heap's own noise.
+SLACK, NOISE = 1.25, 64 * MIB
+
+
+def test_half_sent_bodies_hold_bounded_memory_and_are_dropped_after_the_read_timeout(
+        start_process, repository: Path) -> None:
+    """The issue's report: 500 connections each holding a partly sent 3 MB body grew the
+    server by 1.4 GB. The calls past --max-concurrent-rpcs and the bodies past
+    --max-receiving-bytes are refused at once, so memory stays within what the limits
+    admit; the admitted ones end at --request-read-timeout-secs, and everyone is served
+    again."""
+    http_port = free_port()
+    server = start_process(repository, "--http-port", str(http_port),
+                           "--max-concurrent-rpcs", str(CALLS),
+                           "--max-receiving-bytes", str(BODIES * DECLARED),
+                           "--request-read-timeout-secs", str(READ_TIMEOUT))
+    ready = f"http://127.0.0.1:{http_port}/v2/health/ready"
+    with server.client() as client:
+        infer(client, "two_heads", X)
+    baseline = rss_bytes(server.process.pid)
+    started = time.monotonic()
+    calls = [StalledGrpcCall(server.grpc_port, DECLARED, SENT, timeout=2)
+             for _ in range(STALLED)]
+    posts = [stalled_http_post(http_port, "/v2/models/two_heads/infer", DECLARED, SENT)
+             for _ in range(STALLED)]
+    try:
+        time.sleep(1)  # the HTTP bodies admitted are read in
+        assert time.monotonic() - started < READ_TIMEOUT  # all of it was held at once
+        grown = rss_bytes(server.process.pid) - baseline
+        admitted = CALLS * SENT + BODIES * SENT
+        assert grown < admitted * SLACK + NOISE, (grown / MIB, admitted / MIB)
+        # A call refused after its last byte went out is seen only now.
+        refused = [c.status for c in calls if c.refused or c.wait_end(0.01) is not None]
+        assert len(refused) >= STALLED - CALLS, len(refused)
+        assert set(refused) == {8}, set(refused)  # RESOURCE_EXHAUSTED
+        with urllib.request.urlopen(ready, timeout=5) as response:  # no body: not limited
+            assert response.status == 200
+        statuses = [http_status(post, 0.01) for post in posts]
+        assert statuses.count(429) >= STALLED - BODIES, Counter(statuses)
+        # The admitted ones end with DEADLINE_EXCEEDED and 408, freeing slots and bytes.
+        deadline = started + READ_TIMEOUT + 8
+        assert {c.wait_end(deadline - time.monotonic())
+                for c in calls if not c.refused} == {4}  # DEADLINE_EXCEEDED
+        assert {http_status(post, deadline - time.monotonic())
+                for post, status in zip(posts, statuses, strict=True) if status is None} == {408}
+        with server.client() as client:
+            for _ in range(5):
+                infer(client, "two_heads", X)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v2/models/two_heads/infer", method="POST",
+            data=b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", '
+                 b'"data": [' + b", ".join([b"0"] * 16) + b"]}]}")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+    finally:
+        for hog in calls:
+            hog.close()
+        for post in posts:
+            post.close()

@@ -1,0 +1,65 @@
+"""A time limit on receiving a unary call's request message.
+
+gRPC core buffers a message until its last byte arrives, and grows the stream's
+flow-control window to the size the message's prefix announces: a client that sends part
+of a large message and stalls holds that memory, and a slot of --max-concurrent-rpcs,
+for as long as the connection lives. grpc.aio reads a unary request before any handler
+or interceptor code runs, so the limit needs the call served as client-streaming (the
+same bytes on the wire): the handler then reads the one message itself, with a timeout,
+and ending the call frees what core buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from service.protocol.status import OnDone, report
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class RequestReadTimeout(grpc.aio.ServerInterceptor):
+    """Unary calls whose request message has not fully arrived within `seconds` end with
+    DEADLINE_EXCEEDED. Install it first (outermost): the handlers it wraps must be the
+    coroutines ErrorStatusInterceptor makes."""
+
+    def __init__(self, seconds: float, on_done: OnDone | None = None) -> None:
+        self._seconds = seconds
+        self._on_done = on_done
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        return grpc.stream_unary_rpc_method_handler(
+            self._reading(handler.unary_unary, details.method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _reading(self, behavior: Behavior, method: str) -> Callable[..., Awaitable[Any]]:
+        async def read_then_call(requests: AsyncIterator[Any],
+                                 context: grpc.aio.ServicerContext) -> Any:
+            read = asyncio.ensure_future(anext(requests, None))
+            done, _ = await asyncio.wait([read], timeout=self._seconds)
+            if not done:
+                read.cancel()
+                if self._on_done is not None:
+                    report(self._on_done, method, grpc.StatusCode.DEADLINE_EXCEEDED)
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the request message did not arrive within {self._seconds:g} s "
+                    "(--request-read-timeout-secs)")
+            request = read.result()
+            if request is None:  # the client ended the call without a message
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+            return await behavior(request, context)
+
+        return read_then_call

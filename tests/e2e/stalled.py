@@ -1,0 +1,124 @@
+"""Clients that send part of a request body and stall: a raw HTTP/2 gRPC call (h2 over a
+plain socket, since no gRPC client can be told to stop halfway through a message) and an
+HTTP/1.1 POST with a Content-Length it never reaches; and the server's resident memory."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MIB = 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid` (VmRSS in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class StalledGrpcCall:
+    """One connection, one ModelInfer call whose 5-byte gRPC prefix announces `declared`
+    bytes, of which `send` are sent (as far as the server's flow-control window lets them
+    in within `timeout`); then it stalls, holding the connection open. `accepted`: the
+    bytes the server took; `refused`: the call was ended by the server before that, with
+    gRPC status `status` (None: the connection was closed)."""
+
+    def __init__(self, port: int, declared: int, send: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.settimeout(timeout)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.stream = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(self.stream, [
+            (":method", "POST"), (":scheme", "http"), (":path", MODEL_INFER),
+            (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
+            ("te", "trailers")])
+        self.accepted = 0
+        self.refused = False
+        self.status: int | None = None
+        self._body = struct.pack(">BI", 0, declared) + b"\0" * send
+        self._flush()
+        deadline = time.monotonic() + timeout
+        while self.accepted < len(self._body) and not self.refused:
+            if time.monotonic() > deadline:
+                break
+            self._send_what_fits()
+            if self.accepted < len(self._body) and not self.refused:
+                self._read()
+
+    def _send_what_fits(self) -> None:
+        try:
+            window = self.h2.local_flow_control_window(self.stream)
+        except h2.exceptions.StreamClosedError:
+            self.refused = True
+            return
+        size = min(window, self.h2.max_outbound_frame_size, len(self._body) - self.accepted)
+        if size > 0:
+            self.h2.send_data(self.stream, self._body[self.accepted:self.accepted + size])
+            self.accepted += size
+            self._flush()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.refused = True
+            return
+        for event in self.h2.receive_data(data):
+            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                headers = dict(event.headers)
+                if b"grpc-status" in headers:
+                    self.status = int(headers[b"grpc-status"])
+            if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset,
+                                  h2.events.ConnectionTerminated)):
+                self.refused = True
+        self._flush()  # settings and ping acknowledgements
+
+    def wait_end(self, timeout: float) -> int | None:
+        """Wait up to `timeout` s for the server to end the call; its gRPC status."""
+        deadline = time.monotonic() + timeout
+        while not self.refused and (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            self._read()
+        return self.status
+
+    def _flush(self) -> None:
+        try:
+            self.sock.sendall(self.h2.data_to_send())
+        except OSError:  # the server closed the connection
+            self.refused = True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def stalled_http_post(port: int, path: str, declared: int, send: int) -> socket.socket:
+    """An HTTP/1.1 POST announcing `declared` body bytes, `send` of them sent."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {declared}\r\n\r\n".encode() + b" " * send)
+    return sock
+
+
+def http_status(sock: socket.socket, timeout: float) -> int | None:
+    """The status of the response the server sends on `sock` within `timeout` s."""
+    sock.settimeout(max(timeout, 0.01))
+    try:
+        line = sock.recv(64)
+    except (TimeoutError, OSError):
+        return None
+    return int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else None
