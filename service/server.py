@@ -120,8 +120,8 @@ class TapServer:
                                         "HTTP")
             self._http_tls = HttpTls(http_tls)
         interceptors = [ErrorStatusInterceptor(on_done=self._count_rpc)]
-        if s.request_read_timeout_secs:
-            interceptors.insert(0, RequestReadTimeout(s.request_read_timeout_secs,
+        if s.grpc_request_read_timeout_secs:
+            interceptors.insert(0, RequestReadTimeout(s.grpc_request_read_timeout_secs,
                                                       on_done=self._count_rpc))
         if s.auth_token_file is not None:
             self.tokens = Tokens(s.auth_token_file)

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from service.protocol.status import OnDone, report
+from service.protocol.status import OnDone, WrappedHandlers, report
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -30,6 +30,7 @@ class RequestReadTimeout(grpc.aio.ServerInterceptor):
     def __init__(self, seconds: float, on_done: OnDone | None = None) -> None:
         self._seconds = seconds
         self._on_done = on_done
+        self._wrapped = WrappedHandlers(self._wrap)
 
     async def intercept_service(
         self,
@@ -39,25 +40,27 @@ class RequestReadTimeout(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
+        return self._wrapped.get(handler, details.method)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         return grpc.stream_unary_rpc_method_handler(
-            self._reading(handler.unary_unary, details.method),
+            self._reading(handler.unary_unary, method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
     def _reading(self, behavior: Behavior, method: str) -> Callable[..., Awaitable[Any]]:
         async def read_then_call(requests: AsyncIterator[Any],
                                  context: grpc.aio.ServicerContext) -> Any:
-            read = asyncio.ensure_future(anext(requests, None))
-            done, _ = await asyncio.wait([read], timeout=self._seconds)
-            if not done:
-                read.cancel()
+            try:
+                async with asyncio.timeout(self._seconds):  # no task: one timer per call
+                    request = await anext(requests, None)
+            except TimeoutError:
                 if self._on_done is not None:
                     report(self._on_done, method, grpc.StatusCode.DEADLINE_EXCEEDED)
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"the request message did not arrive within {self._seconds:g} s "
-                    "(--request-read-timeout-secs)")
-            request = read.result()
+                    "(--grpc-request-read-timeout-secs)")
             if request is None:  # the client ended the call without a message
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
             return await behavior(request, context)

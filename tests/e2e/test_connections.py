@@ -164,7 +164,8 @@ def test_half_sent_bodies_hold_bounded_memory_and_are_dropped_after_the_read_tim
     server = start_process(repository, "--http-port", str(http_port),
                            "--max-concurrent-rpcs", str(CALLS),
                            "--max-receiving-bytes", str(BODIES * DECLARED),
-                           "--request-read-timeout-secs", str(READ_TIMEOUT))
+                           "--request-read-timeout-secs", str(READ_TIMEOUT),
+                           "--grpc-request-read-timeout-secs", str(READ_TIMEOUT))
     ready = f"http://127.0.0.1:{http_port}/v2/health/ready"
     with server.client() as client:
         infer(client, "two_heads", X)
