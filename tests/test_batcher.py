@@ -117,6 +117,16 @@ def _work(feeds: Arrays, outputs: tuple[str, ...], source: Hashable = "g") -> Wo
     return Work(source, feeds, outputs, None, asyncio.get_running_loop().create_future())
 
 
+def assert_own_answers(requests: list[tuple[np.ndarray, tuple[str, ...]]],
+                       outs: list[tuple[Arrays, float]]) -> None:
+    """Each request got exactly its outputs, computed on its own rows."""
+    for (x, outputs), (out, _) in zip(requests, outs, strict=True):
+        assert set(out) == set(outputs)
+        want = compute({"x": x}, outputs, None)
+        for name in outputs:
+            np.testing.assert_array_equal(out[name], want[name])
+
+
 # --- merge / split / slices --------------------------------------------------------------
 
 async def test_merge_same_outputs_has_no_row_masks() -> None:
@@ -343,11 +353,7 @@ async def test_many_concurrent_requests_each_get_their_own_answer() -> None:
             start += n
         tasks = [submit(b, {"x": x}, outputs) for x, outputs in requests]
         outs = await asyncio.wait_for(asyncio.gather(*tasks), SAFETY * 4)
-    for (x, outputs), (out, _) in zip(requests, outs, strict=True):
-        assert set(out) == set(outputs)
-        want = compute({"x": x}, outputs, None)
-        for name in outputs:
-            np.testing.assert_array_equal(out[name], want[name])
+    assert_own_answers(requests, outs)
     assert all(c.size <= 16 for c in run.calls)
     assert len(run.calls) < 200  # requests really were batched together
     np.testing.assert_array_equal(np.sort(run.seen()), np.arange(start))  # each row once
@@ -410,11 +416,7 @@ async def test_many_concurrent_requests_with_repeated_rows_each_get_their_own_an
                      choices[int(rng.integers(3))]) for _ in range(100)]
         tasks = [submit(b, {"x": x}, outputs) for x, outputs in requests]
         outs = await asyncio.wait_for(asyncio.gather(*tasks), SAFETY * 4)
-    for (x, outputs), (out, _) in zip(requests, outs, strict=True):
-        assert set(out) == set(outputs)
-        want = compute({"x": x}, outputs, None)
-        for name in outputs:
-            np.testing.assert_array_equal(out[name], want[name])
+    assert_own_answers(requests, outs)
     assert all(len(np.unique(c.feeds["x"])) == c.size <= 5 for c in run.calls)  # no repeats
     assert sum(c.size for c in run.calls) < sum(len(x) for x, _ in requests) / 2
 
