@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds/window")
     parser.add_argument("--warmup", type=float, default=1.0, help="load seconds before each")
-    parser.add_argument("--delay-ms", type=float, default=2.0, help="scenario 2's max delay")
+    parser.add_argument("--delay-ms", type=float, default=4.0, help="scenario 2's max delay")
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     args = parser.parse_args()
     out = args.out.resolve()

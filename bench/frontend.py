@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds/window")
     parser.add_argument("--warmup", type=float, default=1.0, help="load seconds before each")
-    parser.add_argument("--delay-ms", type=float, default=2.0, help="dense64's max delay")
+    parser.add_argument("--delay-ms", type=float, default=4.0, help="dense64's max delay")
     parser.add_argument("--tapserve", default="", help="extra `tapserve serve` flags")
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     args = parser.parse_args()

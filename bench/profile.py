@@ -24,6 +24,7 @@ from pathlib import Path
 
 from run import (
     BENCH,
+    DELAY_MS,
     PYTHON,
     S2_BATCH,
     Policy,
@@ -97,7 +98,7 @@ def main() -> None:
     out = args.out.resolve()
     if not (out / "models" / "s2").exists():
         build_models(out / "models")
-    repo = (s2_repository(out, Policy(S2_BATCH, 2.0)) if args.scenario == 2
+    repo = (s2_repository(out, Policy(S2_BATCH, DELAY_MS)) if args.scenario == 2
             else out / "models" / "s1")
     port = free_port()
     server = ServerProcess("tapserve", serve_command(repo, port, free_port())

@@ -62,7 +62,7 @@ MLSERVER = BENCH / ".venvs" / "mlserver" / "bin" / "mlserver"
 PYTRITON_PY = BENCH / ".venvs" / "pytriton" / "bin" / "python"
 
 # Each scenario's max batch size, and the max queue delay of scenarios 1 and 3.
-S1_BATCH, S2_BATCH, S3_BATCH, DELAY_MS = 64, 32, 64, 2.0
+S1_BATCH, S2_BATCH, S3_BATCH, DELAY_MS = 64, 32, 64, 4.0
 # Headline concurrency of each scenario, and the sweep around it.
 HEADLINE = {1: 16, 2: 8, 3: 12, 4: 4}  # scenario 4: clients, each 3 requests in flight
 SWEEP = {1: [4, 16, 32], 2: [1, 8, 32], 3: [12, 24], 4: [4, 8]}
@@ -598,7 +598,7 @@ def main() -> None:
                         help="max_batch_size, scenario 1")
     parser.add_argument("--s2-batch", type=int, default=S2_BATCH,
                         help="max batch size, scenario 2")
-    parser.add_argument("--s2-delays", default="2,0",
+    parser.add_argument("--s2-delays", default="4,2,0",
                         help="max queue delays (ms) scenario 2 runs every server with")
     parser.add_argument("--s3-batch", type=int, default=S3_BATCH,
                         help="max_batch_size, scenario 3")

@@ -34,10 +34,10 @@ RunBatch = Callable[[Batch], Awaitable[Arrays]]
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch_size: int = 32
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 4.0
     max_queue_size: int = 1024  # rows queued before new work is refused
     shared_passes: bool = True
-    eager: bool = True  # an idle model starts a batch at once; the delay is only a bound
+    eager: bool = True  # an idle model starts a batch once the requests it expects came
     dedup_rows: bool = True  # byte-identical rows of one batch are computed once
 
 
@@ -100,11 +100,12 @@ class Batcher:
     """One queue per model version, one background task forming batches.
 
     A batch closes at max_batch_size rows or max_queue_delay_ms after its first
-    request arrived, or (eager) as soon as no batch of this version is computing: then
-    waiting only adds latency, and while a batch computes the next one gathers, so
-    batches grow with load and no delay needs tuning (Triton's and TF Serving's advice
-    for CPUs: batch what is queued when a worker frees up). At most `concurrency`
-    batches run at once.
+    request arrived, or (eager) once no batch of this version is computing and as many
+    requests wait as were in the server at once during the last batch's wait: a lone
+    client never waits on the clock, a closed loop of 8 clients gathers its 8, and while
+    a batch computes the next one gathers, so no delay needs tuning (Triton's and TF
+    Serving's advice for CPUs: batch what is queued when a worker frees up). At most
+    `concurrency` batches run at once.
     """
 
     def __init__(self, run: RunBatch, policy: BatchPolicy, concurrency: int,
@@ -119,7 +120,12 @@ class Batcher:
         self._on_dedup = on_dedup or (lambda rows: None)  # rows a batch did not compute
         self._pending: OrderedDict[Hashable, deque[Work]] = OrderedDict()
         self._depth = 0
-        self._arrivals = 0  # submits so far: tells whether an event-loop turn brought work
+        # Eager batching's target: an idle model starts a batch once as many requests wait
+        # as were in the server at once during the last batch's wait (its concurrency).
+        self._waiting = 0  # queued pieces
+        self._in_flight = 0  # pieces submitted and not yet answered
+        self._peak = 0  # the most in flight since the last batch started
+        self._target = 1
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._closed = False
@@ -162,11 +168,14 @@ class Batcher:
             self._pending.setdefault(group, deque()).append(w)
             self._depth += w.rows
         self._on_depth(self._depth)
-        self._arrivals += 1
+        self._waiting += len(works)
+        self._in_flight += len(works)
+        self._peak = max(self._peak, self._in_flight)
         self._wake.set()
         try:
             parts = await asyncio.gather(*(w.future for w in works))
         finally:
+            self._in_flight -= len(works)
             for w in works:
                 w.future.cancel()  # a no-op once done; frees siblings of a failed piece
         queued = max(w.started - w.enqueued for w in works)
@@ -192,15 +201,15 @@ class Batcher:
 
     async def _next_batch(self) -> list[Work]:
         """Wait for a group whose batch is full, or whose first request's delay is up,
-        or (eager) any group once no batch is computing and the front end is quiet."""
+        or (eager) any group once no batch is computing and the requests expected have
+        come."""
         delay = self.policy.max_queue_delay_ms / 1000
-        seen = -1  # arrivals counted before the last event-loop turn
         while True:
             now, group, close_at = time.monotonic(), None, float("inf")
-            idle = self.policy.eager and not self._running
-            quiet = self._arrivals == seen
+            ready = (self.policy.eager and not self._running
+                     and self._waiting >= self._target)
             for key, queue in self._pending.items():  # oldest group first
-                if (idle and quiet) or batch_rows(queue) >= self.policy.max_batch_size:
+                if ready or batch_rows(queue) >= self.policy.max_batch_size:
                     group = key
                     break
                 if queue[0].enqueued + delay < close_at:
@@ -209,12 +218,6 @@ class Batcher:
                 group = oldest
             if group is not None:
                 break
-            if idle and self._pending:
-                # Requests the event loop already holds join this batch: one turn of the
-                # loop lets them reach the queue; start once a turn brings none.
-                seen = self._arrivals
-                await asyncio.sleep(0)
-                continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(),
@@ -225,6 +228,10 @@ class Batcher:
             w = queue.popleft()
             rows += w.rows
             works.append(w)
+        self._waiting -= len(works)
+        # As many as were in the server at once during this wait are expected next time;
+        # a lone client (1) never waits, a closed loop of 8 gathers its 8.
+        self._target, self._peak = max(self._peak, 1), self._in_flight
         if not queue:
             del self._pending[group]
         else:

@@ -41,8 +41,9 @@ class BatchingConfig(_Strict):
     shared_passes: bool = Field(
         True, description="Batch requests to different endpoints/taps in one forward pass.")
     eager: bool | None = Field(
-        None, description="Start a batch at once when the model is idle (max_queue_delay_ms "
-        "only bounds the wait); false: always wait for a full batch or the delay.")
+        None, description="An idle model starts a batch once as many requests wait as were "
+        "in the server at once last time (max_queue_delay_ms only bounds the wait); false: "
+        "always wait for a full batch or the delay.")
     dedup_rows: bool = Field(
         True, description="Compute rows with byte-identical inputs once per batch.")
 

@@ -101,12 +101,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         32, ge=1, description="Default rows per batch; config.yaml may set it per model.")
     max_queue_delay_ms: float = Field(
-        2.0, ge=0, description="Default longest wait for a batch to fill after its first "
+        4.0, ge=0, description="Default longest wait for a batch to fill after its first "
         "request.")
     eager_batching: bool = Field(
-        True, description="Default: a model with no batch computing starts one at once with "
-        "what is queued, rather than waiting for max_queue_delay_ms (config.yaml: "
-        "batching.eager).")
+        True, description="Default: a model with no batch computing starts one once as many "
+        "requests wait as were in the server at once last time, rather than waiting for "
+        "max_queue_delay_ms (config.yaml: batching.eager).")
     max_queue_size: int = Field(
         1024, ge=1, description="Rows a model may hold queued before RESOURCE_EXHAUSTED.")
     cpu_batches_in_flight: int = Field(

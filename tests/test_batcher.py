@@ -267,6 +267,26 @@ async def test_eager_a_full_batch_starts_while_another_computes() -> None:
             await result(t)
 
 
+async def test_eager_an_idle_model_waits_for_as_many_requests_as_it_last_saw_at_once() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    async with batcher(run, max_batch_size=8, max_queue_delay_ms=FOREVER_MS, eager=True) as b:
+        first = submit(b, xs(0))  # a lone request starts at once
+        await asyncio.wait_for(run.started.wait(), SAFETY)
+        burst = [submit(b, xs(i)) for i in range(1, 4)]  # 4 in the server at once
+        await settle()
+        run.gate.set()
+        for t in [first, *burst]:
+            await result(t)
+        assert [c.size for c in run.calls] == [1, 3]
+        again = [submit(b, xs(i)) for i in range(3)]
+        await settle()
+        assert len(run.calls) == 2 and b.depth == 3  # 3 of the 4 it expects: waits
+        again.append(submit(b, xs(3)))
+        for t in again:
+            await result(t)
+    assert [c.size for c in run.calls] == [1, 3, 4]
+
+
 async def test_eager_the_delay_still_bounds_the_wait_while_the_model_is_busy() -> None:
     run = FakeRun(gate=asyncio.Event())
     async with batcher(run, concurrency=2, max_batch_size=8, max_queue_delay_ms=50,
