@@ -29,27 +29,23 @@ class DataPlane:
         self.registry = registry
         self.metrics = metrics
         self.strict_readiness = strict_readiness
-        self._draining = False
-        self._drain_started: asyncio.Event | None = None  # made in the loop, when awaited
+        self._drain = asyncio.Event()  # binds to the loop that first waits on it
 
     @property
     def draining(self) -> bool:
         """Set once, when the server starts to drain: new requests are refused."""
-        return self._draining
+        return self._drain.is_set()
 
     @draining.setter
     def draining(self, value: bool) -> None:
-        self._draining = value
-        if value and self._drain_started is not None:
-            self._drain_started.set()
+        if value:
+            self._drain.set()
+        else:
+            self._drain.clear()
 
     async def until_draining(self) -> None:
         """Return once the server drains (streams stop reading then)."""
-        if self._drain_started is None:
-            self._drain_started = asyncio.Event()
-        if self._draining:
-            return
-        await self._drain_started.wait()
+        await self._drain.wait()
 
     def live(self) -> bool:
         return True
