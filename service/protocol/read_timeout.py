@@ -17,32 +17,22 @@ from typing import Any
 
 import grpc
 
-from service.protocol.status import OnDone, WrappedHandlers, report
+from service.protocol.status import OnDone, UnaryInterceptor, report
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-class RequestReadTimeout(grpc.aio.ServerInterceptor):
+class RequestReadTimeout(UnaryInterceptor):
     """Unary calls whose request message has not fully arrived within `seconds` end with
     DEADLINE_EXCEEDED. Install it first (outermost): the handlers it wraps must be the
     coroutines ErrorStatusInterceptor makes."""
 
     def __init__(self, seconds: float, on_done: OnDone | None = None) -> None:
+        super().__init__()
         self._seconds = seconds
         self._on_done = on_done
-        self._wrapped = WrappedHandlers(self._wrap)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        return self._wrapped.get(handler, details.method)
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         return grpc.stream_unary_rpc_method_handler(
             self._reading(handler.unary_unary, method),
             request_deserializer=handler.request_deserializer,

@@ -37,32 +37,14 @@ def status_code(error: BaseException) -> grpc.StatusCode | None:
 OnDone = Callable[[str, str], None]
 
 
-Wrap = Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]
+class UnaryInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps every unary-unary handler (`wrap`), once per method: gRPC
+    hands the same handler for a method on every call, and wrapping it anew cost every
+    request a few µs. A method whose handler changes (e.g. a per-call refusal) is wrapped
+    again, so at most one entry per method is kept. Streaming RPCs pass through."""
 
-
-class WrappedHandlers:
-    """An interceptor's wrapped handler per method, made once: gRPC hands the same handler
-    for a method on every call, and wrapping it anew cost every request a few µs. A method
-    whose handler changes (e.g. a per-call refusal) is wrapped again, so at most one entry
-    per method is kept."""
-
-    def __init__(self, wrap: Wrap) -> None:
-        self._wrap = wrap
+    def __init__(self) -> None:
         self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def get(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        cached = self._by_method.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = self._by_method[method] = (handler, self._wrap(handler, method))
-        return cached[1]
-
-
-class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions escaping unary-unary handlers into gRPC status codes and messages."""
-
-    def __init__(self, on_done: OnDone | None = None) -> None:
-        self._on_done = on_done
-        self._wrapped = WrappedHandlers(self._wrap)
 
     async def intercept_service(
         self,
@@ -71,10 +53,25 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
-            return handler  # streaming RPCs (e.g. reflection) pass through untouched
-        return self._wrapped.get(handler, handler_call_details.method)
+            return handler
+        method = handler_call_details.method
+        cached = self._by_method.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._by_method[method] = (handler, self.wrap(handler, method))
+        return cached[1]
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class ErrorStatusInterceptor(UnaryInterceptor):
+    """Turns exceptions escaping unary-unary handlers into gRPC status codes and messages."""
+
+    def __init__(self, on_done: OnDone | None = None) -> None:
+        super().__init__()
+        self._on_done = on_done
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
             _mapping_errors(handler.unary_unary, method, self._on_done),
             request_deserializer=handler.request_deserializer,
