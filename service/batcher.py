@@ -122,7 +122,6 @@ class Batcher:
         self._depth = 0
         # Eager batching's target: an idle model starts a batch once as many requests wait
         # as were in the server at once during the last batch's wait (its concurrency).
-        self._waiting = 0  # queued pieces
         self._in_flight = 0  # pieces submitted and not yet answered
         self._peak = 0  # the most in flight since the last batch started
         self._target = 1
@@ -168,7 +167,6 @@ class Batcher:
             self._pending.setdefault(group, deque()).append(w)
             self._depth += w.rows
         self._on_depth(self._depth)
-        self._waiting += len(works)
         self._in_flight += len(works)
         self._peak = max(self._peak, self._in_flight)
         self._wake.set()
@@ -207,7 +205,7 @@ class Batcher:
         while True:
             now, group, close_at = time.monotonic(), None, float("inf")
             ready = (self.policy.eager and not self._running
-                     and self._waiting >= self._target)
+                     and sum(map(len, self._pending.values())) >= self._target)
             for key, queue in self._pending.items():  # oldest group first
                 if ready or batch_rows(queue) >= self.policy.max_batch_size:
                     group = key
@@ -228,7 +226,6 @@ class Batcher:
             w = queue.popleft()
             rows += w.rows
             works.append(w)
-        self._waiting -= len(works)
         # As many as were in the server at once during this wait are expected next time;
         # a lone client (1) never waits, a closed loop of 8 gathers its 8.
         self._target, self._peak = max(self._peak, 1), self._in_flight
