@@ -95,6 +95,7 @@ class Runtime:
         self._executors = {d: ThreadPoolExecutor(batches_per_device, f"compute{d}")
                            for d in self.devices}
         self._next_device = itertools.cycle(self.devices)
+        self._shared: dict[Hashable, tuple[str, ...]] = {}  # warmed shared pass per source
 
     def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
         raise NotImplementedError
@@ -106,7 +107,23 @@ class Runtime:
         """Compute the batch's outputs. With masks, output o holds only masks[o]'s rows."""
         device = next(self._next_device)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executors[device], self._on_device, device, batch)
+        wide = self._widen(batch)
+        result = await loop.run_in_executor(self._executors[device], self._on_device, device,
+                                            wide)
+        return result if wide is batch else {name: result[name] for name in batch.outputs}
+
+    def _widen(self, batch: Batch) -> Batch:
+        """A shared pass asking part of its source's warmed pass runs the warmed one, its
+        other outputs on one row each: a trace holds the GIL for seconds, stalling every
+        request of the server, where a head on one row costs microseconds."""
+        union = self._shared.get(batch.source)
+        if batch.masks is None or union is None or batch.outputs == union \
+                or not set(batch.outputs) <= set(union):
+            return batch
+        one = np.zeros(batch.rows, dtype=bool)
+        one[0] = True
+        masks = {name: batch.masks.get(name, one) for name in union}
+        return Batch(batch.source, union, batch.feeds, masks)
 
     def _on_device(self, device: str, batch: Batch) -> Arrays:
         try:
@@ -118,12 +135,16 @@ class Runtime:
 
     def warm_up(self, source: Hashable, outputs: tuple[str, ...],
                 masks: Arrays | None = None) -> None:
-        """Trace and run once, so no request pays for it."""
+        """Trace and run once, so no request pays for it. With masks, `outputs` is the
+        shared pass of every endpoint on `source`: a batch asking any subset of it runs
+        that warmed pass (see `_widen`) instead of tracing one of its own."""
         inputs, _ = self.specs(source)
         n = 2 if masks is not None else 1
         feeds = {name: _zeros(spec, n) for name, spec in inputs.items()}
         for device in self.devices:
             self._on_device(device, Batch(source, outputs, feeds, masks))
+        if masks is not None:
+            self._shared[source] = outputs
 
     def close(self) -> None:
         for executor in self._executors.values():

@@ -133,3 +133,27 @@ def test_values_the_model_cannot_compute_are_invalid_input() -> None:
     with pytest.raises(InvalidInput, match=r"indices\[1,2\] = 60 is not in \[0, 50\)"):
         asyncio.run(rt.run(Batch(("tokens", "features"), ("cls",), feeds, None)))
     rt.close()
+
+
+def test_a_shared_pass_asking_part_of_the_warmed_one_traces_nothing(two_heads) -> None:
+    """Model.warm_up traces the shared pass of all its endpoints' outputs; a batch that
+    asks only some of them (say two requests for one output each) runs that pass instead
+    of tracing a function of its own, which would stall the server for seconds."""
+    model, graph = two_heads
+    rt = KerasRuntime(graph, ["/CPU:0"], 1)
+    union = ("branch_a", "branch_b", "label", "score")
+    rt.warm_up(("x",), union, {o: np.array([True, i % 2 == 0]) for i, o in enumerate(union)})
+    traced = set(rt._cache)
+    feeds = zoo.sample_inputs(model, batch=4)
+    masks = {"label": np.array([1, 1, 0, 0], bool), "branch_a": np.array([0, 0, 1, 1], bool)}
+    got = asyncio.run(rt.run(Batch(("x",), ("branch_a", "label"), feeds, masks)))
+    assert set(rt._cache) == traced
+    assert sorted(got) == ["branch_a", "label"]
+    probe = tf.keras.Model(model.inputs, model.get_layer("branch_a").output)
+    np.testing.assert_allclose(got["label"], reference(model, feeds)["label"][:2], atol=1e-5)
+    np.testing.assert_allclose(got["branch_a"], np.asarray(probe(feeds["x"]))[2:], atol=1e-5)
+    # A tap outside the warmed pass still gets a function of its own.
+    asyncio.run(rt.run(Batch(("x",), ("a_hidden", "label"), feeds,
+                             {"label": masks["label"], "a_hidden": masks["branch_a"]})))
+    assert len(rt._cache) == len(traced) + 1
+    rt.close()
