@@ -90,6 +90,14 @@ def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
     return parts
 
 
+class Group(deque):
+    """The queued works that may share a batch, oldest first, and their row count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+
+
 def slices(feeds: Arrays, size: int) -> list[Arrays]:
     """A request cut into pieces of at most `size` rows."""
     rows = len(next(iter(feeds.values())))
@@ -118,8 +126,9 @@ class Batcher:
         self._on_batch = on_batch or (lambda rows, seconds: None)
         self._on_depth = on_depth or (lambda rows: None)
         self._on_dedup = on_dedup or (lambda rows: None)  # rows a batch did not compute
-        self._pending: OrderedDict[Hashable, deque[Work]] = OrderedDict()
+        self._pending: OrderedDict[Hashable, Group] = OrderedDict()
         self._depth = 0
+        self._pieces = 0  # works queued, over all groups
         # Eager batching's target: an idle model starts a batch once as many requests wait
         # as were in the server at once during the last batch's wait (its concurrency).
         self._in_flight = 0  # pieces submitted and not yet answered
@@ -128,10 +137,11 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._closed = False
+        # Set while the batch loop waits for a batch to become ready; resolved by `_wake`.
+        self._waiter: asyncio.Future | None = None
 
     def start(self) -> None:
         # Made inside the running loop: asyncio primitives bind to it.
-        self._wake = asyncio.Event()  # work arrived or a batch finished
         self._slots = asyncio.Semaphore(self.concurrency)
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
@@ -163,13 +173,22 @@ class Batcher:
         loop = asyncio.get_running_loop()
         works = [Work(source, part, outputs, deadline, loop.create_future())
                  for part in slices(feeds, self.policy.max_batch_size)]
+        first = not self._pending  # then no timer runs: the loop waits for work
+        queue = self._pending.get(group)
+        if queue is None:
+            queue = self._pending[group] = Group()
         for w in works:
-            self._pending.setdefault(group, deque()).append(w)
-            self._depth += w.rows
+            queue.append(w)
+            queue.rows += w.rows
+        self._depth += rows
+        self._pieces += len(works)
         self._on_depth(self._depth)
         self._in_flight += len(works)
         self._peak = max(self._peak, self._in_flight)
-        self._wake.set()
+        # Wake the batch loop only when this arrival can start a batch (or is the first to
+        # wait): a wake-up per request cost the event loop more than its batching.
+        if first or queue.rows >= self.policy.max_batch_size or self._eager_ready():
+            self._wake()
         try:
             parts = await asyncio.gather(*(w.future for w in works))
         finally:
@@ -195,19 +214,26 @@ class Batcher:
 
     def _finished(self, task: asyncio.Task) -> None:
         self._running.discard(task)
-        self._wake.set()  # an idle model may start its next batch now
+        self._wake()  # an idle model may start its next batch now
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _eager_ready(self) -> bool:
+        return self.policy.eager and not self._running and self._pieces >= self._target
 
     async def _next_batch(self) -> list[Work]:
         """Wait for a group whose batch is full, or whose first request's delay is up,
         or (eager) any group once no batch is computing and the requests expected have
         come."""
         delay = self.policy.max_queue_delay_ms / 1000
+        loop = asyncio.get_running_loop()
         while True:
             now, group, close_at = time.monotonic(), None, float("inf")
-            ready = (self.policy.eager and not self._running
-                     and sum(map(len, self._pending.values())) >= self._target)
+            ready = self._eager_ready()
             for key, queue in self._pending.items():  # oldest group first
-                if ready or batch_rows(queue) >= self.policy.max_batch_size:
+                if ready or queue.rows >= self.policy.max_batch_size:
                     group = key
                     break
                 if queue[0].enqueued + delay < close_at:
@@ -216,16 +242,24 @@ class Batcher:
                 group = oldest
             if group is not None:
                 break
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(),
-                                       None if close_at == float("inf") else close_at - now)
+            # One future, resolved by a wake-up or at close_at (loop.time() is monotonic).
+            self._waiter = loop.create_future()
+            timer = (None if close_at == float("inf")
+                     else loop.call_at(close_at, self._wake))
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         queue = self._pending[group]
         works, rows = [], 0
         while queue and rows + queue[0].rows <= self.policy.max_batch_size:
             w = queue.popleft()
             rows += w.rows
             works.append(w)
+        queue.rows -= rows
+        self._pieces -= len(works)
         # As many as were in the server at once during this wait are expected next time;
         # a lone client (1) never waits, a closed loop of 8 gathers its 8.
         self._target, self._peak = max(self._peak, 1), self._in_flight
