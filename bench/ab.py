@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--b-models", default=None)
     parser.add_argument("--concurrency", type=int, default=None,
                         help="requests in flight (default: the scenario's headline)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop at this many requests per second (Poisson) instead "
+                        "of --concurrency clients: then compare latencies, not req/s")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds/window")
     parser.add_argument("--warmup", type=float, default=1.0, help="load seconds before each")
@@ -97,7 +100,8 @@ def main() -> None:
             order = ("A", "B") if r % 2 == 0 else ("B", "A")  # neither always goes first
             for side in order:
                 load = measure(sides[side], request_mix(args.scenario), concurrency, out, args,
-                               f"ab_{side}{r}", mix=MIX.get(args.scenario, "random")).load
+                               f"ab_{side}{r}", mix=MIX.get(args.scenario, "random"),
+                               rate=args.rate).load
                 results[side].append({k: load[k] for k in ("req_per_s", "p50_ms", "p99_ms")}
                                      | {"server_cores": load.get("server_cpu_cores")})
     summary = {side: {k: statistics.median(w[k] for w in windows)
@@ -108,11 +112,16 @@ def main() -> None:
     paired = [b["req_per_s"] / a["req_per_s"]
               for a, b in zip(results["A"], results["B"], strict=True)]
     ratio = statistics.median(paired)
+    # Open loop (--rate): both sides serve the same req/s; latency is what differs.
+    latency = {q: statistics.median(b[q] / a[q] for a, b in
+                                    zip(results["A"], results["B"], strict=True))
+               for q in ("p50_ms", "p99_ms")}
     report = {"scenario": args.scenario, "concurrency": concurrency, "a": args.a,
               "b": args.b, "a_env": args.a_env, "b_env": args.b_env,
               "a_models": args.a_models, "b_models": args.b_models, "windows": results,
               "median": summary, "b_over_a_per_round": paired,
-              "b_over_a_req_per_s": ratio, "command": " ".join(sys.argv)}
+              "b_over_a_req_per_s": ratio, "b_over_a_latency": latency,
+              "command": " ".join(sys.argv)}
     (out / "ab.json").write_text(json.dumps(report, indent=2))
     for side in ("A", "B"):
         s = summary[side]
@@ -124,6 +133,8 @@ def main() -> None:
               f"windows {[round(w['req_per_s']) for w in results[side]]}")
     print(f"B / A req/s, median of the rounds' ratios: {ratio:.3f} "
           f"(rounds: {', '.join(f'{x:.2f}' for x in paired)})")
+    print(f"B / A latency, median of the rounds' ratios: p50 {latency['p50_ms']:.3f}, "
+          f"p99 {latency['p99_ms']:.3f}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,13 @@ endpoints in lockstep, which no real traffic does. `--mix fanout`: each worker d
 data key and sends one block to every variant of that key at once (one event asked of
 several endpoints by several services), so it keeps that many requests in flight.
 
+`--rate R` makes the load open-loop instead: requests arrive at R per second on average
+(Poisson: exponential gaps, seeded), whatever the server's answers do, as independent
+users' traffic does; `--concurrency` then only spaces the blocks. A request's latency is
+counted from when it was due, not when the client got round to sending it, so a client
+that falls behind shows up as latency (no coordinated omission). Timers fire at the
+event loop's 1 ms resolution, so arrivals come in bursts of about a millisecond.
+
 Runs in its own process, never beside a server: the client must not take the server's
 GIL. Requests that complete inside the measured window count; latencies are per request.
 With `--metrics-url`, the server's Prometheus text is read at the window's start and end;
@@ -222,6 +229,25 @@ async def worker(index: int, send: Send, plan: Plan, window: Window, stop: float
                                for v in plan.groups[group]))
 
 
+async def open_loop(send: Send, plan: Plan, window: Window, stop: float, rate: float,
+                    seed: int) -> None:
+    """Requests due at Poisson arrival times, each sent at once whatever is in flight."""
+    rng = np.random.default_rng([seed, 1 << 20])
+    tasks: set[asyncio.Task] = set()
+    due, k = time.perf_counter(), 0
+    while due < stop:
+        await asyncio.sleep(max(due - time.perf_counter(), 0))
+        group = int(rng.integers(len(plan.groups)))
+        block = k % plan.pools[group]
+        k += 1
+        for v in plan.groups[group]:
+            task = asyncio.create_task(timed(send, plan.ids[v][block], plan.rows, due, window))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        due += float(rng.exponential(1 / rate))
+    await asyncio.gather(*tasks)
+
+
 async def timed(send: Send, i: int, rows: list[int], started: float, window: Window) -> None:
     """Send request i, counting it if it started and ended inside the window."""
     code = await send(i)
@@ -364,9 +390,13 @@ async def run(args: argparse.Namespace) -> dict:
         now = time.perf_counter()
         window = Window(now + args.warmup, now + args.warmup + args.duration)
         stop = window.end
-        workers = [asyncio.create_task(worker(i, send, plan, window, stop, args.mix,
-                                              args.seed, args.concurrency))
-                   for i in range(args.concurrency)]
+        if args.rate:
+            workers = [asyncio.create_task(open_loop(send, plan, window, stop, args.rate,
+                                                     args.seed))]
+        else:
+            workers = [asyncio.create_task(worker(i, send, plan, window, stop, args.mix,
+                                                  args.seed, args.concurrency))
+                       for i in range(args.concurrency)]
         await asyncio.sleep(max(window.start - time.perf_counter(), 0))
         before = snapshot(args)
         await asyncio.sleep(max(window.end - time.perf_counter(), 0))
@@ -378,6 +408,7 @@ async def run(args: argparse.Namespace) -> dict:
         "target": args.target,
         "door": args.door,
         "concurrency": args.concurrency,
+        "rate": args.rate or None,
         "streams": args.streams if args.door == "kserve_grpc_stream" else None,
         "mix": args.mix if len(variants) > 1 else None,
         "duration_s": seconds,
@@ -426,6 +457,8 @@ def main() -> None:
                         help="requests in flight (one per worker)")
     parser.add_argument("--streams", type=int, default=1,
                         help="kserve_grpc_stream: streams the requests in flight share")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop: requests per second, Poisson (0: closed loop)")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline (s)")

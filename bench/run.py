@@ -198,8 +198,9 @@ def tapserve(name: str, repository: Path, out: Path, args: argparse.Namespace,
 def measure(server: ServerProcess, spec: list[dict], concurrency: int, out: Path,
             args: argparse.Namespace, tag: str, metrics_url: str | None = None,
             batch_metric: tuple[str, str] | None = None, door: str = "kserve_grpc",
-            target: str | None = None, mix: str = "random") -> Point:
-    """One closed-loop point from a separate load process; mean batch from the metrics."""
+            target: str | None = None, mix: str = "random", rate: float = 0.0) -> Point:
+    """One load point from a separate load process (closed loop, or open loop at `rate`
+    requests per second); mean batch from the metrics."""
     spec_path = out / "specs" / f"{tag}.json"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
@@ -210,6 +211,8 @@ def measure(server: ServerProcess, spec: list[dict], concurrency: int, out: Path
                "--spec", str(spec_path), "--concurrency", str(concurrency),
                "--warmup", str(args.warmup), "--duration", str(args.duration),
                "--server-pid", str(server.proc.pid), "--out", str(result_path)]
+    if rate:
+        command += ["--rate", str(rate)]
     if metrics_url and batch_metric:
         command += ["--metrics-url", metrics_url, "--metric-prefix", batch_metric[0],
                     "--metric-prefix", batch_metric[1]]
@@ -238,7 +241,8 @@ def measure(server: ServerProcess, spec: list[dict], concurrency: int, out: Path
                 "compute_busy": compute / args.duration,
                 "queue_ms": 1000 * queued / requests if requests else None}
     r = point.row()
-    log(f"{server.name} c={concurrency}: {r['req_per_s']:.0f} req/s, {r['rows_per_s']:.0f} "
+    load_shape = f"rate={rate:g}/s" if rate else f"c={concurrency}"
+    log(f"{server.name} {load_shape}: {r['req_per_s']:.0f} req/s, {r['rows_per_s']:.0f} "
         f"rows/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, mean batch "
         f"{fmt(r['mean_batch'], 1)}, cpu server {fmt(r['server_cpu'], 2)} client "
         f"{r['client_cpu']:.2f} other {r['other_cpu']:.2f}"
