@@ -238,8 +238,11 @@ class Batcher:
                     break
                 if queue[0].enqueued + delay < close_at:
                     close_at, oldest = queue[0].enqueued + delay, key
+            # An idle model whose expected requests did not come within the delay
+            # learns that its traffic does not come back as answered (open-loop clients).
+            missed = False
             if group is None and close_at <= now:
-                group = oldest
+                group, missed = oldest, self.policy.eager and not self._running
             if group is not None:
                 break
             # One future, resolved by a wake-up or at close_at (loop.time() is monotonic).
@@ -261,8 +264,9 @@ class Batcher:
         queue.rows -= rows
         self._pieces -= len(works)
         # As many as were in the server at once during this wait are expected next time;
-        # a lone client (1) never waits, a closed loop of 8 gathers its 8.
-        self._target, self._peak = max(self._peak, 1), self._in_flight
+        # a lone client (1) never waits, a closed loop of 8 gathers its 8. After a miss
+        # the next batch expects none: waiting again would cost every request the delay.
+        self._target, self._peak = 1 if missed else max(self._peak, 1), self._in_flight
         if not queue:
             del self._pending[group]
         else:

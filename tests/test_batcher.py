@@ -287,6 +287,31 @@ async def test_eager_an_idle_model_waits_for_as_many_requests_as_it_last_saw_at_
     assert [c.size for c in run.calls] == [1, 3, 4]
 
 
+async def test_eager_after_expected_requests_did_not_come_the_next_batch_starts_at_once(
+) -> None:
+    # Open-loop traffic: requests do not come back as they are answered. Waiting for the
+    # 4 seen at once missed; the model must not make the next request wait the delay too.
+    run = FakeRun(gate=asyncio.Event())
+    async with batcher(run, max_batch_size=8, max_queue_delay_ms=100, eager=True) as b:
+        first = submit(b, xs(0))
+        await asyncio.wait_for(run.started.wait(), SAFETY)
+        burst = [submit(b, xs(i)) for i in range(1, 4)]  # 4 in the server at once
+        await settle()
+        run.gate.set()
+        for t in [first, *burst]:
+            await result(t)
+        lone = submit(b, xs(4))
+        await settle()
+        assert len(run.calls) == 2  # it expects 4: waits for them, up to the delay
+        await result(lone)
+        assert [c.size for c in run.calls] == [1, 3, 1]
+        last = submit(b, xs(5))
+        await settle()
+        assert len(run.calls) == 4  # the miss taught it: started at once, no wait
+        await result(last)
+    assert [c.size for c in run.calls] == [1, 3, 1, 1]
+
+
 async def test_eager_the_delay_still_bounds_the_wait_while_the_model_is_busy() -> None:
     run = FakeRun(gate=asyncio.Event())
     async with batcher(run, concurrency=2, max_batch_size=8, max_queue_delay_ms=50,
