@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zoo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import RunningServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -129,6 +130,42 @@ def test_grpc_calls_counted_by_method_and_code(server: RunningServer) -> None:
     assert count("ModelMetadata", "OK") == before["ModelMetadata", "OK"] + 3
     assert count("ModelMetadata", "NOT_FOUND") == before["ModelMetadata", "NOT_FOUND"] + 1
     assert count("ServerLive", "OK") == before["ServerLive", "OK"] + 2
+
+
+def test_streams_are_counted_by_method_and_code_when_they_end(server: RunningServer) -> None:
+    """ModelStreamInfer, health Watch and reflection count like unary calls, under the code
+    they end with (and so move the drain's quiet-period clock, which hangs on the same
+    hook)."""
+    def count(method: str, code: str) -> float:
+        return sample(server, "tapserve_grpc_requests_total", method=method, code=code) or 0
+
+    stream = (INFERENCE + "ModelStreamInfer", "OK")
+    watch = ("/grpc.health.v1.Health/Watch", "CANCELLED")
+    reflect = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "OK")
+    before = {key: count(*key) for key in (stream, watch, reflect)}
+
+    good = pb.ModelInferRequest(model_name="autoencoder", id="good")
+    good.inputs.add(name="image", datatype="FP32", shape=[1, 8, 8, 1])
+    good.raw_input_contents.append(images(1).tobytes())
+    answers = list(server.stub.ModelStreamInfer(
+        iter([good, pb.ModelInferRequest(model_name="ghost", id="bad")]), timeout=30))
+    assert sorted(bool(a.error_message) for a in answers) == [False, True]  # per request
+
+    watching = health_pb2_grpc.HealthStub(server.channel).Watch(
+        health_pb2.HealthCheckRequest(service=""), timeout=30)
+    assert next(watching).status == health_pb2.HealthCheckResponse.SERVING
+    watching.cancel()
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    listed = list(reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
+    assert "inference.GRPCInferenceService" in [
+        s.name for s in listed[0].list_services_response.service]
+
+    deadline = time.monotonic() + 10  # a cancelled stream ends on the server a bit later
+    while count(*watch) == before[watch] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {key: count(*key) - before[key] for key in before} == dict.fromkeys(before, 1)
 
 
 def test_metrics_exist_with_model_and_endpoint_labels(server: RunningServer) -> None:

@@ -17,12 +17,12 @@ from typing import Any
 
 import grpc
 
-from service.protocol.status import OnDone, UnaryInterceptor, report
+from service.protocol.status import HandlerInterceptor, OnDone, report
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-class RequestReadTimeout(UnaryInterceptor):
+class RequestReadTimeout(HandlerInterceptor):
     """Unary calls whose request message has not fully arrived within `seconds` end with
     DEADLINE_EXCEEDED. Install it first (outermost): the handlers it wraps must be the
     coroutines ErrorStatusInterceptor makes."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -32,16 +32,19 @@ def status_code(error: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-# Called once per unary-unary RPC with its full method name and final status code name
-# ("OK", "NOT_FOUND", ...): the hook request metrics hang on.
+# Called once per RPC with its full method name and final status code name ("OK",
+# "NOT_FOUND", ...), a stream's when it ends: the hook request metrics hang on.
 OnDone = Callable[[str, str], None]
 
 
-class UnaryInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor that wraps every unary-unary handler (`wrap`), once per method: gRPC
-    hands the same handler for a method on every call, and wrapping it anew cost every
-    request a few µs. A method whose handler changes (e.g. a per-call refusal) is wrapped
-    again, so at most one entry per method is kept. Streaming RPCs pass through."""
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps every unary-unary handler (`wrap`), and every streaming
+    one too if `streams`, once per method: gRPC hands the same handler for a method on
+    every call, and wrapping it anew cost every request a few µs. A method whose handler
+    changes (e.g. a per-call refusal) is wrapped again, so at most one entry per method
+    is kept."""
+
+    streams = False
 
     def __init__(self) -> None:
         self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -52,7 +55,7 @@ class UnaryInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and not self.streams):
             return handler
         method = handler_call_details.method
         cached = self._by_method.get(method)
@@ -64,19 +67,36 @@ class UnaryInterceptor(grpc.aio.ServerInterceptor):
         raise NotImplementedError
 
 
-class ErrorStatusInterceptor(UnaryInterceptor):
-    """Turns exceptions escaping unary-unary handlers into gRPC status codes and messages."""
+class ErrorStatusInterceptor(HandlerInterceptor):
+    """Turns exceptions escaping handlers into gRPC status codes and messages, and reports
+    every call's final code (`on_done`): unary calls, streams (ModelStreamInfer, health
+    Watch, reflection) when they end."""
+
+    streams = True
 
     def __init__(self, on_done: OnDone | None = None) -> None:
         super().__init__()
         self._on_done = on_done
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(
-            _mapping_errors(handler.unary_unary, method, self._on_done),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        serializers = {"request_deserializer": handler.request_deserializer,
+                       "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _mapping_errors(handler.unary_unary, method, self._on_done), **serializers)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _mapping_errors(handler.stream_unary, method, self._on_done), **serializers)
+        behavior = handler.unary_stream or handler.stream_stream
+        if inspect.isasyncgenfunction(behavior):  # yields its responses
+            wrapped = _mapping_stream_errors(behavior, method, self._on_done)
+        elif inspect.iscoroutinefunction(behavior):  # writes them with context.write
+            wrapped = _mapping_errors(behavior, method, self._on_done)
+        else:  # a sync generator: gRPC runs it on a thread of its own; left as it is
+            return handler
+        make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
+                else grpc.stream_stream_rpc_method_handler)
+        return make(wrapped, **serializers)
 
 
 def _mapping_errors(
@@ -102,18 +122,51 @@ def _mapping_errors(
             code = grpc.StatusCode.CANCELLED  # the client went away
             raise
         except Exception as error:
-            mapped = status_code(error)
-            if mapped is not None:
-                code = mapped
-                await context.abort(mapped, str(error))
-            code = grpc.StatusCode.INTERNAL
-            _log.exception("unhandled error in %s", method)
-            await context.abort(code, INTERNAL_MESSAGE)
+            code, message = _status_of(error, method)
+            await context.abort(code, message)
         finally:
             if on_done is not None:
                 report(on_done, method, code)
 
     return wrapper
+
+
+def _mapping_stream_errors(
+    behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+    method: str,
+    on_done: OnDone | None,
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """_mapping_errors for a handler that yields its responses."""
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            async for response in behavior(request, context):
+                yield response
+            code = context.code() or grpc.StatusCode.OK
+        except grpc.aio.AbortError:
+            code = context.code() or code
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:
+            code, message = _status_of(error, method)
+            await context.abort(code, message)
+        finally:
+            if on_done is not None:
+                report(on_done, method, code)
+
+    return wrapper
+
+
+def _status_of(error: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """A domain error's status and message, for the client; anything else is INTERNAL,
+    its details left in the log (called inside the `except` that caught it)."""
+    mapped = status_code(error)
+    if mapped is not None:
+        return mapped, str(error)
+    _log.exception("unhandled error in %s", method)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
 def report(on_done: OnDone, method: str, code: grpc.StatusCode) -> None:
