@@ -63,6 +63,16 @@ async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> Any:
         yield bytes([i])
 
 
+async def _stream_raise(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+    yield b"\x00"
+    raise ModelNotFound("x")
+
+
+async def _stream_write(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    for i in range(3):  # the other streaming style: writes, returns nothing
+        await context.write(bytes([i]))
+
+
 HANDLERS = {
     "Abort": grpc.unary_unary_rpc_method_handler(_abort),
     "Subclass": grpc.unary_unary_rpc_method_handler(_raise_subclass),
@@ -72,6 +82,8 @@ HANDLERS = {
     "SyncRaise": grpc.unary_unary_rpc_method_handler(_sync_raise),
     "SyncEcho": grpc.unary_unary_rpc_method_handler(_sync_echo),
     "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+    "StreamRaise": grpc.unary_stream_rpc_method_handler(_stream_raise),
+    "StreamWrite": grpc.unary_stream_rpc_method_handler(_stream_write),
 }
 
 
@@ -164,10 +176,24 @@ def test_on_done_reports_each_call_once(channel: grpc.Channel, method: str, code
     assert reports == [(f"/test.Probe/{method}", code)]
 
 
-def test_on_done_skips_streams(channel: grpc.Channel) -> None:
+@pytest.mark.parametrize("method", ["Stream", "StreamWrite"])
+def test_on_done_reports_a_stream_once_when_it_ends(channel: grpc.Channel, method: str) -> None:
     reports.clear()
     reported.clear()
-    assert len(list(channel.unary_stream("/test.Probe/Stream")(b"", timeout=10))) == 3
-    _call(channel, "Echo")  # a later unary call's report proves the stream made none
+    assert list(channel.unary_stream(f"/test.Probe/{method}")(b"", timeout=10)) == [
+        b"\x00", b"\x01", b"\x02"]
     assert reported.wait(timeout=10)
-    assert reports == [("/test.Probe/Echo", "OK")]
+    assert reports == [(f"/test.Probe/{method}", "OK")]
+
+
+def test_a_stream_that_raises_ends_with_the_mapped_status(channel: grpc.Channel) -> None:
+    reports.clear()
+    reported.clear()
+    got = []
+    with pytest.raises(grpc.RpcError) as info:
+        for item in channel.unary_stream("/test.Probe/StreamRaise")(b"", timeout=10):
+            got.append(item)
+    assert got == [b"\x00"]  # what came before the error still arrived
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.NOT_FOUND, "x")
+    assert reported.wait(timeout=10)
+    assert reports == [("/test.Probe/StreamRaise", "NOT_FOUND")]
