@@ -171,8 +171,9 @@ class Batcher:
         group = (source, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
                  None if self.policy.shared_passes else outputs)
         loop = asyncio.get_running_loop()
-        works = [Work(source, part, outputs, deadline, loop.create_future())
-                 for part in slices(feeds, self.policy.max_batch_size)]
+        pieces = [feeds] if rows <= self.policy.max_batch_size else slices(
+            feeds, self.policy.max_batch_size)
+        works = [Work(source, part, outputs, deadline, loop.create_future()) for part in pieces]
         first = not self._pending  # then no timer runs: the loop waits for work
         queue = self._pending.get(group)
         if queue is None:
@@ -190,7 +191,8 @@ class Batcher:
         if first or queue.rows >= self.policy.max_batch_size or self._eager_ready():
             self._wake()
         try:
-            parts = await asyncio.gather(*(w.future for w in works))
+            parts = ([await works[0].future] if len(works) == 1  # most: no gather to make
+                     else await asyncio.gather(*(w.future for w in works)))
         finally:
             self._in_flight -= len(works)
             for w in works:

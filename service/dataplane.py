@@ -103,7 +103,7 @@ class DataPlane:
         tensors are decoded; raises NotFound or NotReady as `infer` would."""
         if self.draining:
             raise NotReady(SHUTTING_DOWN)
-        return {s.name: s for s in self.registry.get(model, version).endpoint(endpoint).inputs}
+        return self.registry.get(model, version).endpoint(endpoint).inputs_by_name
 
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic()

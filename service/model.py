@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -37,6 +38,11 @@ class Endpoint:
     askable: frozenset[str]  # outputs a request may name (its outputs, plus taps if allowed)
     taps_hint: str  # why a name outside `askable` cannot be asked for
 
+    @cached_property
+    def inputs_by_name(self) -> Mapping[str, TensorSpec]:
+        """The inputs by name (built once: every request looks its inputs up in it)."""
+        return {s.name: s for s in self.inputs}
+
 
 @dataclass
 class Prepared:
@@ -65,6 +71,7 @@ class LoadedModel:
         self.max_response_bytes = MAX_RESPONSE_BYTES
         self._code_modules = list(code_modules)
         self._batcher: Batcher | None = None
+        self._row_bytes: dict[tuple[str, str], int] = {}  # an output's bytes per row, a floor
         self.stats = VersionStatistics()
 
     def start(self, on_batch: Callable[[int, float], None] | None = None,
@@ -140,7 +147,7 @@ class LoadedModel:
             if name not in ep.askable:
                 raise NotFound(f"endpoint {self.name}.{ep.name} has no output {clip(name)}: "
                                f"{ep.taps_hint}; {suggest(name[:100], ep.askable)}")
-        expected = {s.name: s for s in ep.inputs}
+        expected = ep.inputs_by_name
         # Names cut to 100 characters: a megabyte of name is not echoed back.
         unknown = [n[:99] + "…" if len(n) > 100 else n for n in sorted(set(inputs) - set(expected))]
         missing = sorted(set(expected) - set(inputs))
@@ -163,18 +170,23 @@ class LoadedModel:
         computed (a wide tap of many rows once took gigabytes, then failed at send).
         Unknown dimensions count as 1 and strings as 1 byte: a floor, never a refusal of
         what fits."""
-        declared = {s.name: s for s in ep.outputs}
-        total = 0
-        for name in outputs:
-            spec = declared.get(name) or self.runtime.spec(name)
-            item = 1 if spec.dtype == STRING else np.dtype(spec.dtype).itemsize
-            total += rows * math.prod(d or 1 for d in spec.shape[1:]) * item
+        total = rows * sum(self._bytes_per_row(ep, name) for name in outputs)
         if total > self.max_response_bytes:
             raise InvalidInput(
                 f"the outputs asked for would take about {total} bytes for {rows} rows, over "
                 f"the server's limit of {self.max_response_bytes} bytes per response: send "
                 f"at most {max(1, rows * self.max_response_bytes // total)} rows per request, "
                 "or ask for fewer outputs")
+
+
+    def _bytes_per_row(self, ep: Endpoint, name: str) -> int:
+        key = (ep.name, name)  # signatures may share output names: per endpoint
+        if key not in self._row_bytes:  # bounded: endpoints x what they may be asked
+            spec = next((s for s in ep.outputs if s.name == name), None) or \
+                self.runtime.spec(name)
+            item = 1 if spec.dtype == STRING else np.dtype(spec.dtype).itemsize
+            self._row_bytes[key] = math.prod(d or 1 for d in spec.shape[1:]) * item
+        return self._row_bytes[key]
 
 
 def _describe(spec: TensorSpec) -> str:

@@ -135,15 +135,14 @@ def decode_infer_request(
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs: "
             "send one per input, in the order of `inputs`"
         )
-    names: set[str] = set()
+    shapes: dict[str, tuple[tuple[int, ...], int]] = {}  # name -> (shape, element count)
     for i, tensor in enumerate(msg.inputs):
         if not tensor.name:
             raise InvalidInput(f"input #{i} has no name")
-        if tensor.name in names:
+        if tensor.name in shapes:
             raise InvalidInput(f"input {clip(tensor.name)} is given more than once")
-        names.add(tensor.name)
         check_datatype(tensor.name, tensor.datatype, (specs or {}).get(tensor.name))
-        element_count(tensor.name, tensor.shape)
+        shapes[tensor.name] = _shape(tensor)
     outputs = _requested_outputs(msg.outputs)
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(msg.inputs):
@@ -154,9 +153,9 @@ def decode_infer_request(
                     "raw_input_contents: use one or the other for all inputs"
                 )
             # Index once: each access of a repeated bytes field copies the bytes.
-            inputs[tensor.name] = _decode_raw(tensor, raw[i])
+            inputs[tensor.name] = _decode_raw(tensor, raw[i], *shapes[tensor.name])
         else:
-            inputs[tensor.name] = _decode_typed(tensor)
+            inputs[tensor.name] = _decode_typed(tensor, *shapes[tensor.name])
     return InferRequest(
         model=model,
         endpoint=endpoint,
@@ -208,9 +207,9 @@ def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[tuple[int, ..
     return shape, element_count(tensor.name, shape)
 
 
-def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
+def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...],
+                  count: int) -> np.ndarray:
     internal = to_internal(tensor.datatype)
-    shape, count = _shape(tensor)
     if tensor.datatype not in _CONTENTS:
         raise InvalidInput(
             f"input {clip(tensor.name)}: {tensor.datatype} data must be sent in raw_input_contents "
@@ -240,9 +239,9 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     return array.astype(target, copy=False).reshape(shape)
 
 
-def _decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray:
+def _decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes,
+                shape: tuple[int, ...], count: int) -> np.ndarray:
     dtype = numpy_dtype(tensor.datatype)
-    shape, count = _shape(tensor)
     if dtype.kind == "O":  # BYTES
         return _split_bytes(tensor.name, raw, shape, count)
     expected = count * dtype.itemsize

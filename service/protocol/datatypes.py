@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -63,6 +64,7 @@ def to_kserve(dtype: str | np.dtype) -> str:
         raise ValueError(f"dtype {dtype!r} has no KServe v2 datatype") from None
 
 
+@functools.lru_cache(maxsize=32)  # per request and input; errors are not cached
 def numpy_dtype(datatype: str) -> np.dtype:
     """The little-endian numpy dtype of a KServe datatype's raw bytes; object for BYTES.
 
