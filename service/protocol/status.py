@@ -105,28 +105,12 @@ def _mapping_errors(
     on_done: OnDone | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        code = grpc.StatusCode.UNKNOWN
-        try:
+        async with _Outcome(context, method, on_done):
             if inspect.iscoroutinefunction(behavior):
-                response = await behavior(request, context)
-            else:
-                # A sync handler (e.g. a sync health servicer) must not block the event loop.
-                loop = asyncio.get_running_loop()
-                response = await loop.run_in_executor(None, behavior, request, context)
-            code = context.code() or grpc.StatusCode.OK  # the handler may have set one
-            return response
-        except grpc.aio.AbortError:
-            code = context.code() or code
-            raise  # the handler already chose its status via context.abort
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED  # the client went away
-            raise
-        except Exception as error:
-            code, message = _status_of(error, method)
-            await context.abort(code, message)
-        finally:
-            if on_done is not None:
-                report(on_done, method, code)
+                return await behavior(request, context)
+            # A sync handler (e.g. a sync health servicer) must not block the event loop.
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, behavior, request, context)
 
     return wrapper
 
@@ -138,34 +122,50 @@ def _mapping_stream_errors(
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     """_mapping_errors for a handler that yields its responses."""
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        code = grpc.StatusCode.UNKNOWN
-        try:
+        async with _Outcome(context, method, on_done):
             async for response in behavior(request, context):
                 yield response
-            code = context.code() or grpc.StatusCode.OK
-        except grpc.aio.AbortError:
-            code = context.code() or code
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as error:
-            code, message = _status_of(error, method)
-            await context.abort(code, message)
-        finally:
-            if on_done is not None:
-                report(on_done, method, code)
 
     return wrapper
 
 
+class _Outcome:
+    """Around one call's handler: ends the call with the status of what escapes it, and
+    reports the call's final code (`on_done`) however it ended."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, method: str,
+                 on_done: OnDone | None) -> None:
+        self._context, self._method, self._on_done = context, method, on_done
+        self._code = grpc.StatusCode.UNKNOWN
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: object) -> None:
+        try:
+            if kind is None:
+                self._code = self._context.code() or grpc.StatusCode.OK  # the handler may set one
+            elif issubclass(kind, grpc.aio.AbortError):
+                # The handler already chose its status via context.abort.
+                self._code = self._context.code() or self._code
+            elif issubclass(kind, asyncio.CancelledError):
+                self._code = grpc.StatusCode.CANCELLED  # the client went away
+            elif isinstance(error, Exception):
+                self._code, message = _status_of(error, self._method)
+                await self._context.abort(self._code, message)  # raises AbortError
+        finally:
+            if self._on_done is not None:
+                report(self._on_done, self._method, self._code)
+
+
 def _status_of(error: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     """A domain error's status and message, for the client; anything else is INTERNAL,
-    its details left in the log (called inside the `except` that caught it)."""
+    its details left in the log."""
     mapped = status_code(error)
     if mapped is not None:
         return mapped, str(error)
-    _log.exception("unhandled error in %s", method)
+    _log.error("unhandled error in %s", method, exc_info=error)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
