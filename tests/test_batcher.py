@@ -267,17 +267,23 @@ async def test_eager_a_full_batch_starts_while_another_computes() -> None:
             await result(t)
 
 
+async def see_four_at_once(b: Batcher, run: FakeRun) -> None:
+    """A lone request (which starts at once), then 3 more while it computes: the model
+    has seen 4 requests in the server at once, and expects as many next time."""
+    first = submit(b, xs(0))
+    await asyncio.wait_for(run.started.wait(), SAFETY)
+    burst = [submit(b, xs(i)) for i in range(1, 4)]
+    await settle()
+    run.gate.set()
+    for t in [first, *burst]:
+        await result(t)
+    assert [c.size for c in run.calls] == [1, 3]
+
+
 async def test_eager_an_idle_model_waits_for_as_many_requests_as_it_last_saw_at_once() -> None:
     run = FakeRun(gate=asyncio.Event())
     async with batcher(run, max_batch_size=8, max_queue_delay_ms=FOREVER_MS, eager=True) as b:
-        first = submit(b, xs(0))  # a lone request starts at once
-        await asyncio.wait_for(run.started.wait(), SAFETY)
-        burst = [submit(b, xs(i)) for i in range(1, 4)]  # 4 in the server at once
-        await settle()
-        run.gate.set()
-        for t in [first, *burst]:
-            await result(t)
-        assert [c.size for c in run.calls] == [1, 3]
+        await see_four_at_once(b, run)
         again = [submit(b, xs(i)) for i in range(3)]
         await settle()
         assert len(run.calls) == 2 and b.depth == 3  # 3 of the 4 it expects: waits
@@ -293,13 +299,7 @@ async def test_eager_after_expected_requests_did_not_come_the_next_batch_starts_
     # 4 seen at once missed; the model must not make the next request wait the delay too.
     run = FakeRun(gate=asyncio.Event())
     async with batcher(run, max_batch_size=8, max_queue_delay_ms=100, eager=True) as b:
-        first = submit(b, xs(0))
-        await asyncio.wait_for(run.started.wait(), SAFETY)
-        burst = [submit(b, xs(i)) for i in range(1, 4)]  # 4 in the server at once
-        await settle()
-        run.gate.set()
-        for t in [first, *burst]:
-            await result(t)
+        await see_four_at_once(b, run)
         lone = submit(b, xs(4))
         await settle()
         assert len(run.calls) == 2  # it expects 4: waits for them, up to the delay
