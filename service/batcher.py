@@ -1,6 +1,7 @@
 """Dynamic batching: requests queue per model and leave together as one forward pass.
 
-The batcher takes a function, not a model: `run(batch)` computes one merged Batch.
+The batcher takes a function, not a model: `run(batch)` computes one merged Batch and
+says how many seconds the computing itself took.
 Requests with the same `source` (what the runtime computes from, e.g. the endpoint's
 inputs) whose inputs have the same non-batch shapes and dtypes may share a batch even
 when they ask for different outputs: then `batch.masks` holds a boolean mask per output,
@@ -28,7 +29,7 @@ from service.types import Batch
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
-RunBatch = Callable[[Batch], Awaitable[Arrays]]
+RunBatch = Callable[[Batch], Awaitable[tuple[Arrays, float]]]  # outputs, compute seconds
 
 
 @dataclass(frozen=True)
@@ -295,9 +296,10 @@ class Batcher:
             w.started = w.started or started
         try:
             if rows is None:
-                result = await self.run(batch)
+                result, seconds = await self.run(batch)
             else:
-                result = rows.expand(await self.run(rows.batch))
+                computed, seconds = await self.run(rows.batch)
+                result = rows.expand(computed)
             parts = split(works, batch, result)
         except Exception as exc:
             if isolate:
@@ -312,7 +314,7 @@ class Batcher:
                 if not w.future.done():
                     w.future.set_exception(exc)
             return
-        self._on_batch(batch_rows(works), time.monotonic() - started)
+        self._on_batch(batch_rows(works), seconds)
         if rows is not None:
             self._on_dedup(rows.saved)
         for w, part in zip(works, parts, strict=True):

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -103,14 +104,18 @@ class Runtime:
     def _compute(self, batch: Batch) -> Arrays:
         raise NotImplementedError
 
-    async def run(self, batch: Batch) -> Arrays:
-        """Compute the batch's outputs. With masks, output o holds only masks[o]'s rows."""
+    async def run(self, batch: Batch) -> tuple[Arrays, float]:
+        """Compute the batch's outputs, and the seconds the device took (timed on its
+        thread: not the wait for a free thread, nor for the event loop to resume). With
+        masks, output o holds only masks[o]'s rows."""
         device = next(self._next_device)
         loop = asyncio.get_running_loop()
         wide = self._widen(batch)
-        result = await loop.run_in_executor(self._executors[device], self._on_device, device,
-                                            wide)
-        return result if wide is batch else {name: result[name] for name in batch.outputs}
+        result, seconds = await loop.run_in_executor(self._executors[device], self._on_device,
+                                                     device, wide)
+        if wide is not batch:
+            result = {name: result[name] for name in batch.outputs}
+        return result, seconds
 
     def _widen(self, batch: Batch) -> Batch:
         """A shared pass asking part of its source's warmed pass runs the warmed one, its
@@ -125,10 +130,11 @@ class Runtime:
         masks = {name: batch.masks.get(name, one) for name in union}
         return Batch(batch.source, union, batch.feeds, masks)
 
-    def _on_device(self, device: str, batch: Batch) -> Arrays:
+    def _on_device(self, device: str, batch: Batch) -> tuple[Arrays, float]:
+        started = time.perf_counter()
         try:
             with tf.device(device):
-                return self._compute(batch)
+                return self._compute(batch), time.perf_counter() - started
         except tf.errors.InvalidArgumentError as exc:  # the values, not the shapes: e.g.
             # a token outside an Embedding's vocabulary
             raise InvalidInput(f"the model cannot compute this input: {_reason(exc)}") from exc

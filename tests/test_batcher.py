@@ -55,7 +55,7 @@ class FakeRun:
     max_running: int = 0
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def __call__(self, batch: Batch) -> Arrays:
+    async def __call__(self, batch: Batch) -> tuple[Arrays, float]:
         feeds = batch.feeds
         self.calls.append(Call(batch.source, batch.outputs,
                                {k: v.copy() for k, v in feeds.items()}, batch.masks))
@@ -67,7 +67,7 @@ class FakeRun:
                 await self.gate.wait()
             if np.any(feeds["x"] < 0):
                 raise ValueError("negative input")
-            return compute(feeds, batch.outputs, batch.masks)
+            return compute(feeds, batch.outputs, batch.masks), 0.001
         finally:
             self.running -= 1
 
@@ -582,11 +582,11 @@ async def test_a_request_the_model_cannot_compute_fails_alone() -> None:
 async def test_a_run_returning_the_wrong_row_count_fails_its_batch() -> None:
     calls = 0
 
-    async def short(batch: Batch) -> Arrays:
+    async def short(batch: Batch) -> tuple[Arrays, float]:
         nonlocal calls
         calls += 1
         result = compute(batch.feeds, batch.outputs, batch.masks)
-        return {k: v[:-1] for k, v in result.items()} if calls == 1 else result
+        return ({k: v[:-1] for k, v in result.items()} if calls == 1 else result), 0.001
 
     b = Batcher(short, BatchPolicy(max_batch_size=1, max_queue_delay_ms=0), 1)
     b.start()
@@ -603,14 +603,14 @@ async def test_callbacks_report_batch_rows_and_queue_depth() -> None:
     depths: list[int] = []
     run = FakeRun()
     b = Batcher(run, BatchPolicy(max_batch_size=3, max_queue_delay_ms=FOREVER_MS), 1,
-                on_batch=lambda rows, seconds: batches.append(rows),
+                on_batch=lambda rows, seconds: batches.append((rows, seconds)),
                 on_depth=depths.append)
     b.start()
     try:
         await result(submit(b, xs(1, 2, 3)))
     finally:
         await b.close(timeout=1.0)
-    assert batches == [3]
+    assert batches == [(3, 0.001)]  # the seconds `run` said its computing took
     assert depths[0] == 3 and depths[-1] == 0
 
 

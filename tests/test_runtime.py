@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import zoo
 
 from service import runtime as runtime_module
 from service.graph import TapGraph
-from service.runtime import KerasRuntime, _pad_rows, configure_tensorflow
+from service.runtime import KerasRuntime, Runtime, _pad_rows, configure_tensorflow
 from service.types import Batch
 
 
@@ -32,7 +33,7 @@ def test_runtime_matches_keras_with_and_without_xla(two_heads, jit: bool) -> Non
     model, graph = two_heads
     rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
     feeds = zoo.sample_inputs(model, batch=3)  # XLA pads 3 rows to 4, then trims
-    got = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, None)))
+    got, _ = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, None)))
     compiled = rt.function(("x",), ("label", "score"), False).function_def.attr
     assert ("_XlaMustCompile" in compiled and compiled["_XlaMustCompile"].b) == jit
     want = reference(model, feeds)
@@ -48,7 +49,7 @@ def test_shared_pass_rows_with_and_without_xla(two_heads, jit: bool) -> None:
     rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
     feeds = zoo.sample_inputs(model, batch=5)
     masks = {"label": np.array([1, 0, 1, 1, 0], bool), "score": np.array([0, 1, 1, 0, 1], bool)}
-    got = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, masks)))
+    got, _ = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, masks)))
     want = reference(model, feeds)
     for name, mask in masks.items():
         np.testing.assert_allclose(got[name], want[name][mask], atol=1e-5)
@@ -118,7 +119,7 @@ def test_batches_alternate_between_devices_each_on_its_own_threads(two_heads,
     results = asyncio.run(four())
     assert sorted(device for device, _ in placed) == ["/GPU:0", "/GPU:0", "/GPU:1", "/GPU:1"]
     assert all(thread.startswith(f"compute{device}") for device, thread in placed)
-    for got in results:
+    for got, _ in results:
         np.testing.assert_allclose(got["label"], reference(model, feeds)["label"], atol=1e-5)
     rt.close()
 
@@ -146,7 +147,7 @@ def test_a_shared_pass_asking_part_of_the_warmed_one_traces_nothing(two_heads) -
     traced = set(rt._cache)
     feeds = zoo.sample_inputs(model, batch=4)
     masks = {"label": np.array([1, 1, 0, 0], bool), "branch_a": np.array([0, 0, 1, 1], bool)}
-    got = asyncio.run(rt.run(Batch(("x",), ("branch_a", "label"), feeds, masks)))
+    got, _ = asyncio.run(rt.run(Batch(("x",), ("branch_a", "label"), feeds, masks)))
     assert set(rt._cache) == traced
     assert sorted(got) == ["branch_a", "label"]
     probe = tf.keras.Model(model.inputs, model.get_layer("branch_a").output)
@@ -156,4 +157,36 @@ def test_a_shared_pass_asking_part_of_the_warmed_one_traces_nothing(two_heads) -
     asyncio.run(rt.run(Batch(("x",), ("a_hidden", "label"), feeds,
                              {"label": masks["label"], "a_hidden": masks["branch_a"]})))
     assert len(rt._cache) == len(traced) + 1
+    rt.close()
+
+
+class SlowRuntime(Runtime):
+    """Takes `seconds` per batch on its one thread, returning the batch's inputs."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(["/CPU:0"], batches_per_device=1)
+        self.seconds = seconds
+
+    def _compute(self, batch: Batch) -> dict[str, np.ndarray]:
+        time.sleep(self.seconds)
+        return dict(batch.feeds)
+
+
+def test_compute_seconds_are_the_device_time_not_the_wait_for_a_thread() -> None:
+    """tapserve_compute_duration_seconds reads what `run` reports: with one thread and two
+    batches at once, the second waits a whole batch for the thread, which it must not count
+    (under load the metric once read 16x the model's time)."""
+    rt = SlowRuntime(0.1)
+    batch = Batch(("x",), ("x",), {"x": np.zeros((1, 2), np.float32)}, None)
+
+    async def two() -> list[tuple[float, float]]:
+        async def timed() -> tuple[float, float]:
+            started = time.perf_counter()
+            _, seconds = await rt.run(batch)
+            return time.perf_counter() - started, seconds
+        return await asyncio.gather(timed(), timed())
+
+    (wall_first, first), (wall_second, second) = sorted(asyncio.run(two()))
+    assert wall_second >= 0.19  # it waited for the first batch's thread...
+    assert 0.09 <= second < 0.19 and 0.09 <= first < 0.19  # ...and did not count that wait
     rt.close()
