@@ -100,8 +100,10 @@ class Group(deque):
 
 
 def slices(feeds: Arrays, size: int) -> list[Arrays]:
-    """A request cut into pieces of at most `size` rows."""
+    """A request cut into pieces of at most `size` rows (most fit: then it is its one piece)."""
     rows = len(next(iter(feeds.values())))
+    if rows <= size:
+        return [feeds]
     return [{k: v[i:i + size] for k, v in feeds.items()} for i in range(0, rows, size)]
 
 
@@ -172,9 +174,8 @@ class Batcher:
         group = (source, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
                  None if self.policy.shared_passes else outputs)
         loop = asyncio.get_running_loop()
-        pieces = [feeds] if rows <= self.policy.max_batch_size else slices(
-            feeds, self.policy.max_batch_size)
-        works = [Work(source, part, outputs, deadline, loop.create_future()) for part in pieces]
+        works = [Work(source, part, outputs, deadline, loop.create_future())
+                 for part in slices(feeds, self.policy.max_batch_size)]
         first = not self._pending  # then no timer runs: the loop waits for work
         queue = self._pending.get(group)
         if queue is None:
@@ -223,8 +224,12 @@ class Batcher:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _idle(self) -> bool:
+        """Eager batching applies: no batch of this version is computing."""
+        return self.policy.eager and not self._running
+
     def _eager_ready(self) -> bool:
-        return self.policy.eager and not self._running and self._pieces >= self._target
+        return self._idle() and self._pieces >= self._target
 
     async def _next_batch(self) -> list[Work]:
         """Wait for a group whose batch is full, or whose first request's delay is up,
@@ -245,7 +250,7 @@ class Batcher:
             # learns that its traffic does not come back as answered (open-loop clients).
             missed = False
             if group is None and close_at <= now:
-                group, missed = oldest, self.policy.eager and not self._running
+                group, missed = oldest, self._idle()
             if group is not None:
                 break
             # One future, resolved by a wake-up or at close_at (loop.time() is monotonic).

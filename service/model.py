@@ -178,7 +178,6 @@ class LoadedModel:
                 f"at most {max(1, rows * self.max_response_bytes // total)} rows per request, "
                 "or ask for fewer outputs")
 
-
     def _bytes_per_row(self, ep: Endpoint, name: str) -> int:
         key = (ep.name, name)  # signatures may share output names: per endpoint
         if key not in self._row_bytes:  # bounded: endpoints x what they may be asked
