@@ -113,10 +113,14 @@ def test_model_metadata_of_endpoints(server: RunningServer) -> None:
     assert "autoencoder, encoder, decoder" in err.value.details()
 
 
+def grpc_calls(server: RunningServer, method: str, code: str) -> float:
+    """tapserve_grpc_requests_total for one full method name and code (0 before any)."""
+    return sample(server, "tapserve_grpc_requests_total", method=method, code=code) or 0
+
+
 def test_grpc_calls_counted_by_method_and_code(server: RunningServer) -> None:
     def count(method: str, code: str) -> float:
-        return sample(server, "tapserve_grpc_requests_total", method=INFERENCE + method,
-                      code=code) or 0
+        return grpc_calls(server, INFERENCE + method, code)
 
     before = {key: count(*key) for key in [("ModelMetadata", "OK"),
                                             ("ModelMetadata", "NOT_FOUND"),
@@ -137,7 +141,7 @@ def test_streams_are_counted_by_method_and_code_when_they_end(server: RunningSer
     they end with (and so move the drain's quiet-period clock, which hangs on the same
     hook)."""
     def count(method: str, code: str) -> float:
-        return sample(server, "tapserve_grpc_requests_total", method=method, code=code) or 0
+        return grpc_calls(server, method, code)
 
     stream = (INFERENCE + "ModelStreamInfer", "OK")
     watch = ("/grpc.health.v1.Health/Watch", "CANCELLED")
