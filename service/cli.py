@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.path.exists():  # say so before TensorFlow's seconds of start-up
             print(f"tapserve inspect: {args.path} does not exist", file=sys.stderr)
             return 2
+        from service import logs
+
+        logs.configure("text", "WARNING")  # quiets TensorFlow's start-up lines (service/logs)
         from service.inspect import describe
 
         try:
