@@ -24,6 +24,7 @@ import numpy as np
 
 from service.dedup import distinct
 from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded, TapserveError
+from service.tracing import RequestTrace, current, record_batch
 from service.types import Batch
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Work:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # when its batch began computing
+    trace: RequestTrace | None = None  # its request's spans (tracing on)
 
     @property
     def rows(self) -> int:
@@ -174,7 +176,8 @@ class Batcher:
         group = (source, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
                  None if self.policy.shared_passes else outputs)
         loop = asyncio.get_running_loop()
-        works = [Work(source, part, outputs, deadline, loop.create_future())
+        trace = current()
+        works = [Work(source, part, outputs, deadline, loop.create_future(), trace=trace)
                  for part in slices(feeds, self.policy.max_batch_size)]
         first = not self._pending  # then no timer runs: the loop waits for work
         queue = self._pending.get(group)
@@ -307,6 +310,7 @@ class Batcher:
                 result = rows.expand(computed)
             parts = split(works, batch, result)
         except Exception as exc:
+            record_batch(works, started, exc)
             if isolate:
                 log.warning("batch of %d requests failed (%s); running each alone",
                             len(works), exc)
@@ -319,6 +323,7 @@ class Batcher:
                 if not w.future.done():
                     w.future.set_exception(exc)
             return
+        record_batch(works, started)
         self._on_batch(batch_rows(works), seconds)
         if rows is not None:
             self._on_dedup(rows.saved)

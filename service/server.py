@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from service import tracing
 from service.auth import Tokens
 from service.dataplane import DataPlane
 from service.errors import Unauthenticated
@@ -82,6 +83,8 @@ class TapServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # A missing `tracing` extra refuses the start here, before TensorFlow starts.
+        self.tracing = tracing.setup(settings.otlp_endpoint)
         self.metrics = Metrics()
         self.devices = configure_tensorflow(
             intra_op_threads(settings), inter_op_threads(settings), settings.gpu_memory_limit_mb)
@@ -140,9 +143,9 @@ class TapServer:
                      # A second server on a taken port must fail, not share it silently.
                      ("grpc.so_reuseport", 0), *connection_options(s)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, s.max_stream_in_flight), self.server)
+            InferenceServicer(self.dataplane, s.max_stream_in_flight, self.tracing), self.server)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.dataplane), self.server)
+            PredictionServicer(self.dataplane, self.tracing), self.server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelStatusServicer(self.dataplane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -200,7 +203,7 @@ class TapServer:
         """KServe v2 REST and TF Serving REST, on this event loop, over the data plane."""
         s = self.settings
         app = build_app(self.dataplane, s.max_request_bytes, self.tokens,
-                        s.max_receiving_bytes, s.request_read_timeout_secs)
+                        s.max_receiving_bytes, s.request_read_timeout_secs, self.tracing)
         # Handlers finish within the drain; the runner's own wait is for stragglers only.
         self._http = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
                                    keepalive_timeout=s.max_connection_idle_secs or 75.0)
@@ -290,6 +293,7 @@ class TapServer:
         if self._http:
             await self._http.cleanup()
         self._metrics_http.shutdown()
+        await asyncio.to_thread(self.tracing.shutdown)  # send the spans still held
         log.info("stopped")
 
 

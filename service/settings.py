@@ -95,6 +95,10 @@ class Settings(BaseSettings):
         "by default: it serves unary calls as client-streaming, which costs 7-14% of "
         "1-row requests per second (0: off; calls are still capped by "
         "--max-concurrent-rpcs and end with --max-connection-age-secs).")
+    otlp_endpoint: str | None = Field(
+        None, description="OpenTelemetry collector URL (OTLP over HTTP, e.g. "
+        "http://localhost:4318): a trace span per inference request, joined to the caller's "
+        "traceparent (unset: no tracing; needs tapserve[tracing]).")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Least severe log lines written.")

@@ -27,6 +27,7 @@ from service.protocol import convert, kserve_rest, tfserving_rest
 from service.protocol.kserve import DataPlane
 from service.protocol.status import INTERNAL_MESSAGE
 from service.protocol.tfserving import endpoint_of
+from service.tracing import NO_TRACING, RequestTrace, Tracing
 from service.types import InferRequest
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,11 @@ def _body_limits(max_request_bytes: int, budget: int, timeout: float) -> Callabl
 
 
 def build_app(dataplane: DataPlane, max_request_bytes: int, tokens: Tokens | None = None,
-              body_budget: int = 0, read_timeout: float = 0) -> web.Application:
+              body_budget: int = 0, read_timeout: float = 0,
+              tracing: Tracing = NO_TRACING) -> web.Application:
     """The aiohttp application serving both REST APIs (with `tokens`: behind bearer tokens;
     `body_budget` and `read_timeout`: see _body_limits)."""
-    routes = _Routes(dataplane)
+    routes = _Routes(dataplane, tracing)
     middlewares = [_errors] + ([_bearer_token(tokens, routes)] if tokens else []) + [
         _body_limits(max_request_bytes, body_budget, read_timeout)]
     app = web.Application(client_max_size=max_request_bytes, middlewares=middlewares)
@@ -159,8 +161,9 @@ def build_app(dataplane: DataPlane, max_request_bytes: int, tokens: Tokens | Non
 
 
 class _Routes:
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, tracing: Tracing = NO_TRACING) -> None:
         self._dataplane = dataplane
+        self._tracing = tracing
 
     def rejected(self, model: str, endpoint: str | None, protocol: str,
                  error: TapserveError) -> None:
@@ -199,6 +202,11 @@ class _Routes:
 
     async def infer(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
+        with self._tracing.request(KSERVE, name, request.headers) as trace:
+            return await self._infer(request, name, trace)
+
+    async def _infer(self, request: web.Request, name: str, trace: RequestTrace
+                     ) -> web.Response:
         version = request.match_info.get("version", "")
         try:
             body = await request.read()
@@ -215,6 +223,7 @@ class _Routes:
             raise
         infer_request.protocol = KSERVE
         response = await self._dataplane.infer(infer_request)
+        trace.answered(response)
         body, json_length = kserve_rest.encode_infer(
             convert.encode_infer_response(response, name), binary_outputs)
         if json_length is None:
@@ -274,6 +283,11 @@ class _Routes:
                                                                endpoints))
 
     async def tfs_predict(self, request: web.Request) -> web.Response:
+        with self._tracing.request(tfserving_rest.PROTOCOL_REST, request.match_info["model"],
+                                   request.headers) as trace:
+            return await self._tfs_predict(request, trace)
+
+    async def _tfs_predict(self, request: web.Request, trace: RequestTrace) -> web.Response:
         model, version = self._tfs_model(request)
         protocol = tfserving_rest.PROTOCOL_REST
         endpoint, label = None, UNKNOWN
@@ -293,6 +307,7 @@ class _Routes:
                                      endpoint_label=label)
             raise
         response = await self._dataplane.infer(infer_request)
+        trace.answered(response)
         return json_response(tfserving_rest.encode_predict(response.outputs, rows))
 
 

@@ -21,9 +21,11 @@ from service.protocol.generated.grpc_predict_v2_pb2_grpc import GRPCInferenceSer
 from service.protocol.status import INTERNAL_MESSAGE, status_code
 from service.protocol.streams import answered_concurrently
 from service.statistics import VersionStatistics
+from service.tracing import NO_TRACING, Tracing
 from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
 
 T = TypeVar("T")
+PROTOCOL = "kserve_grpc"
 log = logging.getLogger(__name__)
 
 
@@ -87,9 +89,11 @@ class DataPlane(Protocol):
 class InferenceServicer(GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService for a grpc.aio server."""
 
-    def __init__(self, dataplane: DataPlane, stream_in_flight: int = 100) -> None:
+    def __init__(self, dataplane: DataPlane, stream_in_flight: int = 100,
+                 tracing: Tracing = NO_TRACING) -> None:
         self._dataplane = dataplane
         self._stream_in_flight = stream_in_flight
+        self._tracing = tracing
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -125,7 +129,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, deadline_of(context))
+        return await self._infer(request, deadline_of(context), context)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -135,7 +139,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         deadline = deadline_of(context)
 
         async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            return await self._stream_answer(request, deadline)
+            return await self._stream_answer(request, deadline, context)
 
         async for response in answered_concurrently(requests, answer, self._stream_in_flight,
                                                     self._dataplane.until_draining):
@@ -143,29 +147,32 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         if self._dataplane.draining:  # what was read is answered: say why it ends
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None
-                     ) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None,
+                     context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         """One ModelInfer, unary or streamed; raises TapserveError (counted and logged)."""
-        try:
-            # The endpoint first: its datatypes are checked before any tensor is decoded.
-            specs = self._dataplane.input_specs(*convert.infer_target(request))
-            infer_request = await decoded(convert.decode_infer_request, request, deadline,
-                                          specs)
-        except TapserveError as exc:  # counted and logged like every failed request
-            model, endpoint = request.model_name.partition(".")[::2]
-            self._dataplane.rejected(
-                InferRequest(model, {}, endpoint or None, id=request.id), exc)
-            raise
-        response = await self._dataplane.infer(infer_request)
-        return convert.encode_infer_response(response, request.model_name)
+        with self._tracing.request(PROTOCOL, request.model_name, context) as trace:
+            try:
+                # The endpoint first: its datatypes are checked before any tensor is decoded.
+                specs = self._dataplane.input_specs(*convert.infer_target(request))
+                infer_request = await decoded(convert.decode_infer_request, request,
+                                              deadline, specs)
+            except TapserveError as exc:  # counted and logged like every failed request
+                model, endpoint = request.model_name.partition(".")[::2]
+                self._dataplane.rejected(
+                    InferRequest(model, {}, endpoint or None, id=request.id), exc)
+                raise
+            response = await self._dataplane.infer(infer_request)
+            trace.answered(response)
+            return convert.encode_infer_response(response, request.model_name)
 
-    async def _stream_answer(self, request: pb.ModelInferRequest, deadline: float | None
+    async def _stream_answer(self, request: pb.ModelInferRequest, deadline: float | None,
+                             context: grpc.aio.ServicerContext
                              ) -> pb.ModelStreamInferResponse:
         """The stream's answer to one request: its response, or the message the unary call
         would have failed with, under the request's id and model (as Triton answers)."""
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request,
-                                                                                deadline))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(
+                request, deadline, context))
         except Exception as exc:
             if status_code(exc) is None:  # the server's fault: the details stay in the log
                 log.exception("unhandled error in ModelStreamInfer")

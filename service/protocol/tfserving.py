@@ -25,6 +25,7 @@ from service.errors import InvalidInput, NotFound, TapserveError, Unsupported, c
 from service.protocol import convert
 from service.protocol.kserve import DataPlane, deadline_of, decoded
 from service.protocol.tensorproto import data_type, from_numpy, shape_proto, to_numpy
+from service.tracing import NO_TRACING, Tracing
 from service.types import EndpointMetadata, InferRequest, TensorSpec
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -91,26 +92,30 @@ def signature_def(meta: EndpointMetadata) -> meta_graph_pb2.SignatureDef:
 class PredictionServicer(PredictionServiceServicer):
     """tensorflow.serving.PredictionService for a grpc.aio server."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, tracing: Tracing = NO_TRACING) -> None:
         self._dataplane = dataplane
+        self._tracing = tracing
 
     async def Predict(self, request: predict_pb2.PredictRequest,
                       context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
-        try:
-            # The endpoint first: its dtypes are checked before any tensor is read.
-            specs = self._dataplane.input_specs(*predict_target(request))
-            infer_request = await decoded(decode_predict, request, deadline_of(context), specs)
-        except TapserveError as exc:  # counted and logged like every failed request
-            self._dataplane.rejected(InferRequest(
-                request.model_spec.name, {}, endpoint_of(request.model_spec.signature_name),
-                protocol=PROTOCOL), exc)
-            raise
-        response = await self._dataplane.infer(infer_request)
-        spec = model_pb2.ModelSpec(
-            name=response.model, version=wrappers_pb2.Int64Value(value=response.version),
-            signature_name=request.model_spec.signature_name or DEFAULT_SIGNATURE)
-        return predict_pb2.PredictResponse(model_spec=spec, outputs={
-            name: from_numpy(array) for name, array in response.outputs.items()})
+        with self._tracing.request(PROTOCOL, request.model_spec.name, context) as trace:
+            try:
+                # The endpoint first: its dtypes are checked before any tensor is read.
+                specs = self._dataplane.input_specs(*predict_target(request))
+                infer_request = await decoded(decode_predict, request, deadline_of(context),
+                                              specs)
+            except TapserveError as exc:  # counted and logged like every failed request
+                self._dataplane.rejected(InferRequest(
+                    request.model_spec.name, {},
+                    endpoint_of(request.model_spec.signature_name), protocol=PROTOCOL), exc)
+                raise
+            response = await self._dataplane.infer(infer_request)
+            trace.answered(response)
+            spec = model_pb2.ModelSpec(
+                name=response.model, version=wrappers_pb2.Int64Value(value=response.version),
+                signature_name=request.model_spec.signature_name or DEFAULT_SIGNATURE)
+            return predict_pb2.PredictResponse(model_spec=spec, outputs={
+                name: from_numpy(array) for name, array in response.outputs.items()})
 
     async def GetModelMetadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest,

@@ -1,0 +1,271 @@
+"""OpenTelemetry traces (--otlp-endpoint): everything OpenTelemetry lives here.
+
+A request is a span ("infer", joined to the caller's trace by a W3C `traceparent` in gRPC
+metadata or an HTTP header) with children "queue", "compute" and "response"; each batch
+is a span ("batch") linked to the request spans it served. The children are recorded
+after the fact, from the times the batcher keeps anyway, so no span object travels with
+the request. Spans leave on a background thread (BatchSpanProcessor) and are flushed when
+the server stops.
+
+Off (the default), `Tracing.request` hands out one shared do-nothing object and the
+OpenTelemetry packages are never imported: the server runs without the `tracing` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+from service.errors import ConfigError, TapserveError
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Span, SpanContext, Tracer
+
+    from service.types import InferResponse
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install tapserve[tracing]"
+W3C = ("traceparent", "tracestate")  # the headers (or metadata) a caller's context comes in
+TRACE_PATH = "/v1/traces"  # OTLP/HTTP's path for traces, added to a bare collector URL
+# The request being served by the running task, for the batcher to pick up at submit.
+_current: ContextVar[RequestTrace | None] = ContextVar("tapserve_trace", default=None)
+
+
+class CallMetadata(Protocol):
+    """A gRPC call (grpc.aio's ServicerContext), read only for its metadata."""
+
+    def invocation_metadata(self) -> Any: ...
+
+
+# Where a caller's trace context is read: HTTP headers, or a gRPC call's metadata.
+Carrier = Mapping[str, str] | CallMetadata
+
+
+class Traced(Protocol):
+    """What the batcher holds per queued piece of a request."""
+
+    @property
+    def trace(self) -> RequestTrace | None: ...
+
+    @property
+    def enqueued(self) -> float: ...
+
+    @property
+    def rows(self) -> int: ...
+
+
+def current() -> RequestTrace | None:
+    """The trace of the request the running task serves (None when tracing is off)."""
+    return _current.get()
+
+
+class Tracing:
+    """Off: every method is free. See `setup` for on."""
+
+    enabled = False
+
+    def request(self, door: str, name: str, carrier: Carrier) -> RequestTrace:
+        """The trace of one inference request through `door`, used as `with`; `name` is
+        the model name the client sent (`model.endpoint` for KServe)."""
+        return NO_TRACE
+
+    def shutdown(self) -> None:
+        """Flush the spans not yet sent (blocking: call off the event loop)."""
+
+
+class RequestTrace:
+    """One request's spans (this base class: none, for tracing off)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> RequestTrace:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        return None
+
+    def answered(self, response: InferResponse) -> None:
+        """The data plane answered: the version that served it is known, and the
+        response span starts."""
+
+
+NO_TRACE = RequestTrace()
+NO_TRACING = Tracing()
+
+
+def setup(endpoint: str | None, service_name: str = "tapserve") -> Tracing:
+    """Tracing to an OTLP/HTTP collector at `endpoint` (None: off). Raises ConfigError if
+    the `tracing` extra is not installed or the URL is not http(s)."""
+    if not endpoint:
+        return NO_TRACING
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"--otlp-endpoint must be an http:// or https:// URL of an OTLP "
+                          f"collector (e.g. http://localhost:4318), got {endpoint!r}")
+    if parts.path in ("", "/"):
+        endpoint = endpoint.rstrip("/") + TRACE_PATH
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        traced = OtlpTracing(OTLPSpanExporter(endpoint), service_name)
+    except ImportError as exc:
+        raise ConfigError(f"--otlp-endpoint needs the OpenTelemetry packages: "
+                          f"{INSTALL} ({exc})") from None
+    log.info("tracing: OpenTelemetry spans to %s", endpoint)
+    return traced
+
+
+class OtlpTracing(Tracing):
+    """On: spans to `exporter` (OTLP's, or a test's), sent by a BatchSpanProcessor."""
+
+    enabled = True
+
+    def __init__(self, exporter: SpanExporter, service_name: str = "tapserve") -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.provider: TracerProvider = TracerProvider(
+            resource=Resource.create({"service.name": service_name}))
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.tracer: Tracer = self.provider.get_tracer("tapserve")
+        self.propagator = TraceContextTextMapPropagator()
+        # Spans are timed on the monotonic clock the batcher keeps; OTLP wants epoch ns.
+        self.epoch_offset_ns = time.time_ns() - time.monotonic_ns()
+
+    def ns(self, monotonic: float) -> int:
+        return int(monotonic * 1e9) + self.epoch_offset_ns
+
+    def request(self, door: str, name: str, carrier: Carrier) -> RequestTrace:
+        return _Recording(self, door, name, carrier)
+
+    def parent(self, carrier: Carrier) -> Any:
+        """The caller's context from its traceparent (and tracestate), if it sent one."""
+        found: dict[str, str]
+        if isinstance(carrier, Mapping):  # HTTP headers: case-insensitive
+            found = {k: v for k in W3C if (v := carrier.get(k)) is not None}
+        else:  # a grpc.aio ServicerContext: metadata keys are lower case
+            metadata: Iterable[tuple[str, str | bytes]] = carrier.invocation_metadata() or ()
+            found = {k: v for k, v in metadata if k in W3C and isinstance(v, str)}
+        return self.propagator.extract(found) if found else None
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()  # the BatchSpanProcessor sends what it holds first
+
+
+class _Recording(RequestTrace):
+    __slots__ = ("_tracing", "_span", "_started", "_answered", "_pieces", "_token", "model")
+
+    def __init__(self, tracing: OtlpTracing, door: str, name: str, carrier: Carrier) -> None:
+        from opentelemetry.trace import SpanKind
+
+        self._tracing = tracing
+        self._started = time.monotonic()
+        self._answered: float | None = None
+        self._pieces: list[tuple[float, float, float, SpanContext]] = []
+        self.model, _, endpoint = name.partition(".")
+        attributes = {"tapserve.door": door, "tapserve.model": self.model}
+        if endpoint:
+            attributes["tapserve.endpoint"] = endpoint
+        self._span: Span = tracing.tracer.start_span(
+            "infer", tracing.parent(carrier), SpanKind.SERVER, attributes,
+            start_time=tracing.ns(self._started))
+
+    @property
+    def context(self) -> SpanContext:
+        return self._span.get_span_context()
+
+    @property
+    def recording(self) -> bool:
+        return self._span.is_recording()
+
+    def __enter__(self) -> RequestTrace:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        _current.reset(self._token)
+        self.finish(error)
+
+    def answered(self, response: InferResponse) -> None:
+        self._answered = time.monotonic()
+        self._span.set_attributes({"tapserve.model": response.model,
+                                   "tapserve.endpoint": response.endpoint,
+                                   "tapserve.version": response.version})
+
+    def computed(self, enqueued: float, started: float, ended: float,
+                 batch: SpanContext) -> None:
+        """One piece of the request (most have one) waited from `enqueued` and was
+        computed by `batch` from `started` to `ended`."""
+        self._pieces.append((enqueued, started, ended, batch))
+
+    def finish(self, error: BaseException | None) -> None:
+        from opentelemetry.trace import Link, Status, StatusCode, set_span_in_context
+
+        ended = time.monotonic()
+        tracing, span = self._tracing, self._span
+        code = status_of(error)
+        span.set_attribute("tapserve.status", code)
+        if code != "OK":
+            span.set_status(Status(StatusCode.ERROR, str(error)[:200] or code))
+        if span.is_recording():
+            parent = set_span_in_context(span)
+            for enqueued, started, computed, batch in self._pieces:
+                tracing.tracer.start_span("queue", parent, start_time=tracing.ns(enqueued)
+                                          ).end(tracing.ns(started))
+                tracing.tracer.start_span("compute", parent, links=[Link(batch)],
+                                          start_time=tracing.ns(started)
+                                          ).end(tracing.ns(computed))
+            if self._answered is not None:
+                tracing.tracer.start_span("response", parent,
+                                          start_time=tracing.ns(self._answered)
+                                          ).end(tracing.ns(ended))
+        span.end(tracing.ns(ended))
+
+
+def status_of(error: BaseException | None) -> str:
+    """The status a request ended with, as the metrics label it (google.rpc.Code)."""
+    if error is None:
+        return "OK"
+    if isinstance(error, TapserveError):
+        return error.code
+    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "INTERNAL"
+
+
+def record_batch(works: Sequence[Traced], started: float,
+                 error: BaseException | None = None) -> None:
+    """The batcher computed `works` as one batch from `started` until now: a "batch" span
+    linked to each request it served, and a compute piece for each request. Free when no
+    request is traced."""
+    traced = [(w, w.trace) for w in works
+              if isinstance(w.trace, _Recording) and w.trace.recording]
+    if not traced:
+        return
+    from opentelemetry.trace import Link, Status, StatusCode
+
+    ended = time.monotonic()
+    first = traced[0][1]
+    tracing = first._tracing
+    span = tracing.tracer.start_span(
+        "batch", links=[Link(trace.context) for _, trace in traced],
+        attributes={"tapserve.model": first.model, "tapserve.batch.requests": len(works),
+                    "tapserve.batch.rows": sum(w.rows for w in works)},
+        start_time=tracing.ns(started))
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
+    span.end(tracing.ns(ended))
+    batch = span.get_span_context()
+    for w, trace in traced:
+        trace.computed(w.enqueued, started, ended, batch)
