@@ -21,6 +21,7 @@ from service.errors import Unauthenticated
 from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
+from service.protocol.call_limits import CallLimits
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
@@ -94,6 +95,8 @@ class TapServer:
             on_change=self._update_health)
         self.dataplane = DataPlane(self.registry, self.metrics, settings.strict_readiness)
         self.health = Health()
+        self._limits = CallLimits(settings.max_concurrent_rpcs, settings.max_watch_streams,
+                                  on_done=self._count_rpc, on_full=self._on_full)
         self.grpc_port = 0
         self.metrics_port = 0
         self._loading: asyncio.Task | None = None
@@ -119,9 +122,10 @@ class TapServer:
             http_tls = CertificateFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file,
                                         "HTTP")
             self._http_tls = HttpTls(http_tls)
-        interceptors = [ErrorStatusInterceptor(on_done=self._count_rpc)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            self._limits, ErrorStatusInterceptor(on_done=self._count_rpc)]
         if s.grpc_request_read_timeout_secs:
-            interceptors.insert(0, RequestReadTimeout(s.grpc_request_read_timeout_secs,
+            interceptors.insert(1, RequestReadTimeout(s.grpc_request_read_timeout_secs,
                                                       on_done=self._count_rpc))
         if s.auth_token_file is not None:
             self.tokens = Tokens(s.auth_token_file)
@@ -129,8 +133,7 @@ class TapServer:
         self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
+            interceptors=interceptors,  # CallLimits caps the calls, not grpc.aio
             options=[("grpc.max_receive_message_length", s.max_request_bytes),
                      ("grpc.max_send_message_length", s.max_response_bytes),
                      # A second server on a taken port must fail, not share it silently.
@@ -150,7 +153,9 @@ class TapServer:
         self.grpc_port = self._bind(self.server, "gRPC", s.grpc_port,
                                     grpc_credentials(grpc_tls) if grpc_tls else None)
         if s.health_port:
-            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self._health_server = grpc.aio.server(
+                interceptors=[CallLimits(0, s.max_watch_streams)],
+                options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             self._bind(self._health_server, "the health port", s.health_port)
         if s.http_port:
@@ -163,7 +168,7 @@ class TapServer:
         await self.server.start()
         if self._health_server:
             await self._health_server.start()
-        await self._update_health()
+        self._publish_health()
         http = f"HTTP on {s.host}:{s.http_port}" if s.http_port else "HTTP off"
         health = f", gRPC health (plaintext) on {s.host}:{s.health_port}" if s.health_port else ""
         log.info("serving gRPC on %s:%d, metrics on %s:%d, %s%s", s.host, self.grpc_port,
@@ -235,11 +240,23 @@ class TapServer:
             await self._loading
 
     async def _update_health(self) -> None:
+        self._publish_health()
+
+    def _on_full(self, full: bool) -> None:
+        if full:
+            log.warning("the gRPC port holds --max-concurrent-rpcs calls and refuses more: "
+                        "health \"\" says NOT_SERVING until a tenth of them have ended")
+        self._publish_health()
+
+    def _publish_health(self) -> None:
         """Health follows the registry: "" is the server's readiness, each model serves
-        while one of its versions does."""
+        while one of its versions does. "" is also NOT_SERVING while the gRPC port is at
+        --max-concurrent-rpcs, refusing every call: a probe must not keep such a replica
+        in rotation."""
         if self.dataplane.draining:
             return  # enter_graceful_shutdown set every service NOT_SERVING for good
-        wanted = {"": SERVING if self.dataplane.ready() else NOT_SERVING}
+        ready = self.dataplane.ready() and not self._limits.full
+        wanted = {"": SERVING if ready else NOT_SERVING}
         for name, entry in self.registry.models.items():
             wanted[name] = SERVING if entry.serving() else NOT_SERVING
         for name in set(self._health) - set(wanted):
@@ -247,7 +264,7 @@ class TapServer:
         for name, status in wanted.items():
             if self._health.get(name) != status:
                 self._health[name] = status
-                await self.health.set(name, status)
+                self.health.set(name, status)
 
     def _count_rpc(self, method: str, code: str) -> None:
         self._last_call = time.monotonic()
@@ -267,7 +284,7 @@ class TapServer:
         grace = self.settings.drain_grace_seconds if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
         self.dataplane.draining = True
-        await self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()
         for task in (self._loading, self._polling, self._watching):
             if task and not task.done():
                 task.cancel()

@@ -82,7 +82,12 @@ class Settings(BaseSettings):
         "closed at accept (0: no limit).")
     max_concurrent_rpcs: int = Field(
         1024, ge=0, description="gRPC calls the server holds at once, over all connections "
-        "(health checks too); more are refused with RESOURCE_EXHAUSTED (0: no limit).")
+        "(health checks too, health Watch streams aside); more are refused with "
+        "RESOURCE_EXHAUSTED, and health \"\" says NOT_SERVING while they are (0: no limit).")
+    max_watch_streams: int = Field(
+        1000, ge=0, description="grpc.health.v1 Watch streams each gRPC port holds at once, "
+        "apart from --max-concurrent-rpcs; more are refused with RESOURCE_EXHAUSTED "
+        "(0: no limit).")
     max_receiving_bytes: int = Field(
         1024 * 1024 * 1024, ge=0, description="HTTP request bodies being received, over all "
         "connections: each reserves its Content-Length before it is read, and one that does "
