@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from service.auth import Tokens
+from service.auth import Access, Tokens
 from service.dataplane import DataPlane
 from service.errors import Unauthenticated
 from service.health import Health
@@ -26,6 +26,7 @@ from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.http import build_app
+from service.protocol.http_connections import GuardedSite
 from service.protocol.kserve import InferenceServicer
 from service.protocol.read_timeout import RequestReadTimeout
 from service.protocol.status import ErrorStatusInterceptor
@@ -105,7 +106,7 @@ class TapServer:
         self._http: web.AppRunner | None = None
         self._health_server: grpc.aio.Server | None = None
         self._watching: asyncio.Task | None = None
-        self.tokens: Tokens | None = None
+        self.access: Access | None = None
         self._http_tls: HttpTls | None = None
         self._last_call = 0.0  # monotonic time the last unary call ended
 
@@ -127,9 +128,11 @@ class TapServer:
         if s.grpc_request_read_timeout_secs:
             interceptors.insert(1, RequestReadTimeout(s.grpc_request_read_timeout_secs,
                                                       on_done=self._count_rpc))
-        if s.auth_token_file is not None:
-            self.tokens = Tokens(s.auth_token_file)
-            interceptors.append(BearerTokenInterceptor(self.tokens, self._refused))
+        if s.auth_token_file is not None or s.admin_token_file is not None:
+            self.access = Access(
+                Tokens(s.auth_token_file) if s.auth_token_file else None,
+                Tokens(s.admin_token_file, "--admin-token-file") if s.admin_token_file else None)
+            interceptors.append(BearerTokenInterceptor(self.access, self._refused))
         self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
@@ -176,10 +179,13 @@ class TapServer:
         if grpc_tls:
             log.info("TLS on the gRPC and HTTP ports (%s); metrics stay plaintext",
                      "client certificates required" if grpc_tls.mutual else "server only")
-        if self.tokens:
-            log.info("bearer tokens from %s required, except for health and reflection",
-                     s.auth_token_file)
-        if self.tokens or self._http_tls:
+        if s.auth_token_file:
+            log.info("bearer tokens from %s required, except for health and reflection%s",
+                     s.auth_token_file, "" if s.admin_token_file else
+                     " (any of them also opens the repository API: --admin-token-file)")
+        if s.admin_token_file:
+            log.info("the repository API requires bearer tokens from %s", s.admin_token_file)
+        if self.access or self._http_tls:
             self._watching = asyncio.create_task(self._watch())
         self._loading = asyncio.create_task(self._load())
 
@@ -200,13 +206,14 @@ class TapServer:
     async def _start_http(self) -> None:
         """KServe v2 REST and TF Serving REST, on this event loop, over the data plane."""
         s = self.settings
-        app = build_app(self.dataplane, s.max_request_bytes, self.tokens,
+        app = build_app(self.dataplane, s.max_request_bytes, self.access,
                         s.max_receiving_bytes, s.request_read_timeout_secs)
         # Handlers finish within the drain; the runner's own wait is for stragglers only.
         self._http = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
                                    keepalive_timeout=s.max_connection_idle_secs or 75.0)
         await self._http.setup()
-        await web.TCPSite(self._http, s.host, s.http_port,
+        await GuardedSite(self._http, s.host, s.http_port, s.max_http_connections,
+                          s.http_header_timeout_secs,
                           ssl_context=self._http_tls.context if self._http_tls else None).start()
 
     async def _watch(self) -> None:
@@ -214,8 +221,8 @@ class TapServer:
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                if self.tokens:
-                    self.tokens.refresh()
+                if self.access:
+                    self.access.refresh()
                 if self._http_tls:
                     self._http_tls.refresh()
             except Exception:  # the watch must outlive one bad read

@@ -1,7 +1,8 @@
 """The gRPC interceptor that asks for a bearer token before any handler runs.
 
 Every method needs one except health and reflection (service.auth.open_grpc_method):
-new methods are closed by default. A refused call never reaches its handler; its
+new methods are closed by default. The repository API needs an admin token when
+--admin-token-file is set (service.auth.Access). A refused call never reaches its handler; its
 Unauthenticated error is raised inside the handler slot, so ErrorStatusInterceptor (the
 outer interceptor) answers UNAUTHENTICATED and counts it like any other status.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from service.auth import Tokens, open_grpc_method
+from service.auth import REPOSITORY_GRPC_METHODS, Access, open_grpc_method
 from service.errors import Unauthenticated
 
 # Called with (full method name, deserialized request, error) for each refused unary call:
@@ -22,8 +23,8 @@ OnRefused = Callable[[str, Any, Unauthenticated], None]
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: Tokens, on_refused: OnRefused | None = None) -> None:
-        self._tokens = tokens
+    def __init__(self, access: Access, on_refused: OnRefused | None = None) -> None:
+        self._access = access
         self._on_refused = on_refused
 
     async def intercept_service(
@@ -34,10 +35,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or open_grpc_method(details.method):
             return handler
+        tokens = self._access.needed(details.method in REPOSITORY_GRPC_METHODS)
+        if tokens is None:
+            return handler
         authorization = next((value for key, value in details.invocation_metadata or ()
                               if key == "authorization"), None)
         try:
-            self._tokens.check(authorization)
+            tokens.check(authorization)
         except Unauthenticated as error:
             return self._refusal(handler, details.method, error)
         return handler

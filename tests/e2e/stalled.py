@@ -116,6 +116,37 @@ def stalled_http_post(port: int, path: str, declared: int, send: int) -> socket.
     return sock
 
 
+def stalled_chunked_post(port: int, path: str, send: int) -> socket.socket:
+    """A chunked HTTP/1.1 POST (no Content-Length) whose first chunk of `send` bytes is
+    sent, and nothing more."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Transfer-Encoding: chunked\r\n\r\n{send:x}\r\n".encode()
+                 + b" " * send + b"\r\n")
+    return sock
+
+
+def half_a_header(port: int) -> socket.socket:
+    """An HTTP/1.1 request whose header block is never finished."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-")
+    return sock
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closes `sock` within `timeout` s (what it sends first is read
+    and dropped)."""
+    sock.settimeout(max(timeout, 0.01))
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def http_status(sock: socket.socket, timeout: float) -> int | None:
     """The status of the response the server sends on `sock` within `timeout` s."""
     sock.settimeout(max(timeout, 0.01))

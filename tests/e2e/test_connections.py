@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -24,8 +25,11 @@ from stalled import (
     MIB,
     RawWatches,
     StalledGrpcCall,
+    closed_by_server,
+    half_a_header,
     http_status,
     rss_bytes,
+    stalled_chunked_post,
     stalled_http_post,
 )
 from stock import free_port, infer
@@ -300,3 +304,63 @@ def test_readiness_is_not_serving_while_the_main_port_refuses_every_call(
     wait_for(lambda: health_status(health) == serving, "readiness to come back", 10)
     with server.client() as client:
         infer(client, "two_heads", X)
+
+
+INFER_BODY = (b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": ['
+              + b", ".join([b"0"] * 16) + b"]}]}")
+
+
+def http_infer_status(port: int) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/two_heads/infer",
+                                     method="POST", data=INFER_BODY)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_stalled_bodies_reserve_what_they_sent_not_what_they_announced(
+        start_process, repository: Path) -> None:
+    """Issue 18: a chunked body reserved --max-request-bytes (64 MiB) of the 1 GiB
+    --max-receiving-bytes, and a Content-Length body its length, before a byte arrived: 16
+    connections that sent 10 bytes each made every other HTTP inference 429 until their
+    read timeout, renewable at will."""
+    http_port = free_port()
+    server = start_process(repository, "--http-port", str(http_port))
+    path = "/v2/models/two_heads/infer"
+    hogs = ([stalled_chunked_post(http_port, path, 10) for _ in range(17)]
+            + [stalled_http_post(http_port, path, 64 * MIB, 10) for _ in range(17)])
+    try:
+        time.sleep(0.5)
+        assert [http_status(hog, 0.01) for hog in hogs] == [None] * len(hogs)  # still read
+        assert http_infer_status(http_port) == 200
+        assert server.process.poll() is None
+    finally:
+        for hog in hogs:
+            hog.close()
+
+
+def test_http_connections_are_capped_and_must_send_their_headers_in_time(
+        start_process, repository: Path) -> None:
+    """Issue 18: 1,000 sockets holding half a header block were held 60 s or more. New
+    connections past --max-http-connections are closed at once (with a 503), and one whose
+    first request's headers are not complete within --http-header-timeout-secs is closed."""
+    http_port = free_port()
+    server = start_process(repository, "--http-port", str(http_port),
+                           "--max-http-connections", "20", "--http-header-timeout-secs", "2")
+    assert http_infer_status(http_port) == 200
+    hogs = [half_a_header(http_port) for _ in range(25)]
+    try:
+        time.sleep(0.3)
+        refused = [hog for hog in hogs if closed_by_server(hog, 0.01)]
+        assert len(refused) == 5, len(refused)
+        assert http_infer_status(http_port) == 503  # the cap holds honest clients out too
+        started = time.monotonic()
+        assert all(closed_by_server(hog, 5) for hog in hogs)
+        assert time.monotonic() - started < 4
+        assert http_infer_status(http_port) == 200
+        assert server.process.poll() is None
+    finally:
+        for hog in hogs:
+            hog.close()
