@@ -53,6 +53,8 @@ QUIET_MAX_S = 2.0
 # How often the token file and the HTTP port's certificate files are checked for changes
 # (gRPC checks its certificate files itself, at each new connection).
 WATCH_S = 1.0
+# The least time between two log lines saying the gRPC port is at --max-concurrent-rpcs.
+FULL_LOG_S = 60.0
 # Refused inference calls count in tapserve_requests_total under their model: the method,
 # the front door, and how to read (model, endpoint) from the request gRPC already parsed.
 INFER_METHODS = {
@@ -109,6 +111,7 @@ class TapServer:
         self.access: Access | None = None
         self._http_tls: HttpTls | None = None
         self._last_call = 0.0  # monotonic time the last unary call ended
+        self._full_logged = -FULL_LOG_S  # monotonic time the cap was last said to be full
 
     async def start(self) -> None:
         """Bind both ports and start loading; raises ConfigError or OSError (a port in use)
@@ -250,7 +253,9 @@ class TapServer:
         self._publish_health()
 
     def _on_full(self, full: bool) -> None:
-        if full:
+        now = time.monotonic()
+        if full and now - self._full_logged >= FULL_LOG_S:  # a flapping cap: one line a minute
+            self._full_logged = now
             log.warning("the gRPC port holds --max-concurrent-rpcs calls and refuses more: "
                         "health \"\" says NOT_SERVING until a tenth of them have ended")
         self._publish_health()

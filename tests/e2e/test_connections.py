@@ -298,6 +298,8 @@ def test_readiness_is_not_serving_while_the_main_port_refuses_every_call(
         with server.client() as client, pytest.raises(InferenceServerException) as info:
             infer(client, "two_heads", X)
         assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert server.metric("tapserve_grpc_requests_total", code="RESOURCE_EXHAUSTED",
+                             method="/inference.GRPCInferenceService/ModelInfer") == 1
     finally:
         for call in calls:
             call.close()
