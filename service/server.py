@@ -136,7 +136,11 @@ class TapServer:
                 Tokens(s.auth_token_file) if s.auth_token_file else None,
                 Tokens(s.admin_token_file, "--admin-token-file") if s.admin_token_file else None)
             interceptors.append(BearerTokenInterceptor(self.access, self._refused))
-        self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
+        try:
+            self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
+        except OSError as exc:  # the bare errno text names no port
+            raise OSError(f"cannot bind metrics to {s.host}:{s.metrics_port}: "
+                          f"{exc.strerror or exc}") from None
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
             interceptors=interceptors,  # CallLimits caps the calls, not grpc.aio
