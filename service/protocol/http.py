@@ -106,37 +106,41 @@ def _body_limits(max_request_bytes: int, budget: int, timeout: float) -> Callabl
         nonlocal reserved
         if not request.body_exists:
             return await handler(request)
-        too_large = error_response(413, f"the request body is larger than "
-                                   f"{max_request_bytes} bytes (--max-request-bytes)")
         if (request.content_length or 0) > max_request_bytes:
-            return _closing(too_large)
-        held = 0  # reserved by this request, until it is answered
+            return _closing(_too_large(max_request_bytes))
+        held = 0  # bytes of the budget this request holds, until it is answered
         try:
             body = bytearray()
-            async with asyncio.timeout(timeout or None):
-                while chunk := await request.content.readany():
-                    if held + len(chunk) > max_request_bytes:
-                        return _closing(too_large)
-                    if budget and reserved + len(chunk) > budget:
-                        return _closing(error_response(429, (
-                            f"the server is receiving {reserved} bytes of request bodies, "
-                            f"its limit is {budget} (--max-receiving-bytes): retry later")))
-                    reserved += len(chunk)
-                    held += len(chunk)
-                    body += chunk
+            try:
+                async with asyncio.timeout(timeout or None):
+                    while chunk := await request.content.readany():
+                        if held + len(chunk) > max_request_bytes:
+                            return _closing(_too_large(max_request_bytes))
+                        if budget and reserved + len(chunk) > budget:
+                            return _closing(error_response(429, (
+                                f"the server is receiving {reserved} bytes of request bodies, "
+                                f"its limit is {budget} (--max-receiving-bytes): retry later")))
+                        reserved += len(chunk)
+                        held += len(chunk)
+                        body += chunk
+            except TimeoutError:
+                return _closing(error_response(408, f"the request body did not arrive within "
+                                               f"{timeout:g} s (--request-read-timeout-secs)"))
+            except ConnectionResetError:  # the client went away: no traceback in the log
+                raise Cancelled("the client closed the connection during its body") from None
             # What the handler's read() returns: aiohttp keeps a body it read there.
             request._read_bytes = bytes(body)
             del body
             return await handler(request)
-        except TimeoutError:
-            return _closing(error_response(408, f"the request body did not arrive within "
-                                           f"{timeout:g} s (--request-read-timeout-secs)"))
-        except ConnectionResetError:  # the client went away: no traceback in the log
-            raise Cancelled("the client closed the connection during its body") from None
         finally:
             reserved -= held
 
     return limit
+
+
+def _too_large(max_request_bytes: int) -> web.Response:
+    return error_response(413, f"the request body is larger than {max_request_bytes} bytes "
+                          "(--max-request-bytes)")
 
 
 def _closing(response: web.Response) -> web.Response:
