@@ -10,7 +10,7 @@ outer interceptor) answers UNAUTHENTICATED and counts it like any other status.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -20,6 +20,7 @@ from service.errors import Unauthenticated
 # Called with (full method name, deserialized request, error) for each refused unary call:
 # the server counts refused inference requests under their model.
 OnRefused = Callable[[str, Any, Unauthenticated], None]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -29,9 +30,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         if handler is None or open_grpc_method(details.method):
             return handler
@@ -39,26 +40,25 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if tokens is None:
             return handler
         authorization = next((value for key, value in details.invocation_metadata or ()
-                              if key == "authorization"), None)
+                              if key == "authorization" and isinstance(value, str)), None)
         try:
             tokens.check(authorization)
         except Unauthenticated as error:
             return self._refusal(handler, details.method, error)
         return handler
 
-    def _refusal(self, handler: grpc.RpcMethodHandler, method: str,
-                 error: Unauthenticated) -> grpc.RpcMethodHandler:
+    def _refusal(self, handler: Handler, method: str, error: Unauthenticated) -> Handler:
         serializers = {"request_deserializer": handler.request_deserializer,
                        "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
-            async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 if self._on_refused is not None:
                     self._on_refused(method, request, error)
                 raise error
 
             return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
 
-        async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
 
         if handler.unary_stream is not None:
