@@ -12,8 +12,8 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +28,9 @@ from service.types import STRING, Batch, TensorSpec
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+# Traces a model may make on the request path per interval before its full pass serves.
+TRACE_BUDGET = 8
+TRACE_INTERVAL_S = 60
 
 
 def configure_tensorflow(intra_op_threads: int, inter_op_threads: int,
@@ -162,17 +165,27 @@ class KerasRuntime(Runtime):
 
     `source` is the tuple of input tap names. Each function has an input signature
     with a None batch dimension, so it traces once for every batch size.
+
+    A trace holds the GIL (0.1 s for a small model, seconds for a deep one), stalling every
+    request of the server, so tracing on the request path is budgeted: past `trace_budget`
+    traces in TRACE_INTERVAL_S, a batch asking outputs not yet compiled runs its inputs'
+    full pass (every tap, compiled once), the outputs it did not ask for on one row each.
     """
 
     def __init__(self, graph: TapGraph, devices: Sequence[str], batches_per_device: int,
                  cache_size: int = 64, jit_compile: bool = False,
-                 max_batch_size: int = 32) -> None:
+                 max_batch_size: int = 32, trace_budget: int = TRACE_BUDGET) -> None:
         super().__init__(devices, batches_per_device)
         self.graph = graph
         self.jit_compile = jit_compile
         self.max_batch_size = max_batch_size
         self._cache: OrderedDict[tuple, Callable] = OrderedDict()
         self._cache_size = cache_size
+        self._pinned: dict[tuple, Callable] = {}  # warm-up's and full passes: never evicted
+        self._no_full_pass: set[tuple] = set()
+        self._warming = False
+        self._trace_budget = trace_budget
+        self._traced: deque[float] = deque()  # when request-path traces began, in the interval
         self._lock = threading.Lock()
 
     def spec(self, name: str) -> TensorSpec:
@@ -182,20 +195,73 @@ class KerasRuntime(Runtime):
     def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
         return {n: self.spec(n) for n in source}, {}
 
-    def function(self, inputs: tuple[str, ...], outputs: tuple[str, ...],
-                 masked: bool) -> Callable:
-        """The compiled function for this cut, built once and kept (LRU-bounded)."""
+    def warm_up(self, source: Hashable, outputs: tuple[str, ...],
+                masks: Arrays | None = None) -> None:
+        # What warm-up compiles stays compiled and is not counted against the budget: a
+        # client cycling taps must not evict the endpoints' own functions.
+        self._warming = True
+        try:
+            super().warm_up(source, outputs, masks)
+        finally:
+            self._warming = False
+
+    def function(self, inputs: tuple[str, ...], outputs: Iterable[str], masked: bool,
+                 budgeted: bool = False) -> Callable | None:
+        """The compiled function for this cut, built once and kept (LRU-bounded, keyed by
+        the set of outputs). `budgeted`: None instead of a trace past the trace budget."""
+        key = (inputs, tuple(sorted(outputs)), masked)
+        with self._lock:
+            fn = self._pinned.get(key, self._cache.get(key))
+            if fn is not None:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                return fn
+            if budgeted and not self._warming and not self._may_trace():
+                return None
+        fn = self._build(inputs, key[1], masked)
+        with self._lock:
+            if self._warming:
+                self._pinned[key] = fn
+            else:
+                self._cache[key] = fn
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return fn
+
+    def _may_trace(self) -> bool:
+        """Count one trace against the budget if it has room (called under the lock)."""
+        now = time.monotonic()
+        while self._traced and self._traced[0] < now - TRACE_INTERVAL_S:
+            self._traced.popleft()
+        if len(self._traced) >= self._trace_budget:
+            return False
+        self._traced.append(now)
+        return True
+
+    def _full_pass(self, inputs: tuple[str, ...],
+                   masked: bool) -> tuple[Callable, tuple[str, ...]] | None:
+        """Every tap computable from `inputs` in one function, traced once and kept; None
+        if this graph's taps do not make one function (then cuts are traced as asked)."""
+        outputs = tuple(sorted(self.graph.computable(inputs)))
         key = (inputs, outputs, masked)
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        fn = self._build(inputs, outputs, masked)
-        with self._lock:
-            self._cache[key] = fn
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return fn
+            fn = self._pinned.get(key)
+            if key in self._no_full_pass:
+                return None
+        if fn is None:
+            log.warning("the trace budget of %d per %d s is spent: compiling the full pass of "
+                        "inputs %s, which serves taps asked from now on", self._trace_budget,
+                        TRACE_INTERVAL_S, list(inputs))
+            try:
+                fn = self._build(inputs, outputs, masked)
+            except Exception:
+                log.exception("the full pass of inputs %s does not compile", list(inputs))
+                with self._lock:
+                    self._no_full_pass.add(key)
+                return None
+            with self._lock:
+                fn = self._pinned.setdefault(key, fn)
+        return fn, outputs
 
     def _build(self, inputs: tuple[str, ...], outputs: tuple[str, ...], masked: bool) -> Callable:
         plan = self.graph.plan(inputs, outputs)
@@ -224,15 +290,36 @@ class KerasRuntime(Runtime):
         n = len(next(iter(feeds.values())))
         # XLA wants static shapes: it computes every output on every (padded) row.
         masked = masks is not None and not self.jit_compile
+        fn = self.function(tuple(batch.source), batch.outputs, masked, budgeted=True)
+        if fn is None:  # past the trace budget
+            fn, masked, masks = self._over_budget(batch)
         padded = _pad_rows(n, self.max_batch_size) if self.jit_compile else n
         if padded != n:  # pad with copies of a real row: zeros may be invalid input
             feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - n, axis=0)])
                      for k, v in feeds.items()}
-        fn = self.function(tuple(batch.source), batch.outputs, masked)
-        result = {k: _to_numpy(t) for k, t in (fn(feeds, masks) if masked else fn(feeds)).items()}
+        computed = fn(feeds, masks) if masked else fn(feeds)
+        result = {k: _to_numpy(computed[k]) for k in batch.outputs}
         if not masked:
-            result = {k: v[:n] if masks is None else v[:n][masks[k]] for k, v in result.items()}
+            result = {k: v[:n] if batch.masks is None else v[:n][batch.masks[k]]
+                      for k, v in result.items()}
         return result
+
+    def _over_budget(self, batch: Batch) -> tuple[Callable, bool, Arrays | None]:
+        """The function, masking and masks that run `batch` without a trace of its own:
+        the full pass, each output not asked for on one row (all rows under XLA)."""
+        inputs, masked = tuple(batch.source), not self.jit_compile
+        full = self._full_pass(inputs, masked)
+        if full is None:
+            masked = batch.masks is not None and not self.jit_compile
+            return self.function(inputs, batch.outputs, masked), masked, batch.masks
+        fn, outputs = full
+        if not masked:
+            return fn, False, batch.masks
+        one = np.zeros(batch.rows, dtype=bool)
+        one[0] = True
+        every = np.ones(batch.rows, dtype=bool)
+        asked = batch.masks or dict.fromkeys(batch.outputs, every)
+        return fn, True, {o: asked.get(o, one) for o in outputs}
 
 
 def _to_numpy(t: tf.Tensor) -> np.ndarray:

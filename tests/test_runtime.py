@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -189,4 +190,60 @@ def test_compute_seconds_are_the_device_time_not_the_wait_for_a_thread() -> None
     (wall_first, first), (wall_second, second) = sorted(asyncio.run(two()))
     assert wall_second >= 0.19  # it waited for the first batch's thread...
     assert 0.09 <= second < 0.19 and 0.09 <= first < 0.19  # ...and did not count that wait
+    rt.close()
+
+
+def counting_builds(rt: KerasRuntime) -> list[tuple]:
+    """Record every function `rt` traces (its `_build` calls), in order."""
+    built: list[tuple] = []
+    build = rt._build
+
+    def counted(inputs, outputs, masked):
+        built.append((inputs, tuple(outputs), masked))
+        return build(inputs, outputs, masked)
+
+    rt._build = counted
+    return built
+
+
+def test_the_same_taps_in_another_order_trace_once(two_heads) -> None:
+    """The compiled-function key is the set of outputs, not the request's order: asking
+    (label, score) then (score, label) once traced twice, on the request path."""
+    model, graph = two_heads
+    rt = KerasRuntime(graph, ["/CPU:0"], 1)
+    built = counting_builds(rt)
+    feeds = zoo.sample_inputs(model, batch=2)
+    for outputs in (("label", "score"), ("score", "label")):
+        got, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, None)))
+        np.testing.assert_allclose(got["score"], reference(model, feeds)["score"], atol=1e-5)
+    assert len(built) == 1, built
+    rt.close()
+
+
+@pytest.mark.parametrize(("masked", "jit"), [(False, False), (True, False), (True, True)])
+def test_a_client_cycling_tap_subsets_cannot_keep_the_runtime_tracing(two_heads, masked: bool,
+                                                                      jit: bool) -> None:
+    """Each new subset of taps traced a function on the request path (0.1 s here, seconds
+    on a deep model, holding the GIL), and a client cycling more subsets than the cache
+    holds retraced forever. Beyond the model's trace budget, the full pass of every tap
+    serves (one trace more), the outputs not asked for dropped."""
+    model, graph = two_heads
+    rt = KerasRuntime(graph, ["/CPU:0"], 1, cache_size=2, jit_compile=jit, trace_budget=3)
+    built = counting_builds(rt)
+    taps = ["a_hidden", "branch_a", "b_hidden", "branch_b", "merged", "label", "score"]
+    subsets = [(a, b) for i, a in enumerate(taps) for b in taps[i + 1:]]  # 21 of them
+    feeds = zoo.sample_inputs(model, batch=4)
+    probe = keras.Model(model.inputs, {
+        "label": model.output["label"], "score": model.output["score"],
+        **{n: model.get_layer(n).output for n in taps[:5]}})
+    want = {k: np.asarray(v) for k, v in probe(feeds["x"]).items()}
+    rows = np.array([True, False, True, True])
+    for outputs in subsets * 2:
+        masks = {outputs[0]: rows, outputs[1]: ~rows} if masked else None
+        got, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, masks)))
+        assert sorted(got) == sorted(outputs)
+        for name in outputs:
+            keep = slice(None) if masks is None else masks[name]
+            np.testing.assert_allclose(got[name], want[name][keep], atol=1e-5)
+    assert len(built) == 3 + 1, built  # the budget, then the full pass once
     rt.close()
