@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 
 from service.errors import ConfigError, InvalidInput
 from service.graph import TapGraph
+from service.savedmodel_ops import disallowed_ops
 from service.types import STRING, Batch, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -332,46 +332,20 @@ def _spec_of(name: str, spec: tf.TensorSpec) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(spec.shape.as_list()))
 
 
-# Ops a served graph has no business running: TensorFlow's `saved_model_cli scan` deny-list
-# (ReadFile, WriteFile, PrintV2) and their kin that read, write or list files or run Python.
-# Save/Restore are left out: every SavedModel's graph holds them for its variables.
-FILE_OPS = frozenset({
-    "ReadFile", "WriteFile", "MatchingFiles", "PrintV2", "ImmutableConst",
-    "WholeFileReader", "WholeFileReaderV2", "TextLineReader", "TextLineReaderV2",
-    "FixedLengthRecordReader", "FixedLengthRecordReaderV2", "TFRecordReader",
-    "TFRecordReaderV2", "TFRecordDataset", "TFRecordDatasetV2", "TextLineDataset",
-    "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2", "DatasetToTFRecord",
-    "ExperimentalDatasetToTFRecord", "SaveDataset", "SaveDatasetV2", "LoadDataset",
-    "CreateSummaryFileWriter", "PyFunc", "PyFuncStateless", "EagerPyFunc",
-})
-
-
-def file_ops(path: Path) -> list[str]:
-    """The FILE_OPS a SavedModel folder's graphs and functions hold, read from its
-    saved_model.pb before anything of it is loaded or run."""
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((path / "saved_model.pb").read_bytes())
-    found: set[str] = set()
-    for meta in saved.meta_graphs:
-        found.update(n.op for n in meta.graph_def.node if n.op in FILE_OPS)
-        for fn in meta.graph_def.library.function:
-            found.update(n.op for n in fn.node_def if n.op in FILE_OPS)
-    return sorted(found)
-
-
 class SavedModelRuntime(Runtime):
     """A SavedModel's signatures; `source` is the signature name. No graph, so no taps."""
 
     def __init__(self, path: Path, devices: Sequence[str], batches_per_device: int,
                  allow_file_ops: bool = False) -> None:
         super().__init__(devices, batches_per_device)
-        found = [] if allow_file_ops else file_ops(path)
+        found = [] if allow_file_ops else disallowed_ops(path)
         if found:
             raise ConfigError(
-                f"the SavedModel's graph holds file or system ops {found}: serving it would "
-                "let its signatures read or write files on the server; set `allow_file_ops: "
-                "true` in its config.yaml if you trust it",
-                category="refused: its graph holds file or system ops (allow_file_ops)")
+                f"the SavedModel would run ops outside the server's allow-list {found}: "
+                "ordinary models' arithmetic is allowed, not ops that may read, write or list "
+                "the server's files; set `allow_file_ops: true` in its config.yaml if you "
+                "trust it",
+                category="refused: its graph runs ops outside the allow-list (allow_file_ops)")
         try:
             self._loaded = tf.saved_model.load(str(path))
         except Exception as exc:  # TF raises many types for a broken folder

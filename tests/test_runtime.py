@@ -11,10 +11,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import zoo
+from savedmodels import HOSTILE
 
 from service import runtime as runtime_module
+from service.errors import ConfigError
 from service.graph import TapGraph
-from service.runtime import KerasRuntime, Runtime, _pad_rows, configure_tensorflow
+from service.runtime import (
+    KerasRuntime,
+    Runtime,
+    SavedModelRuntime,
+    _pad_rows,
+    configure_tensorflow,
+)
+from service.savedmodel_ops import disallowed_ops
 from service.types import Batch
 
 
@@ -247,3 +256,28 @@ def test_a_client_cycling_tap_subsets_cannot_keep_the_runtime_tracing(two_heads,
             np.testing.assert_allclose(got[name], want[name][keep], atol=1e-5)
     assert len(built) == 3 + 1, built  # the budget, then the full pass once
     rt.close()
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_saved_models_that_read_or_write_files_are_refused_at_load(tmp_path, name) -> None:
+    """A CsvDataset answered clients with a file's first line, SaveV2 wrote files during
+    warm-up, Dataset.cache loads: a deny-list of file ops let each through."""
+    write, op = HOSTILE[name]
+    target = tmp_path / "target.csv"
+    target.write_text("the server's own line\n")
+    write(tmp_path / "model", target)
+    with pytest.raises(ConfigError, match=rf"outside the server's allow-list \[[^]]*'{op}'"):
+        SavedModelRuntime(tmp_path / "model", ["/CPU:0"], 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "target.csv"]  # nothing ran
+    SavedModelRuntime(tmp_path / "model", ["/CPU:0"], 1, allow_file_ops=True).close()
+
+
+@pytest.mark.parametrize("name", ["autoencoder", "multi_dtype", "string_input", "siamese"])
+def test_ordinary_saved_models_use_only_allowed_ops(tmp_path, name) -> None:
+    """Keras 3 `model.export` and `tf.saved_model.save` of a Keras model both load."""
+    model = zoo.ZOO[name]()
+    model.export(tmp_path / "export", verbose=False)
+    tf.saved_model.save(model, str(tmp_path / "save"))
+    for folder in ("export", "save"):
+        assert disallowed_ops(tmp_path / folder) == []
+        SavedModelRuntime(tmp_path / folder, ["/CPU:0"], 1).close()

@@ -19,6 +19,7 @@ import tensorflow as tf
 import tritonclient.grpc as triton
 import yaml
 import zoo
+from savedmodels import HOSTILE
 from scrape import wait_for
 from stock import ServerProcess, free_port, infer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -59,6 +60,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_reader(repo / "reader")
     write_reader(repo / "reader_allowed")
     (repo / "reader_allowed" / "config.yaml").write_text("allow_file_ops: true\n")
+    target = repo.parent / f"{repo.name}_target.csv"  # outside the repository
+    target.write_text("the server's own line\n")
+    for name, (write, _) in HOSTILE.items():
+        write(repo / name / "1", target)
     for bad in ("bad name!", "trailing\n"):  # not model names: skipped, with a warning
         zoo.save(zoo.ZOO["autoencoder"](), repo / bad)
     return repo
@@ -264,7 +269,7 @@ def test_a_saved_model_that_reads_files_is_refused_unless_its_config_allows_it(
         with pytest.raises(InferenceServerException) as err:
             infer(client, "reader", {"path": path})
         assert err.value.status() == "StatusCode.UNAVAILABLE", err.value
-        assert "refused: its graph holds file or system ops (allow_file_ops)" in \
+        assert "refused: its graph runs ops outside the allow-list (allow_file_ops)" in \
             err.value.message()
         index = {(r["name"], r.get("version", "")): r.get("reason", "")
                  for r in client.get_model_repository_index(as_json=True)["models"]}
@@ -273,6 +278,23 @@ def test_a_saved_model_that_reads_files_is_refused_unless_its_config_allows_it(
         # Opted in, the same graph serves: the op was real.
         got = infer(client, "reader_allowed", {"path": path}).as_numpy("contents")
     assert got.tolist() == [b"the server's own file"]
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_saved_models_reading_or_writing_files_beyond_a_deny_list_are_refused(
+        server, repository: Path, autoencoder: keras.Model, name: str) -> None:
+    """A CsvDataset returned a file's first line to clients, SaveV2 wrote files during
+    warm-up, Dataset.cache loaded: the ops a SavedModel runs are now an allow-list."""
+    op = HOSTILE[name][1]
+    with server.client() as client:
+        with pytest.raises(InferenceServerException) as err:
+            infer(client, name, {"x": np.ones(2, np.float32)})
+        assert err.value.status() == "StatusCode.UNAVAILABLE", err.value
+        index = {r["name"]: r.get("reason", "") for r in
+                 client.get_model_repository_index(as_json=True)["models"]}
+        assert f"'{op}'" in index[name] and "allow-list" in index[name], index[name]
+        assert_serves(client, autoencoder)
+    assert not list(repository.parent.glob(f"{repository.name}_target.csv?*"))  # none written
 
 
 # 5. Counting.
