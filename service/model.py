@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "default"
 # The most bytes of outputs one request may ask for, unless the loader sets the server's.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# What a response takes beside its outputs' values: its model name, version and id, and each
+# output's name, datatype and shape (gRPC's send limit counts them too).
+FRAMING_BYTES = 1024
+FRAMING_BYTES_PER_OUTPUT = 64
+# The longest number orjson writes for one element of each dtype (-2.2250738585072014e-308:
+# 24), plus 3: a comma and, at worst, a nested list's brackets. Strings: at least "".
+JSON_ELEMENT_BYTES = {"bool": 8, "int8": 7, "uint8": 6, "int16": 9, "uint16": 8, "int32": 14,
+                      "uint32": 13, "int64": 23, "uint64": 23, "float16": 19, "float32": 19,
+                      "float64": 27, STRING: 5}
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,7 @@ class LoadedModel:
         self.max_response_bytes = MAX_RESPONSE_BYTES
         self._code_modules = list(code_modules)
         self._batcher: Batcher | None = None
-        self._row_bytes: dict[tuple[str, str], int] = {}  # an output's bytes per row, a floor
+        self._row_bytes: dict[tuple[str, str, bool], int] = {}  # an output's bytes a row
         self.stats = VersionStatistics()
 
     def start(self, on_batch: Callable[[int, float], None] | None = None,
@@ -90,15 +99,16 @@ class LoadedModel:
         self._batcher.start()
 
     async def infer(self, endpoint: Endpoint, inputs: dict[str, np.ndarray],
-                    outputs: Sequence[str], deadline: float | None
+                    outputs: Sequence[str], deadline: float | None, json: bool = False
                     ) -> tuple[dict[str, np.ndarray], float]:
         """Check a request, queue it, and return its outputs and the seconds it queued.
+        `json`: its outputs go back as JSON numbers (bigger than their bytes).
 
         Everything before the first await runs at once: a request that found this version
         is queued before anything can close it, so a swap never fails it."""
         if self._batcher is None:
             raise NotReady(f"model {self.name!r} version {self.version} is not started")
-        prepared = self.prepare(endpoint, inputs, outputs)
+        prepared = self.prepare(endpoint, inputs, outputs, json)
         return await self._batcher.submit(endpoint.source, prepared.feeds, prepared.outputs,
                                           deadline)
 
@@ -141,7 +151,7 @@ class LoadedModel:
                                 ep.inputs, ep.outputs)
 
     def prepare(self, ep: Endpoint, inputs: dict[str, np.ndarray],
-                outputs: Sequence[str]) -> Prepared:
+                outputs: Sequence[str], json: bool = False) -> Prepared:
         """Check a request's inputs and asked-for outputs against endpoint `ep`."""
         for name in outputs:
             if name not in ep.askable:
@@ -162,28 +172,36 @@ class LoadedModel:
             raise InvalidInput(f"inputs disagree on the batch size: {rows}")
         count = next(iter(rows.values()))
         asked = tuple(outputs) or tuple(s.name for s in ep.outputs)
-        self._check_response_size(ep, asked, count)
+        self._check_response_size(ep, asked, count, json)
         return Prepared(ep, asked, inputs, count)
 
-    def _check_response_size(self, ep: Endpoint, outputs: Sequence[str], rows: int) -> None:
-        """Refuse a request whose outputs would pass max_response_bytes, before it is
-        computed (a wide tap of many rows once took gigabytes, then failed at send).
-        Unknown dimensions count as 1 and strings as 1 byte: a floor, never a refusal of
-        what fits."""
-        total = rows * sum(self._bytes_per_row(ep, name) for name in outputs)
+    def _check_response_size(self, ep: Endpoint, outputs: Sequence[str], rows: int,
+                             json: bool) -> None:
+        """Refuse a request whose response would pass max_response_bytes, before it is
+        computed (a wide tap of many rows once took gigabytes, then failed at send; as
+        JSON, 3.2 times the limit). Counted as sent: raw bytes (a string's 4-byte length
+        prefix and 1 byte) or, as JSON, JSON_ELEMENT_BYTES an element, and the framing.
+        Unknown dimensions count as 1: a floor of the elements."""
+        per_row = sum(self._bytes_per_row(ep, name, json) for name in outputs)
+        framing = FRAMING_BYTES + sum(FRAMING_BYTES_PER_OUTPUT + len(n) for n in outputs)
+        total = rows * per_row + framing
         if total > self.max_response_bytes:
+            fit = max(1, (self.max_response_bytes - framing) // max(per_row, 1))
             raise InvalidInput(
-                f"the outputs asked for would take about {total} bytes for {rows} rows, over "
-                f"the server's limit of {self.max_response_bytes} bytes per response: send "
-                f"at most {max(1, rows * self.max_response_bytes // total)} rows per request, "
-                "or ask for fewer outputs")
+                f"the outputs asked for would take about {total} bytes"
+                f"{' as JSON' if json else ''} for {rows} rows, over the server's limit of "
+                f"{self.max_response_bytes} bytes per response: send at most {fit} rows per "
+                "request, or ask for fewer outputs" + (", or binary outputs" if json else ""))
 
-    def _bytes_per_row(self, ep: Endpoint, name: str) -> int:
-        key = (ep.name, name)  # signatures may share output names: per endpoint
-        if key not in self._row_bytes:  # bounded: endpoints x what they may be asked
+    def _bytes_per_row(self, ep: Endpoint, name: str, json: bool) -> int:
+        key = (ep.name, name, json)  # signatures may share output names: per endpoint
+        if key not in self._row_bytes:  # bounded: endpoints x what they may be asked x 2
             spec = next((s for s in ep.outputs if s.name == name), None) or \
                 self.runtime.spec(name)
-            item = 1 if spec.dtype == STRING else np.dtype(spec.dtype).itemsize
+            if json:
+                item = JSON_ELEMENT_BYTES.get(spec.dtype, JSON_ELEMENT_BYTES["float64"])
+            else:
+                item = 5 if spec.dtype == STRING else np.dtype(spec.dtype).itemsize
             self._row_bytes[key] = math.prod(d or 1 for d in spec.shape[1:]) * item
         return self._row_bytes[key]
 
