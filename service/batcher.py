@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 RunBatch = Callable[[Batch], Awaitable[tuple[Arrays, float]]]  # outputs, compute seconds
+ISOLATION_LOG_S = 60.0  # at most one line an interval about batches that failed
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ class Batcher:
         self._closed = False
         # Set while the batch loop waits for a batch to become ready; resolved by `_wake`.
         self._waiter: asyncio.Future | None = None
+        self._isolated = 0  # failed batches since the last line saying so
+        self._isolation_logged: float | None = None
 
     def start(self) -> None:
         # Made inside the running loop: asyncio primitives bind to it.
@@ -292,8 +295,32 @@ class Batcher:
             self._slots.release()
 
     async def _run_batch(self, works: list[Work], isolate: bool) -> None:
-        """Run works as one batch. If it fails, run each alone (isolate): a request the
-        model cannot compute (say, a token out of its vocabulary) fails by itself."""
+        """Run works as one batch. If it fails, find the requests that fail by halves
+        (isolate): a request the model cannot compute (say, a token out of its vocabulary)
+        fails by itself, and the others are answered."""
+        exc = await self._attempt(works)
+        if exc is None:
+            return
+        if isolate and len(works) > 1:
+            self._isolating(len(works), exc)
+            await self._bisect(works)
+        else:
+            self._fail(works, exc)
+
+    async def _bisect(self, works: list[Work]) -> None:
+        """Each half as a batch, a failing half halved again: k failing requests among n
+        cost about 2k·log2(n/k) runs, where one run a request cost n (two bad clients
+        among 16 once halved the others' throughput)."""
+        half = len(works) // 2
+        for part in (works[:half], works[half:]):
+            exc = await self._attempt(part)
+            if exc is not None and len(part) > 1:
+                await self._bisect(part)
+            elif exc is not None:
+                self._fail(part, exc)
+
+    async def _attempt(self, works: list[Work]) -> Exception | None:
+        """Run works as one batch and answer them; or the error, answering none."""
         batch = merge(works)
         rows = distinct(batch) if self.policy.dedup_rows else None
         started = time.monotonic()
@@ -307,24 +334,32 @@ class Batcher:
                 result = rows.expand(computed)
             parts = split(works, batch, result)
         except Exception as exc:
-            if isolate:
-                log.warning("batch of %d requests failed (%s); running each alone",
-                            len(works), exc)
-                for w in works:
-                    await self._run_batch([w], isolate=False)
-                return
-            if not isinstance(exc, TapserveError):
-                log.exception("batch of %d rows failed", batch_rows(works))
-            for w in works:
-                if not w.future.done():
-                    w.future.set_exception(exc)
-            return
+            return exc
         self._on_batch(batch_rows(works), seconds)
         if rows is not None:
             self._on_dedup(rows.saved)
         for w, part in zip(works, parts, strict=True):
             if not w.future.done():
                 w.future.set_result(part)
+        return None
+
+    def _fail(self, works: list[Work], exc: Exception) -> None:
+        if not isinstance(exc, TapserveError):
+            log.error("batch of %d rows failed", batch_rows(works), exc_info=exc)
+        for w in works:
+            if not w.future.done():
+                w.future.set_exception(exc)
+
+    def _isolating(self, requests: int, exc: Exception) -> None:
+        """Log a failed batch, at most one line an interval: a client sending what the
+        model cannot compute must not flood the log."""
+        self._isolated += 1
+        now = time.monotonic()
+        if self._isolation_logged is None or now - self._isolation_logged >= ISOLATION_LOG_S:
+            log.warning("batch of %d requests failed (%s); finding the failing requests by "
+                        "halves (%d failed batches since the last such line; one a minute)",
+                        requests, exc, self._isolated)
+            self._isolation_logged, self._isolated = now, 0
 
     @staticmethod
     def _drop_expired(works: list[Work]) -> list[Work]:
