@@ -31,6 +31,8 @@ Arrays = dict[str, np.ndarray]
 # Traces a model may make on the request path per interval before its full pass serves.
 TRACE_BUDGET = 8
 TRACE_INTERVAL_S = 60
+# Input shapes (beside the batch size) XLA compiles for, per model; others run without XLA.
+XLA_SHAPES = 8
 
 
 def configure_tensorflow(intra_op_threads: int, inter_op_threads: int,
@@ -174,7 +176,8 @@ class KerasRuntime(Runtime):
 
     def __init__(self, graph: TapGraph, devices: Sequence[str], batches_per_device: int,
                  cache_size: int = 64, jit_compile: bool = False,
-                 max_batch_size: int = 32, trace_budget: int = TRACE_BUDGET) -> None:
+                 max_batch_size: int = 32, trace_budget: int = TRACE_BUDGET,
+                 xla_shapes: int = XLA_SHAPES) -> None:
         super().__init__(devices, batches_per_device)
         self.graph = graph
         self.jit_compile = jit_compile
@@ -186,6 +189,8 @@ class KerasRuntime(Runtime):
         self._warming = False
         self._trace_budget = trace_budget
         self._traced: deque[float] = deque()  # when request-path traces began, in the interval
+        self._xla_shapes: set[tuple] = set()  # the inputs' non-batch shapes XLA compiles for
+        self._xla_limit = xla_shapes
         self._lock = threading.Lock()
 
     def spec(self, name: str) -> TensorSpec:
@@ -206,10 +211,12 @@ class KerasRuntime(Runtime):
             self._warming = False
 
     def function(self, inputs: tuple[str, ...], outputs: Iterable[str], masked: bool,
-                 budgeted: bool = False) -> Callable | None:
+                 budgeted: bool = False, jit: bool | None = None) -> Callable | None:
         """The compiled function for this cut, built once and kept (LRU-bounded, keyed by
-        the set of outputs). `budgeted`: None instead of a trace past the trace budget."""
-        key = (inputs, tuple(sorted(outputs)), masked)
+        the set of outputs). `budgeted`: None instead of a trace past the trace budget.
+        `jit`: compiled by XLA (default: the model's jit_compile)."""
+        jit = self.jit_compile if jit is None else jit
+        key = (inputs, tuple(sorted(outputs)), masked, jit)
         with self._lock:
             fn = self._pinned.get(key, self._cache.get(key))
             if fn is not None:
@@ -218,7 +225,7 @@ class KerasRuntime(Runtime):
                 return fn
             if budgeted and not self._warming and not self._may_trace():
                 return None
-        fn = self._build(inputs, key[1], masked)
+        fn = self._build(inputs, key[1], masked, jit)
         with self._lock:
             if self._warming:
                 self._pinned[key] = fn
@@ -238,12 +245,12 @@ class KerasRuntime(Runtime):
         self._traced.append(now)
         return True
 
-    def _full_pass(self, inputs: tuple[str, ...],
-                   masked: bool) -> tuple[Callable, tuple[str, ...]] | None:
+    def _full_pass(self, inputs: tuple[str, ...], masked: bool,
+                   jit: bool) -> tuple[Callable, tuple[str, ...]] | None:
         """Every tap computable from `inputs` in one function, traced once and kept; None
         if this graph's taps do not make one function (then cuts are traced as asked)."""
         outputs = tuple(sorted(self.graph.computable(inputs)))
-        key = (inputs, outputs, masked)
+        key = (inputs, outputs, masked, jit)
         with self._lock:
             fn = self._pinned.get(key)
             if key in self._no_full_pass:
@@ -253,7 +260,7 @@ class KerasRuntime(Runtime):
                         "inputs %s, which serves taps asked from now on", self._trace_budget,
                         TRACE_INTERVAL_S, list(inputs))
             try:
-                fn = self._build(inputs, outputs, masked)
+                fn = self._build(inputs, outputs, masked, jit)
             except Exception:
                 log.exception("the full pass of inputs %s does not compile", list(inputs))
                 with self._lock:
@@ -263,7 +270,8 @@ class KerasRuntime(Runtime):
                 fn = self._pinned.setdefault(key, fn)
         return fn, outputs
 
-    def _build(self, inputs: tuple[str, ...], outputs: tuple[str, ...], masked: bool) -> Callable:
+    def _build(self, inputs: tuple[str, ...], outputs: tuple[str, ...], masked: bool,
+               jit: bool) -> Callable:
         plan = self.graph.plan(inputs, outputs)
         feed_sig = {n: tf.TensorSpec((None, *self.spec(n).shape[1:]),
                                      tf.string if self.spec(n).dtype == STRING
@@ -278,7 +286,7 @@ class KerasRuntime(Runtime):
 
             return run_masked.get_concrete_function()
 
-        @tf.function(input_signature=[feed_sig], jit_compile=self.jit_compile or None)
+        @tf.function(input_signature=[feed_sig], jit_compile=jit or None)
         def run(feeds: dict) -> dict:
             return plan(feeds)
 
@@ -288,12 +296,13 @@ class KerasRuntime(Runtime):
     def _compute(self, batch: Batch) -> Arrays:
         feeds, masks = batch.feeds, batch.masks
         n = len(next(iter(feeds.values())))
+        jit = self.jit_compile and self._xla_admits(feeds)
         # XLA wants static shapes: it computes every output on every (padded) row.
-        masked = masks is not None and not self.jit_compile
-        fn = self.function(tuple(batch.source), batch.outputs, masked, budgeted=True)
+        masked = masks is not None and not jit
+        fn = self.function(tuple(batch.source), batch.outputs, masked, True, jit)
         if fn is None:  # past the trace budget
-            fn, masked, masks = self._over_budget(batch)
-        padded = _pad_rows(n, self.max_batch_size) if self.jit_compile else n
+            fn, masked, masks = self._over_budget(batch, jit)
+        padded = _pad_rows(n, self.max_batch_size) if jit else n
         if padded != n:  # pad with copies of a real row: zeros may be invalid input
             feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - n, axis=0)])
                      for k, v in feeds.items()}
@@ -304,14 +313,26 @@ class KerasRuntime(Runtime):
                       for k, v in result.items()}
         return result
 
-    def _over_budget(self, batch: Batch) -> tuple[Callable, bool, Arrays | None]:
+    def _xla_admits(self, feeds: Arrays) -> bool:
+        """Whether XLA runs inputs of these non-batch shapes: it compiles a program per
+        shape (~90 ms, and memory kept for good), so a dynamic axis (a sequence's length)
+        gets XLA for its first `xla_shapes` shapes, and other shapes run without it.
+        (Padding the axis to a few lengths, as the batch is padded, would change what
+        most models compute: an LSTM's last state, a mean over the sequence.)"""
+        shape = tuple((name, a.shape[1:]) for name, a in sorted(feeds.items()))
+        with self._lock:
+            if shape not in self._xla_shapes and len(self._xla_shapes) < self._xla_limit:
+                self._xla_shapes.add(shape)
+            return shape in self._xla_shapes
+
+    def _over_budget(self, batch: Batch, jit: bool) -> tuple[Callable, bool, Arrays | None]:
         """The function, masking and masks that run `batch` without a trace of its own:
         the full pass, each output not asked for on one row (all rows under XLA)."""
-        inputs, masked = tuple(batch.source), not self.jit_compile
-        full = self._full_pass(inputs, masked)
+        inputs, masked = tuple(batch.source), not jit
+        full = self._full_pass(inputs, masked, jit)
         if full is None:
-            masked = batch.masks is not None and not self.jit_compile
-            return self.function(inputs, batch.outputs, masked), masked, batch.masks
+            masked = batch.masks is not None and not jit
+            return self.function(inputs, batch.outputs, masked, jit=jit), masked, batch.masks
         fn, outputs = full
         if not masked:
             return fn, False, batch.masks
