@@ -16,6 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import tensorflow as tf
@@ -28,6 +29,10 @@ from service.types import STRING, Batch, TensorSpec
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+# A compiled cut of a model (feeds, and row masks if masked, in; tensors by output out),
+# kept under (inputs, outputs, masked, jit).
+Compiled = Callable[..., dict[str, tf.Tensor]]
+CutKey = tuple[tuple[str, ...], tuple[str, ...], bool, bool]
 # Traces a model may make on the request path per interval before its full pass serves.
 TRACE_BUDGET = 8
 TRACE_INTERVAL_S = 60
@@ -182,14 +187,15 @@ class KerasRuntime(Runtime):
         self.graph = graph
         self.jit_compile = jit_compile
         self.max_batch_size = max_batch_size
-        self._cache: OrderedDict[tuple, Callable] = OrderedDict()
+        self._cache: OrderedDict[CutKey, Compiled] = OrderedDict()
         self._cache_size = cache_size
-        self._pinned: dict[tuple, Callable] = {}  # warm-up's and full passes: never evicted
-        self._no_full_pass: set[tuple] = set()
+        self._pinned: dict[CutKey, Compiled] = {}  # warm-up's and full passes: never evicted
+        self._no_full_pass: set[CutKey] = set()
         self._warming = False
         self._trace_budget = trace_budget
         self._traced: deque[float] = deque()  # when request-path traces began, in the interval
-        self._xla_shapes: set[tuple] = set()  # the inputs' non-batch shapes XLA compiles for
+        # The inputs' non-batch shapes XLA compiles for.
+        self._xla_shapes: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
         self._xla_limit = xla_shapes
         self._lock = threading.Lock()
 
@@ -211,21 +217,22 @@ class KerasRuntime(Runtime):
             self._warming = False
 
     def function(self, inputs: tuple[str, ...], outputs: Iterable[str], masked: bool,
-                 budgeted: bool = False, jit: bool | None = None) -> Callable | None:
+                 jit: bool | None = None) -> Compiled:
         """The compiled function for this cut, built once and kept (LRU-bounded, keyed by
-        the set of outputs). `budgeted`: None instead of a trace past the trace budget.
-        `jit`: compiled by XLA (default: the model's jit_compile)."""
-        jit = self.jit_compile if jit is None else jit
-        key = (inputs, tuple(sorted(outputs)), masked, jit)
+        the set of outputs). `jit`: compiled by XLA (default: the model's jit_compile)."""
+        key = (inputs, tuple(sorted(outputs)), masked, self.jit_compile if jit is None else jit)
+        fn = self._cached(key)
+        return self._trace(key) if fn is None else fn
+
+    def _cached(self, key: CutKey) -> Compiled | None:
         with self._lock:
-            fn = self._pinned.get(key, self._cache.get(key))
-            if fn is not None:
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                return fn
-            if budgeted and not self._warming and not self._may_trace():
-                return None
-        fn = self._build(inputs, key[1], masked, jit)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            return self._pinned.get(key)
+
+    def _trace(self, key: CutKey) -> Compiled:
+        fn = self._build(*key)
         with self._lock:
             if self._warming:
                 self._pinned[key] = fn
@@ -236,17 +243,20 @@ class KerasRuntime(Runtime):
         return fn
 
     def _may_trace(self) -> bool:
-        """Count one trace against the budget if it has room (called under the lock)."""
+        """Count one request-path trace against the budget if it has room."""
         now = time.monotonic()
-        while self._traced and self._traced[0] < now - TRACE_INTERVAL_S:
-            self._traced.popleft()
-        if len(self._traced) >= self._trace_budget:
-            return False
-        self._traced.append(now)
-        return True
+        with self._lock:
+            if self._warming:
+                return True
+            while self._traced and self._traced[0] < now - TRACE_INTERVAL_S:
+                self._traced.popleft()
+            if len(self._traced) >= self._trace_budget:
+                return False
+            self._traced.append(now)
+            return True
 
     def _full_pass(self, inputs: tuple[str, ...], masked: bool,
-                   jit: bool) -> tuple[Callable, tuple[str, ...]] | None:
+                   jit: bool) -> tuple[Compiled, tuple[str, ...]] | None:
         """Every tap computable from `inputs` in one function, traced once and kept; None
         if this graph's taps do not make one function (then cuts are traced as asked)."""
         outputs = tuple(sorted(self.graph.computable(inputs)))
@@ -271,7 +281,7 @@ class KerasRuntime(Runtime):
         return fn, outputs
 
     def _build(self, inputs: tuple[str, ...], outputs: tuple[str, ...], masked: bool,
-               jit: bool) -> Callable:
+               jit: bool) -> Compiled:
         plan = self.graph.plan(inputs, outputs)
         feed_sig = {n: tf.TensorSpec((None, *self.spec(n).shape[1:]),
                                      tf.string if self.spec(n).dtype == STRING
@@ -299,9 +309,14 @@ class KerasRuntime(Runtime):
         jit = self.jit_compile and self._xla_admits(feeds)
         # XLA wants static shapes: it computes every output on every (padded) row.
         masked = masks is not None and not jit
-        fn = self.function(tuple(batch.source), batch.outputs, masked, True, jit)
-        if fn is None:  # past the trace budget
-            fn, masked, masks = self._over_budget(batch, jit)
+        key: CutKey = (_inputs(batch), tuple(sorted(batch.outputs)), masked, jit)
+        fn = self._cached(key)
+        if fn is None and not self._may_trace():  # past the trace budget: a wider pass
+            wider = self._over_budget(batch, jit)
+            if wider is not None:
+                fn, masked, masks = wider
+        if fn is None:
+            fn = self._trace(key)
         padded = _pad_rows(n, self.max_batch_size) if jit else n
         if padded != n:  # pad with copies of a real row: zeros may be invalid input
             feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - n, axis=0)])
@@ -325,14 +340,14 @@ class KerasRuntime(Runtime):
                 self._xla_shapes.add(shape)
             return shape in self._xla_shapes
 
-    def _over_budget(self, batch: Batch, jit: bool) -> tuple[Callable, bool, Arrays | None]:
+    def _over_budget(self, batch: Batch,
+                     jit: bool) -> tuple[Compiled, bool, Arrays | None] | None:
         """The function, masking and masks that run `batch` without a trace of its own:
         the full pass, each output not asked for on one row (all rows under XLA)."""
-        inputs, masked = tuple(batch.source), not jit
-        full = self._full_pass(inputs, masked, jit)
+        masked = not jit
+        full = self._full_pass(_inputs(batch), masked, jit)
         if full is None:
-            masked = batch.masks is not None and not jit
-            return self.function(inputs, batch.outputs, masked, jit=jit), masked, batch.masks
+            return None
         fn, outputs = full
         if not masked:
             return fn, False, batch.masks
@@ -341,6 +356,11 @@ class KerasRuntime(Runtime):
         every = np.ones(batch.rows, dtype=bool)
         asked = batch.masks or dict.fromkeys(batch.outputs, every)
         return fn, True, {o: asked.get(o, one) for o in outputs}
+
+
+def _inputs(batch: Batch) -> tuple[str, ...]:
+    """A Keras model's batch: its source is its endpoint's input names."""
+    return cast(tuple[str, ...], batch.source)
 
 
 def _to_numpy(t: tf.Tensor) -> np.ndarray:
