@@ -91,6 +91,7 @@ class _Walk:
             called = [attr.func] if attr.HasField("func") else list(attr.list.func)
             for func in called:
                 self._function(func.name)
+                self._op("NoOp", func.attr.values())  # functions passed to the function
 
     def _function(self, name: str) -> None:
         if name in self._seen_functions:
