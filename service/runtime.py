@@ -283,7 +283,9 @@ class KerasRuntime(Runtime):
         return fn, outputs
 
     def _build(self, inputs: tuple[str, ...], outputs: tuple[str, ...], masked: bool,
-               jit: bool) -> Compiled:
+               jit: bool | None = None) -> Compiled:
+        """Trace the cut (jit: compiled by XLA; default: the model's jit_compile)."""
+        jit = self.jit_compile if jit is None else jit
         plan = self.graph.plan(inputs, outputs)
         feed_sig = {n: tf.TensorSpec((None, *self.spec(n).shape[1:]),
                                      tf.string if self.spec(n).dtype == STRING
