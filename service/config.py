@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -32,6 +34,45 @@ class _Strict(BaseModel):
 class EndpointConfig(_Strict):
     inputs: list[str] = Field(min_length=1, description="Model input names or tap names.")
     outputs: list[str] = Field(min_length=1, description="Model output names or tap names.")
+
+
+class ExplainConfig(_Strict):
+    """An endpoint that explains `output` instead of predicting (SPEC "Explanations")."""
+
+    explain: Literal["gradient", "gradcam", "integrated_gradients"]
+    output: str = Field(description="The output (or tap) of one score per class to explain.")
+    input: str | None = Field(
+        None, description="The model input to attribute to (gradient, integrated_gradients; "
+        "default: the model's only input).")
+    layer: str | None = Field(None, description="The layer (tap) Grad-CAM weighs (gradcam).")
+    steps: int = Field(32, ge=1, le=256, description="Integrated gradients' Riemann steps.")
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> ExplainConfig:
+        if self.explain == "gradcam":
+            if self.layer is None:
+                raise ValueError("gradcam needs `layer`: the layer (tap) whose activations "
+                                 "it weighs")
+            if self.input is not None:
+                raise ValueError("gradcam explains a layer, not an input: drop `input`")
+        elif self.layer is not None:
+            raise ValueError(f"{self.explain} attributes to an input: drop `layer` (it is "
+                             "for gradcam)")
+        if "steps" in self.model_fields_set and self.explain != "integrated_gradients":
+            raise ValueError("`steps` is for integrated_gradients only")
+        return self
+
+
+def _endpoint_kind(value: Any) -> str:
+    explains = isinstance(value, dict | ExplainConfig) and (
+        "explain" in value if isinstance(value, dict) else True)
+    return "explain" if explains else "cut"
+
+
+# `explain:` tells the two apart, so a bad entry gets only its own kind's errors.
+AnyEndpointConfig = Annotated[
+    Annotated[EndpointConfig, Tag("cut")] | Annotated[ExplainConfig, Tag("explain")],
+    Discriminator(_endpoint_kind)]
 
 
 class BatchingConfig(_Strict):
@@ -67,7 +108,7 @@ VersionPolicy = Literal["all"] | LatestPolicy | SpecificPolicy
 
 
 class ModelConfig(_Strict):
-    endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    endpoints: dict[str, AnyEndpointConfig] = Field(default_factory=dict)
     default_endpoint: str | None = None
     taps: bool = True
     version: int | None = Field(None, ge=1, description="Short for {specific: [N]}.")
@@ -88,7 +129,8 @@ class ModelConfig(_Strict):
 
     @field_validator("endpoints")
     @classmethod
-    def _endpoint_names(cls, endpoints: dict[str, EndpointConfig]) -> dict[str, EndpointConfig]:
+    def _endpoint_names(cls, endpoints: dict[str, EndpointConfig | ExplainConfig]
+                        ) -> dict[str, EndpointConfig | ExplainConfig]:
         bad = [n for n in endpoints if not re.match(NAME_PATTERN, n)]
         if bad:
             raise ValueError(f"endpoint names must match {NAME_PATTERN}: {bad}")
