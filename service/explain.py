@@ -183,28 +183,29 @@ class TensorFlowExplainer:
 
         feed_sig = {n: sig(n) for n in e.inputs} | {TARGET: tf.TensorSpec((None,), tf.int64)}
         forward = graph.plan(e.inputs, [e.output])
+        wrt, layer = str(e.input), str(e.layer)  # by kind, one of them is set
         self._fn: Callable[..., Any]
         if e.kind == GRADIENT:
             @tf.function(input_signature=[feed_sig])
             def gradient(feeds: dict[str, tf.Tensor]) -> tf.Tensor:
-                x = feeds[e.input]
+                x = feeds[wrt]
                 with tf.GradientTape() as tape:
                     tape.watch(x)
                     score = _pick(forward(feeds)[e.output], feeds[TARGET])
-                return tf.cast(_gradient(tape, score, x, e, str(e.input)), tf.float32)
+                return tf.cast(_gradient(tape, score, x, e, wrt), tf.float32)
 
             self._fn = gradient.get_concrete_function()
         elif e.kind == GRADCAM:
-            front = graph.plan(e.inputs, [str(e.layer)])
-            back = graph.plan((*e.inputs, str(e.layer)), [e.output])
+            front = graph.plan(e.inputs, [layer])
+            back = graph.plan((*e.inputs, layer), [e.output])
 
             @tf.function(input_signature=[feed_sig])
             def gradcam(feeds: dict[str, tf.Tensor]) -> tf.Tensor:
-                a = front(feeds)[e.layer]
+                a = front(feeds)[layer]
                 with tf.GradientTape() as tape:
                     tape.watch(a)
-                    score = _pick(back({**feeds, str(e.layer): a})[e.output], feeds[TARGET])
-                g = _gradient(tape, score, a, e, str(e.layer))
+                    score = _pick(back({**feeds, layer: a})[e.output], feeds[TARGET])
+                g = _gradient(tape, score, a, e, layer)
                 # Each channel weighted by its mean gradient over the spatial axes.
                 weights = tf.reduce_mean(g, axis=list(range(1, len(a.shape) - 1)),
                                          keepdims=True)
@@ -217,7 +218,7 @@ class TensorFlowExplainer:
             @tf.function(input_signature=[feed_sig, alpha_sig])
             def integrated(feeds: dict[str, tf.Tensor], alphas: tf.Tensor) -> tf.Tensor:
                 """The sum of the gradients at alpha * input for each alpha, per row."""
-                x = feeds[e.input]
+                x = feeds[wrt]
                 k = tf.shape(alphas)[0]
                 target = feeds[TARGET]  # resolved on the input itself, not its scaled copies
                 best = tf.argmax(forward(feeds)[e.output], axis=-1, output_type=tf.int64)
@@ -226,12 +227,12 @@ class TensorFlowExplainer:
                 # Row r's copies are rows r*k .. r*k + k - 1.
                 scaled = tf.reshape(x[:, None] * scale, tf.concat([[-1], tf.shape(x)[1:]], 0))
                 others = {n: tf.repeat(v, k, axis=0) for n, v in feeds.items()
-                          if n not in (e.input, TARGET)}
+                          if n not in (wrt, TARGET)}
                 with tf.GradientTape() as tape:
                     tape.watch(scaled)
-                    scores = forward({**others, e.input: scaled})[e.output]
+                    scores = forward({**others, wrt: scaled})[e.output]
                     score = tf.gather(scores, target, batch_dims=1)
-                g = tf.cast(_gradient(tape, score, scaled, e, str(e.input)), tf.float32)
+                g = tf.cast(_gradient(tape, score, scaled, e, wrt), tf.float32)
                 return tf.reduce_sum(tf.reshape(g, tf.concat([[-1, k], tf.shape(x)[1:]], 0)),
                                      axis=1)
 

@@ -104,8 +104,8 @@ def load_keras(path: Path, fmt: str, allow_lambda: bool,
 
 
 def _keras_endpoints(graph: TapGraph, config: ModelConfig
-                     ) -> dict[str, tuple[list, list] | ExplainConfig]:
-    declared: dict[str, tuple[list, list] | ExplainConfig] = {
+                     ) -> dict[str, tuple[list[str], list[str]] | ExplainConfig]:
+    declared: dict[str, tuple[list[str], list[str]] | ExplainConfig] = {
         n: e if isinstance(e, ExplainConfig) else (e.inputs, e.outputs)
         for n, e in config.endpoints.items()}
     return declared or {DEFAULT_ENDPOINT: (graph.input_names, graph.output_names)}

@@ -162,7 +162,8 @@ class LoadedModel:
         """An endpoint's metadata, listing the model's `versions` that serve."""
         ep = self.endpoint(endpoint)
         return EndpointMetadata(self.name, ep.name, versions, self.platform,
-                                ep.inputs, ep.outputs)
+                                ep.inputs, ep.outputs,
+                                frozenset() if ep.explanation is None else frozenset({TARGET}))
 
     def prepare(self, ep: Endpoint, inputs: dict[str, np.ndarray],
                 outputs: Sequence[str]) -> Prepared:
