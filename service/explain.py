@@ -126,7 +126,10 @@ def check(graph: TapGraph, where: str, endpoint: str, config: ExplainConfig
 
 def _feeds(graph: TapGraph, inputs: Sequence[str], tap: str, output: str) -> bool:
     """Whether `output` depends on `tap` (computed from the model's `inputs`)."""
-    plan = graph.plan(tuple(dict.fromkeys((*inputs, tap))), [output])
+    try:
+        plan = graph.plan(tuple(dict.fromkeys((*inputs, tap))), [output])
+    except NotFound:  # e.g. a tap inside a nested model's own inputs: not a cut point
+        return False
     return graph.tap(tap).key in plan.feeds
 
 
