@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from service.errors import ConfigError
+from service.validation import describe
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 # A label stands where a version number does, so it starts with a letter.
@@ -64,14 +65,16 @@ class ExplainConfig(_Strict):
 
 
 def _endpoint_kind(value: Any) -> str:
-    explains = isinstance(value, dict | ExplainConfig) and (
-        "explain" in value if isinstance(value, dict) else True)
-    return "explain" if explains else "cut"
+    explains = isinstance(value, ExplainConfig) or (isinstance(value, dict)
+                                                    and "explain" in value)
+    return "ExplainConfig" if explains else "EndpointConfig"
 
 
-# `explain:` tells the two apart, so a bad entry gets only its own kind's errors.
+# `explain:` tells the two apart, so a bad entry gets only its own kind's errors (the tags
+# are the class names: service.validation reports them without the tag).
 AnyEndpointConfig = Annotated[
-    Annotated[EndpointConfig, Tag("cut")] | Annotated[ExplainConfig, Tag("explain")],
+    Annotated[EndpointConfig, Tag("EndpointConfig")]
+    | Annotated[ExplainConfig, Tag("ExplainConfig")],
     Discriminator(_endpoint_kind)]
 
 
@@ -199,6 +202,5 @@ def load_config(path: Path) -> ModelConfig:
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:  # each problem where it is, without the values given
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}"
-                             for e in exc.errors())
+        problems = describe(exc, ModelConfig, lambda loc: ".".join(map(str, loc)))
         raise ConfigError(f"{path}: {problems}", category=invalid) from None
