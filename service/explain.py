@@ -161,13 +161,12 @@ def _pick(scores: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
     return tf.gather(scores, tf.where(target < 0, best, target), batch_dims=1)
 
 
-def _gradient(tape: tf.GradientTape, score: tf.Tensor, x: tf.Tensor,
-              explanation: Explanation, wrt: str) -> tf.Tensor:
+def _gradient(tape: tf.GradientTape, score: tf.Tensor, x: tf.Tensor, wrt: str,
+              missing: list[str]) -> tf.Tensor:
     grad = tape.gradient(score, x)
-    if grad is None:  # at trace time, i.e. at warm-up: the load fails saying why
-        raise ConfigError(f"endpoint {explanation.endpoint!r}: output {explanation.output!r} "
-                          f"has no gradient with respect to {wrt!r} (the path between them "
-                          "is not differentiable)")
+    if grad is None:  # known at trace time (warm-up): noted, and the explainer refused
+        missing.append(wrt)
+        return tf.zeros_like(x)
     return grad
 
 
@@ -187,6 +186,7 @@ class TensorFlowExplainer:
         feed_sig = {n: sig(n) for n in e.inputs} | {TARGET: tf.TensorSpec((None,), tf.int64)}
         forward = graph.plan(e.inputs, [e.output])
         wrt, layer = str(e.input), str(e.layer)  # by kind, one of them is set
+        missing: list[str] = []  # what the traced function found no gradient for
         self._fn: Callable[..., Any]
         if e.kind == GRADIENT:
             @tf.function(input_signature=[feed_sig])
@@ -195,7 +195,7 @@ class TensorFlowExplainer:
                 with tf.GradientTape() as tape:
                     tape.watch(x)
                     score = _pick(forward(feeds)[e.output], feeds[TARGET])
-                return tf.cast(_gradient(tape, score, x, e, wrt), tf.float32)
+                return tf.cast(_gradient(tape, score, x, wrt, missing), tf.float32)
 
             self._fn = gradient.get_concrete_function()
         elif e.kind == GRADCAM:
@@ -208,7 +208,7 @@ class TensorFlowExplainer:
                 with tf.GradientTape() as tape:
                     tape.watch(a)
                     score = _pick(back({**feeds, layer: a})[e.output], feeds[TARGET])
-                g = _gradient(tape, score, a, e, layer)
+                g = _gradient(tape, score, a, layer, missing)
                 # Each channel weighted by its mean gradient over the spatial axes.
                 weights = tf.reduce_mean(g, axis=list(range(1, len(a.shape) - 1)),
                                          keepdims=True)
@@ -235,11 +235,15 @@ class TensorFlowExplainer:
                     tape.watch(scaled)
                     scores = forward({**others, wrt: scaled})[e.output]
                     score = tf.gather(scores, target, batch_dims=1)
-                g = tf.cast(_gradient(tape, score, scaled, e, wrt), tf.float32)
+                g = tf.cast(_gradient(tape, score, scaled, wrt, missing), tf.float32)
                 return tf.reduce_sum(tf.reshape(g, tf.concat([[-1, k], tf.shape(x)[1:]], 0)),
                                      axis=1)
 
             self._fn = integrated.get_concrete_function()
+        if missing:  # the load refuses this endpoint, saying why
+            raise ConfigError(f"endpoint {e.endpoint!r}: output {e.output!r} has no gradient "
+                              f"with respect to {missing[0]!r} (the path between them is not "
+                              "differentiable, e.g. an argmax or a cast to integers)")
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         e = self.explanation

@@ -12,7 +12,7 @@ from functools import cached_property
 import numpy as np
 
 from service.batcher import Batcher, BatchPolicy
-from service.errors import InvalidInput, NotFound, NotReady, clip
+from service.errors import ConfigError, InvalidInput, NotFound, NotReady, clip
 from service.explain import TARGET, Explanation, targets
 from service.modelcode import forget_model_code
 from service.repository import ModelSource
@@ -138,9 +138,17 @@ class LoadedModel:
         """Compile every endpoint's function (and the shared pass of endpoints with the
         same inputs) before the model reports ready, so no request pays a trace."""
         by_source: dict[Hashable, set[str]] = {}
-        for ep in self.endpoints.values():
+        for ep in list(self.endpoints.values()):
             outputs = tuple(s.name for s in ep.outputs)
-            self.runtime.warm_up(ep.source, outputs)
+            try:
+                self.runtime.warm_up(ep.source, outputs)
+            except ConfigError as exc:  # an explanation with no gradient: its trace says so
+                if ep.explanation is None or ep.name == self.default_endpoint:
+                    raise
+                log.error("%s", exc)
+                self.refused[ep.name] = str(exc)
+                del self.endpoints[ep.name]
+                continue
             by_source.setdefault(ep.source, set()).update(outputs)
         for source, outputs in by_source.items():
             if shared_passes and len(outputs) > 1:

@@ -21,7 +21,7 @@ from harness import RunningServer
 
 from service.batcher import Batcher, BatchPolicy
 from service.config import ExplainConfig, load_config
-from service.errors import ConfigError, Overloaded
+from service.errors import ConfigError, NotFound, Overloaded
 from service.explain import check
 from service.graph import TapGraph
 from service.inspect import describe
@@ -331,3 +331,31 @@ def test_a_row_of_many_steps_is_computed_in_chunks(model: keras.Model, graph: Ta
     np.testing.assert_allclose(got["attribution"], feeds["image"] * total / 256,
                                rtol=1e-4, atol=1e-6)
     runtime.close()
+
+
+def test_an_output_with_no_gradient_is_refused_at_warm_up_and_the_others_serve(
+        tmp_path: Path) -> None:
+    """The output depends on the input only through an argmax: connected, yet no gradient
+    flows. Its trace at warm-up says so; the model serves its other endpoints."""
+    from service.loading import build_keras_model
+
+    x = keras.Input((4,), name="x")
+    scores = keras.layers.Dense(3, name="scores")(x)
+    picked = keras.ops.expand_dims(keras.ops.cast(keras.ops.argmax(scores, axis=-1),
+                                                  "float32"), -1)
+    out = keras.layers.Dense(2, name="out")(picked)
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    keras.Model(x, {"out": out, "scores": scores}).save(tmp_path / "m" / "1" / "model.keras")
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump({"endpoints": {
+        "predict": {"inputs": ["x"], "outputs": ["out"]},
+        "why": {"explain": "gradient", "output": "out"},
+        "why_scores": {"explain": "gradient", "output": "scores"}}}))
+    config = load_config(tmp_path / "m" / "config.yaml")
+    model = build_keras_model(ModelSource("m", 1, tmp_path / "m" / "1" / "model.keras",
+                                          "keras", config), ["/CPU:0"], 1, 8, 8)
+    model.warm_up(True)
+    assert set(model.endpoints) == {"predict", "why_scores"}
+    assert "has no gradient with respect to 'x'" in model.refused["why"]
+    with pytest.raises(NotFound, match="refused at load: .*no gradient"):
+        model.endpoint("why")
+    model.release()
