@@ -192,7 +192,8 @@ class LoadedModel:
         if unknown or missing:
             raise InvalidInput(
                 f"endpoint {self.name}.{ep.name} takes inputs "
-                f"{', '.join(_describe(s) for s in ep.inputs)}"
+                + ", ".join(("" if s.name in expected else "optional ") + _describe(s)
+                            for s in ep.inputs)
                 + (f"; missing {missing}" if missing else "")
                 + (f"; unexpected {unknown}" if unknown else ""))
         rows = {name: _check_input(expected[name], array) for name, array in inputs.items()}

@@ -359,3 +359,11 @@ def test_an_output_with_no_gradient_is_refused_at_warm_up_and_the_others_serve(
     with pytest.raises(NotFound, match="refused at load: .*no gradient"):
         model.endpoint("why")
     model.release()
+
+
+def test_a_missing_input_says_target_is_optional(server: RunningServer) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        server.infer(f"{MODEL}.cam", {"image": explaining.inputs(1)["image"]})
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "missing ['meta']" in caught.value.details()
+    assert "optional target (int64 [-1])" in caught.value.details()
