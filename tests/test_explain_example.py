@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "gradcam.py"
 PICTURE = ROOT / "examples" / "gradcam.png"
 # Mean absolute difference per channel (0..1) allowed between the committed picture and
-# the regenerated one: the picture is mostly digits, which do not move; a heat map that
-# changed shape moves it by more.
+# the regenerated one. Measured: 1% noise on every map moves it by 0.0008, 5% by 0.0035;
+# one digit's map drawn for another class by 0.009, every digit's by 0.067.
 TOLERANCE = 0.005
 
 
