@@ -21,8 +21,9 @@ import tensorflow as tf
 
 from service.config import ExplainConfig
 from service.errors import ConfigError, InvalidInput, NotFound
-from service.graph import TapGraph, suggest
+from service.graph import TapGraph
 from service.types import STRING, TensorSpec
+from service.validation import suggest
 
 Arrays = dict[str, np.ndarray]
 

@@ -99,13 +99,17 @@ class LoadedModel:
             if on_batch:
                 on_batch(rows, seconds)
 
-        async def run(batch: Batch) -> tuple[dict[str, np.ndarray], float]:
+        async def timed(batch: Batch) -> tuple[dict[str, np.ndarray], float]:
             result, seconds = await self.runtime.run(batch)
             if on_explain is not None and isinstance(batch.source, Explanation):
                 on_explain(batch.source.endpoint, seconds)
             return result, seconds
 
-        self._batcher = Batcher(run, self.policy, self.runtime.slots + 1,
+        # Only a version with explain endpoints pays for the wrapper.
+        explains = on_explain is not None and any(
+            ep.explanation is not None for ep in self.endpoints.values())
+        self._batcher = Batcher(timed if explains else self.runtime.run, self.policy,
+                                self.runtime.slots + 1,
                                 on_batch=batched, on_depth=on_depth, on_dedup=on_dedup)
         self._batcher.start()
 
