@@ -54,11 +54,17 @@ class Work:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # when its batch began computing
+    weight: int = 1  # rows of compute per row (an integrated-gradients row runs `steps`)
 
     @property
     def rows(self) -> int:
         """How many rows it holds."""
         return len(next(iter(self.feeds.values())))
+
+    @property
+    def cost(self) -> int:
+        """The rows it counts as against max_batch_size and the queue's limit."""
+        return self.rows * self.weight
 
 
 def merge(works: Sequence[Work]) -> Batch:
@@ -93,7 +99,7 @@ def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
 
 
 class Group(deque):
-    """The queued works that may share a batch, oldest first, and their row count."""
+    """The queued works that may share a batch, oldest first, and the rows they count as."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,36 +163,40 @@ class Batcher:
         return self._depth
 
     async def submit(self, source: Hashable, feeds: Arrays, outputs: tuple[str, ...],
-                     deadline: float | None = None) -> tuple[Arrays, float]:
+                     deadline: float | None = None, weight: int = 1) -> tuple[Arrays, float]:
         """Queue one request; wait for its outputs and the seconds it spent queued.
 
-        A request larger than max_batch_size is split into pieces and reassembled.
+        A request larger than max_batch_size is split into pieces and reassembled. Each
+        row counts as `weight` rows (the same for every request of one `source`).
         """
         if self._closed:
             raise NotReady("the model is shutting down")
         rows = len(next(iter(feeds.values())))
+        cost = rows * weight
+        counts = f"{rows} rows" if weight == 1 else f"{rows} rows of {weight} each, {cost}"
         limit = self.policy.max_queue_size
-        if rows > limit:  # even into an empty queue: it would hold every other request up
-            raise Overloaded(f"the request has {rows} rows, more than the model's queue holds "
-                             f"(max_queue_size {limit}): send at most {limit} rows per request")
-        if self._depth + rows > limit:
+        if cost > limit:  # even into an empty queue: it would hold every other request up
+            raise Overloaded(f"the request has {counts}, more than the model's queue holds "
+                             f"(max_queue_size {limit}): send at most "
+                             f"{max(1, limit // weight)} rows per request")
+        if self._depth + cost > limit:
             raise Overloaded(f"the queue is full ({self._depth} rows waiting, limit "
-                             f"{limit}, this request {rows}); retry later")
+                             f"{limit}, this request {cost}); retry later")
         # Only inputs of the same shapes concatenate; without shared passes, only
         # requests for the same outputs share a batch.
         group = (source, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
                  None if self.policy.shared_passes else outputs)
         loop = asyncio.get_running_loop()
-        works = [Work(source, part, outputs, deadline, loop.create_future())
-                 for part in slices(feeds, self.policy.max_batch_size)]
+        works = [Work(source, part, outputs, deadline, loop.create_future(), weight=weight)
+                 for part in slices(feeds, max(1, self.policy.max_batch_size // weight))]
         first = not self._pending  # then no timer runs: the loop waits for work
         queue = self._pending.get(group)
         if queue is None:
             queue = self._pending[group] = Group()
         for w in works:
             queue.append(w)
-            queue.rows += w.rows
-        self._depth += rows
+            queue.rows += w.cost
+        self._depth += cost
         self._pieces += len(works)
         self._on_depth(self._depth)
         self._in_flight += len(works)
@@ -268,9 +278,10 @@ class Batcher:
                     timer.cancel()
         queue = self._pending[group]
         works, rows = [], 0
-        while queue and rows + queue[0].rows <= self.policy.max_batch_size:
+        # One piece at least: a row of integrated gradients may cost more than a batch.
+        while queue and (not works or rows + queue[0].cost <= self.policy.max_batch_size):
             w = queue.popleft()
-            rows += w.rows
+            rows += w.cost
             works.append(w)
         queue.rows -= rows
         self._pieces -= len(works)

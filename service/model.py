@@ -12,12 +12,13 @@ from functools import cached_property
 import numpy as np
 
 from service.batcher import Batcher, BatchPolicy
-from service.errors import InvalidInput, NotFound, NotReady, clip
+from service.errors import ConfigError, InvalidInput, NotFound, NotReady, clip
+from service.explain import TARGET, Explanation, targets
 from service.modelcode import forget_model_code
 from service.repository import ModelSource
 from service.runtime import Runtime
 from service.statistics import VersionStatistics
-from service.types import STRING, EndpointMetadata, TensorSpec
+from service.types import STRING, Batch, EndpointMetadata, TensorSpec
 from service.validation import suggest
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,18 @@ class Endpoint:
     askable: frozenset[str]  # outputs a request may name (its outputs, plus taps if allowed)
     taps_hint: str  # why a name outside `askable` cannot be asked for
 
+    @property
+    def explanation(self) -> Explanation | None:
+        """What an explain endpoint computes; None for a forward pass."""
+        return self.source if isinstance(self.source, Explanation) else None
+
     @cached_property
     def inputs_by_name(self) -> Mapping[str, TensorSpec]:
-        """The inputs by name (built once: every request looks its inputs up in it)."""
-        return {s.name: s for s in self.inputs}
+        """The inputs every request sends, by name (built once: every request looks its
+        inputs up in it). An explanation's optional `target` is not among them: it takes
+        INT32 or INT64 and is checked by explain.targets."""
+        return {s.name: s for s in self.inputs
+                if self.explanation is None or s.name != TARGET}
 
 
 @dataclass
@@ -68,12 +77,15 @@ class LoadedModel:
     started, the front door of that version: every request to it goes through `infer`."""
 
     def __init__(self, source: ModelSource, runtime: Runtime, endpoints: dict[str, Endpoint],
-                 default_endpoint: str, platform: str, code_modules: Sequence[str] = ()) -> None:
+                 default_endpoint: str, platform: str, code_modules: Sequence[str] = (),
+                 refused: Mapping[str, str] | None = None) -> None:
         self.name = source.name
         self.version = source.version
         self.source = source
         self.runtime = runtime
         self.endpoints = endpoints
+        # Explain endpoints whose config did not fit, and why: the others serve without them.
+        self.refused = dict(refused or {})
         self.default_endpoint = default_endpoint
         self.platform = platform
         self.policy = BatchPolicy()
@@ -85,8 +97,10 @@ class LoadedModel:
 
     def start(self, on_batch: Callable[[int, float], None] | None = None,
               on_depth: Callable[[int], None] | None = None,
-              on_dedup: Callable[[int], None] | None = None) -> None:
-        """Start batching (inside the running event loop)."""
+              on_dedup: Callable[[int], None] | None = None,
+              on_explain: Callable[[str, float], None] | None = None) -> None:
+        """Start batching (inside the running event loop). `on_explain(endpoint, seconds)`
+        hears each explanation batch's compute time, which differs from a forward pass's."""
         # One batch more than the compute threads: it waits in the runtime's executor, so a
         # thread that finishes starts the next batch at once, not after an event-loop turn.
         def batched(rows: int, seconds: float) -> None:
@@ -94,7 +108,17 @@ class LoadedModel:
             if on_batch:
                 on_batch(rows, seconds)
 
-        self._batcher = Batcher(self.runtime.run, self.policy, self.runtime.slots + 1,
+        async def timed(batch: Batch) -> tuple[dict[str, np.ndarray], float]:
+            result, seconds = await self.runtime.run(batch)
+            if on_explain is not None and isinstance(batch.source, Explanation):
+                on_explain(batch.source.endpoint, seconds)
+            return result, seconds
+
+        # Only a version with explain endpoints pays for the wrapper.
+        explains = on_explain is not None and any(
+            ep.explanation is not None for ep in self.endpoints.values())
+        self._batcher = Batcher(timed if explains else self.runtime.run, self.policy,
+                                self.runtime.slots + 1,
                                 on_batch=batched, on_depth=on_depth, on_dedup=on_dedup)
         self._batcher.start()
 
@@ -109,8 +133,9 @@ class LoadedModel:
         if self._batcher is None:
             raise NotReady(f"model {self.name!r} version {self.version} is not started")
         prepared = self.prepare(endpoint, inputs, outputs, json)
+        explanation = endpoint.explanation
         return await self._batcher.submit(endpoint.source, prepared.feeds, prepared.outputs,
-                                          deadline)
+                                          deadline, explanation.row_cost if explanation else 1)
 
     async def close(self, grace: float) -> None:
         """Stop taking requests, finish the ones held (within `grace` seconds), free."""
@@ -127,9 +152,17 @@ class LoadedModel:
         """Compile every endpoint's function (and the shared pass of endpoints with the
         same inputs) before the model reports ready, so no request pays a trace."""
         by_source: dict[Hashable, set[str]] = {}
-        for ep in self.endpoints.values():
+        for ep in list(self.endpoints.values()):
             outputs = tuple(s.name for s in ep.outputs)
-            self.runtime.warm_up(ep.source, outputs)
+            try:
+                self.runtime.warm_up(ep.source, outputs)
+            except ConfigError as exc:  # an explanation with no gradient: its trace says so
+                if ep.explanation is None or ep.name == self.default_endpoint:
+                    raise
+                log.error("%s", exc)
+                self.refused[ep.name] = str(exc)
+                del self.endpoints[ep.name]
+                continue
             by_source.setdefault(ep.source, set()).update(outputs)
         for source, outputs in by_source.items():
             if shared_passes and len(outputs) > 1:
@@ -139,6 +172,9 @@ class LoadedModel:
 
     def endpoint(self, name: str | None) -> Endpoint:
         name = name or self.default_endpoint
+        if name in self.refused:
+            raise NotFound(f"endpoint {self.name}.{name} was refused at load: "
+                           f"{self.refused[name]}")
         if name not in self.endpoints:
             raise NotFound(f"model {self.name!r} has no endpoint {name!r}; "
                            f"endpoints: {', '.join(self.endpoints)}")
@@ -148,7 +184,8 @@ class LoadedModel:
         """An endpoint's metadata, listing the model's `versions` that serve."""
         ep = self.endpoint(endpoint)
         return EndpointMetadata(self.name, ep.name, versions, self.platform,
-                                ep.inputs, ep.outputs)
+                                ep.inputs, ep.outputs,
+                                frozenset() if ep.explanation is None else frozenset({TARGET}))
 
     def prepare(self, ep: Endpoint, inputs: dict[str, np.ndarray],
                 outputs: Sequence[str], json: bool = False) -> Prepared:
@@ -157,6 +194,11 @@ class LoadedModel:
             if name not in ep.askable:
                 raise NotFound(f"endpoint {self.name}.{ep.name} has no output {clip(name)}: "
                                f"{ep.taps_hint}; {suggest(name[:100], ep.askable)}")
+        explanation = ep.explanation
+        target = None
+        if explanation is not None and TARGET in inputs:
+            inputs = dict(inputs)
+            target = inputs.pop(TARGET)
         expected = ep.inputs_by_name
         # Names cut to 100 characters: a megabyte of name is not echoed back.
         unknown = [n[:99] + "…" if len(n) > 100 else n for n in sorted(set(inputs) - set(expected))]
@@ -164,13 +206,17 @@ class LoadedModel:
         if unknown or missing:
             raise InvalidInput(
                 f"endpoint {self.name}.{ep.name} takes inputs "
-                f"{', '.join(_describe(s) for s in ep.inputs)}"
+                + ", ".join(("" if s.name in expected else "optional ") + _describe(s)
+                            for s in ep.inputs)
                 + (f"; missing {missing}" if missing else "")
                 + (f"; unexpected {unknown}" if unknown else ""))
         rows = {name: _check_input(expected[name], array) for name, array in inputs.items()}
         if len(set(rows.values())) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {rows}")
         count = next(iter(rows.values()))
+        if explanation is not None:  # every row gets a target: requests with and without
+            # one batch together
+            inputs = {**inputs, TARGET: targets(explanation, target, count)}
         asked = tuple(outputs) or tuple(s.name for s in ep.outputs)
         self._check_response_size(ep, asked, count, json)
         return Prepared(ep, asked, inputs, count)

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from service.errors import ConfigError, InvalidInput
+from service.explain import TARGET_SPEC, Explainers, Explanation
 from service.graph import TapGraph
 from service.savedmodel_ops import disallowed_ops
 from service.types import STRING, Batch, TensorSpec
@@ -116,6 +117,11 @@ class Runtime:
     def _compute(self, batch: Batch) -> Arrays:
         raise NotImplementedError
 
+    def _explain(self, batch: Batch) -> Arrays:
+        """An explain endpoint's batch (its source is an Explanation): its attribution."""
+        raise ConfigError(f"{type(self).__name__} cannot explain: explain endpoints need a "
+                          "Keras model's layer graph")
+
     async def run(self, batch: Batch) -> tuple[Arrays, float]:
         """Compute the batch's outputs, and the seconds the device took (timed on its
         thread: not the wait for a free thread, nor for the event loop to resume). With
@@ -145,8 +151,9 @@ class Runtime:
     def _on_device(self, device: str, batch: Batch) -> tuple[Arrays, float]:
         started = time.perf_counter()
         try:
+            compute = self._explain if isinstance(batch.source, Explanation) else self._compute
             with tf.device(device):
-                return self._compute(batch), time.perf_counter() - started
+                return compute(batch), time.perf_counter() - started
         except tf.errors.InvalidArgumentError as exc:  # the values, not the shapes: e.g.
             # a token outside an Embedding's vocabulary
             raise InvalidInput(f"the model cannot compute this input: {_reason(exc)}") from exc
@@ -200,13 +207,23 @@ class KerasRuntime(Runtime):
         self._xla_shapes: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
         self._xla_limit = xla_shapes
         self._lock = threading.Lock()
+        self._explainers = Explainers(graph, max_batch_size)
 
     def spec(self, name: str) -> TensorSpec:
         tap = self.graph.tap(name)
         return TensorSpec(name, tap.dtype, tap.shape)
 
     def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        if isinstance(source, Explanation):
+            return {n: self.spec(n) for n in source.inputs} | {TARGET_SPEC.name: TARGET_SPEC}, {}
         return {n: self.spec(n) for n in source}, {}
+
+    def _explain(self, batch: Batch) -> Arrays:
+        assert isinstance(batch.source, Explanation)
+        result = self._explainers(batch.source, batch.feeds)
+        if batch.masks is not None:  # an explain endpoint answers one output: masks are rare
+            result = {k: v[batch.masks[k]] for k, v in result.items()}
+        return result
 
     def warm_up(self, source: Hashable, outputs: tuple[str, ...],
                 masks: Arrays | None = None) -> None:

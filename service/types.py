@@ -58,6 +58,7 @@ class EndpointMetadata:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    optional: frozenset[str] = frozenset()  # inputs a request may leave out (explain's target)
 
 
 @dataclass
