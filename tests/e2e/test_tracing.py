@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import queue
 import subprocess
 import threading
 import urllib.request
@@ -25,7 +26,7 @@ import yaml
 import zoo
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from stock import TAPSERVE, ServerProcess, free_port, infer
+from stock import TAPSERVE, ServerProcess, free_port, infer, infer_inputs
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -101,8 +102,9 @@ def traced(start_process, repository: Path) -> dict[str, object]:
     got, and what each call sent."""
     receiver = Receiver()
     http_port = free_port()
+    # The env twin of --otlp-endpoint; the SDK's export delay holds spans until the drain.
     server: ServerProcess = start_process(
-        repository, "--http-port", str(http_port), "--otlp-endpoint", receiver.url,
+        repository, "--http-port", str(http_port), TAPSERVE_OTLP_ENDPOINT=receiver.url,
         OTEL_BSP_SCHEDULE_DELAY="600000")
     sent: dict[str, tuple[str, str, str]] = {}
     with server.client() as client:
@@ -113,6 +115,17 @@ def traced(start_process, repository: Path) -> dict[str, object]:
         with pytest.raises(InferenceServerException, match="no model"):
             infer(client, "nosuch", {"image": IMAGE},
                   headers={"traceparent": sent["not_found"][0]})
+
+        # A stream's metadata holds one traceparent: each of its requests is a span under it.
+        sent["stream"] = traceparent(6)
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(lambda result, error: answers.put(error),
+                            headers={"traceparent": sent["stream"][0]})
+        for i in range(2):
+            client.async_stream_infer("autoencoder", infer_inputs({"image": IMAGE}),
+                                      request_id=str(i))
+        assert [answers.get(timeout=30) for _ in range(2)] == [None, None]
+        client.stop_stream()
 
         def together(i: int) -> None:
             with server.client() as own:
@@ -212,6 +225,17 @@ def test_the_batch_span_links_every_request_it_served(traced):
         (link,) = children(traced, r)["compute"].links
         assert (r.trace_id, r.span_id) in {(k.trace_id, k.span_id)
                                            for k in batches[link.span_id].links}
+
+
+def test_each_request_of_a_stream_is_a_span_under_its_caller(traced):
+    header, trace_id, span_id = traced["sent"]["stream"]
+    spans = [s for s in traced["receiver"].spans
+             if s.name == "infer" and s.trace_id.hex() == trace_id]
+    assert len(spans) == 2
+    for span in spans:
+        assert span.parent_span_id.hex() == span_id
+        assert attributes(span)["tapserve.door"] == "kserve_grpc"
+        assert sorted(children(traced, span)) == ["compute", "queue", "response"]
 
 
 def test_a_refused_request_says_why(traced):
