@@ -88,6 +88,7 @@ class Mirror:
         self._files: dict[str, Stamp] = {}  # model-level files it holds (config.yaml)
         self._pending: dict[tuple[str, str], Pending] = {}
         self._failing: set[str] = set()  # what failed on the last try, logged once a streak
+        self._listed = False  # the bucket was listed once
         self._lock = asyncio.Lock()
 
     async def refresh(self, quiet: float) -> bool:
@@ -107,6 +108,9 @@ class Mirror:
         for what in self._failing - set(errors):
             log.info("model repository: %s reads again", what or self.url)
         self._failing = set(errors)
+        if "" not in errors and not self._listed:
+            self._listed = True
+            log.info("model repository %s: mirrored into %s", self.url, self.folder)
         return "" not in errors
 
     def close(self) -> None:
@@ -199,11 +203,11 @@ class Mirror:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        # The files' times say when the version last changed (no later than when its
-        # listing was first seen), so the registry's own settle rule already holds.
-        changed = min([pending.seen_at] + [s[2] for s in pending.listing.values()])
+        # Every file's time is when this listing was first seen: the registry's own settle
+        # rule then already holds, and its stamp of the folder changes with every change
+        # in the bucket (even one that keeps a file's size and second of modification).
         for path in [*target.rglob("*"), target]:
-            os.utime(path, (changed, changed))
+            os.utime(path, (pending.seen_at, pending.seen_at))
         self._versions[key] = pending.listing
         self._pending.pop(key, None)
 

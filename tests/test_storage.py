@@ -11,6 +11,7 @@ import pytest
 from buckets import S3, Bucket, free_port
 
 from service.metrics import Metrics
+from service.repository import scan
 from service.settings import Settings
 from service.storage import Mirror
 
@@ -62,6 +63,12 @@ async def test_a_version_is_downloaded_whole_once_it_settled(bucket: Bucket,
     assert files(mirror.folder)["m/1/model.keras"] == b"one"
     assert await mirror.refresh(quiet=0)
     assert files(mirror.folder)["m/1/model.keras"] == b"one, again"
+    # The registry's stamp of the folder changes with any change, a same-sized one too.
+    stamp = scan(mirror.folder, "m").versions[1].stamp
+    bucket.put("models/m/1/model.keras", b"ONE, AGAIN")
+    assert await mirror.refresh(quiet=0)
+    assert files(mirror.folder)["m/1/model.keras"] == b"ONE, AGAIN"
+    assert scan(mirror.folder, "m").versions[1].stamp != stamp
     # Nothing is left behind in the staging folder (hidden: the registry skips it).
     assert not any((mirror.folder / ".incoming").iterdir())
 
