@@ -83,7 +83,8 @@ class Mirror:
         self._fs = _filesystem(match["scheme"])
         self._metrics = metrics
         metrics.repository_failures.labels(url)  # 0 from the start, for increase()
-        self.folder = Path(tempfile.mkdtemp(prefix="tapserve-models-"))
+        # Made on the first refresh: a server that fails to start leaves nothing behind.
+        self.folder = Path(tempfile.gettempdir()) / f"tapserve-models-{uuid.uuid4().hex}"
         self._versions: dict[tuple[str, str], dict[str, Stamp]] = {}  # what the mirror holds
         self._files: dict[str, Stamp] = {}  # model-level files it holds (config.yaml)
         self._pending: dict[tuple[str, str], Pending] = {}
@@ -120,6 +121,7 @@ class Mirror:
         """One pass: list, download what settled, delete what left. Returns the errors by
         what failed ("<model>/<version>", a model file); listing errors raise."""
         versions, files = self._list()
+        self.folder.mkdir(mode=0o700, exist_ok=True)
         now, now_at = time.monotonic(), time.time()
         errors = {}
         for rel, stamp in files.items():
