@@ -97,6 +97,9 @@ def test_serves_a_bucket_and_follows_its_changes(start_process, s3: S3,
     bucket.delete("models/m/2")
     until(lambda: ask(server) == 1.0)
     until(lambda: set(index(server)) == {("m", "1")})
+    # A version whose objects change in the bucket is downloaded again and reloaded.
+    bucket.put("models/m/1/model.keras", model_bytes(5))
+    until(lambda: ask(server) == 5.0)
 
     # A new model folder in the bucket is served; a removed one is no longer.
     bucket.put("models/other/1/model.keras", model_bytes(7))
