@@ -193,10 +193,15 @@ class Mirror:
                  len(pending.listing))
         staging = self.folder / STAGING / f"{model}-{version}-{uuid.uuid4().hex}"
         try:
+            remote, local = [], []
             for rel in pending.listing:
-                path = staging / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._fs.get_file(f"{self._root}/{model}/{version}/{rel}", str(path))
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                remote.append(f"{self._root}/{model}/{version}/{rel}")
+                local.append(str(staging / rel))
+            self._fs.get(remote, local)  # concurrently (a SavedModel's variable shards)
+            missing = [r for r in local if not os.path.isfile(r)]
+            if missing:
+                raise FileNotFoundError(f"not downloaded: {missing[0]}")
             (self.folder / model).mkdir(exist_ok=True)
             target = self.folder / model / version
             if target.exists():
