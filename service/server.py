@@ -293,7 +293,7 @@ class TapServer:
         deadline = time.monotonic() + grace
         await self.registry.close(grace)
         if self.mirror:
-            self.mirror.close()
+            await self.mirror.close()
         await self._quiet(deadline)
         # What is left are answers on their way out and open health Watch streams, which
         # never end by themselves: a short grace, not the whole remainder.

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ URL = re.compile(r"(?P<scheme>[a-z0-9]+)://(?P<bucket>[^/]*)/?(?P<prefix>.*)")
 BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]")
 TIMEOUT_S = 30.0  # per request: connecting, and waiting for the next bytes
 STAGING = ".incoming"  # hidden: model_names skips it
+CLOSE_S = 10.0  # at exit, how long a pass under way gets to stop before the folder goes
 
 
 def is_url(repository: str | Path) -> TypeGuard[str]:
@@ -91,13 +93,17 @@ class Mirror:
         self._failing: set[str] = set()  # what failed on the last try, logged once a streak
         self._listed = False  # the bucket was listed once
         self._lock = asyncio.Lock()
+        # Its own thread: at exit, a pass under way is waited for before the folder goes.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mirror")
+        self._closing = False
 
     async def refresh(self, quiet: float) -> bool:
         """Bring the mirror in step with the bucket; False when the bucket could not be
         listed (the mirror then stays as it was, so what serves keeps serving)."""
         async with self._lock:
             try:
-                errors = await asyncio.to_thread(self._sync, quiet)
+                errors = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self._sync, quiet)
             except Exception as exc:  # any library's network or permission error
                 errors = {"": f"cannot list {self.url}: {_why(exc)}"}
         self._metrics.repository_reachable.labels(self.url).set(0 if "" in errors else 1)
@@ -114,13 +120,23 @@ class Mirror:
             log.info("model repository %s: mirrored into %s", self.url, self.folder)
         return "" not in errors
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop refreshing (a pass under way stops at its next version) and delete the
+        local folder."""
+        self._closing = True
+        try:
+            await asyncio.wait_for(asyncio.to_thread(
+                self._thread.shutdown, wait=True, cancel_futures=True), CLOSE_S)
+        except TimeoutError:
+            log.warning("model repository: a read of %s still under way at exit", self.url)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _sync(self, quiet: float) -> dict[str, str]:
         """One pass: list, download what settled, delete what left. Returns the errors by
         what failed ("<model>/<version>", a model file); listing errors raise."""
         versions, files = self._list()
+        if self._closing:
+            return {}
         self.folder.mkdir(mode=0o700, exist_ok=True)
         now, now_at = time.monotonic(), time.time()
         errors = {}
@@ -142,6 +158,8 @@ class Mirror:
                 pending = self._pending[key] = Pending(listing, now, now_at)
             if now - pending.seen < quiet:
                 continue  # still being uploaded, maybe
+            if self._closing:
+                break
             try:
                 self._fetch_version(key, pending)
             except Exception as exc:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,10 +31,11 @@ def bucket(s3: S3, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReque
 
 
 @pytest.fixture
-def mirror(bucket: Bucket) -> Iterator[Mirror]:
+async def mirror(bucket: Bucket) -> AsyncIterator[Mirror]:
     m = Mirror(f"s3://{bucket.name}/models", Metrics())
     yield m
-    m.close()
+    await m.close()
+    assert not m.folder.exists()
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -110,7 +111,7 @@ async def test_an_unreachable_bucket_fails_a_refresh_and_is_logged_once(
             assert not await mirror.refresh(quiet=0)
             assert not await mirror.refresh(quiet=0)
     finally:
-        mirror.close()
+        await mirror.close()
     labels = {"repository": "s3://nowhere/models"}
     assert metrics.registry.get_sample_value("tapserve_repository_reachable", labels) == 0
     assert metrics.registry.get_sample_value("tapserve_repository_read_failures_total",

@@ -4,6 +4,7 @@ version number, so every answer proves which version computed it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,14 @@ def ready(server: ServerProcess) -> bool:
         return bool(client.is_server_ready())
 
 
+def stop(server: ServerProcess) -> None:
+    """SIGTERM; the local mirror of the bucket is gone once the server exits."""
+    folder = Path(re.search(r"mirrored into (\S+)", server.output())[1])
+    assert folder.is_dir()
+    assert server.terminate() == 0
+    assert not folder.exists()
+
+
 def reachable(server: ServerProcess, url: str) -> float | None:
     return server.metric("tapserve_repository_reachable", repository=url)
 
@@ -112,6 +121,7 @@ def test_serves_a_bucket_and_follows_its_changes(start_process, s3: S3,
     log = server.output()
     assert s3.secret not in log
     assert "model repository: downloading m/2 (1 files)" in log
+    stop(server)
 
 
 def test_an_unreachable_bucket_at_start_and_mid_run(start_process, tmp_path: Path,
@@ -148,6 +158,7 @@ def test_an_unreachable_bucket_at_start_and_mid_run(start_process, tmp_path: Pat
     assert index(server)[("m", "1")] == ("READY", "")
     assert server.output().count("cannot list s3://late/models") == 2  # a second streak
     assert "tapserve-unreachable-secret" not in server.output()
+    stop(server)
 
 
 def test_explicit_mode_reads_the_bucket_when_asked_to_load(
@@ -161,6 +172,7 @@ def test_explicit_mode_reads_the_bucket_when_asked_to_load(
     with server.client() as client:
         client.load_model("m")  # reads the bucket now, downloads version 2, loads it
     assert ask(server) == 2.0
+    stop(server)
 
 
 def test_serves_a_gcs_bucket(start_process, tmp_path: Path,
@@ -182,6 +194,7 @@ def test_serves_a_gcs_bucket(start_process, tmp_path: Path,
         bucket.blob("models/m/2/model.keras").delete()
         until(lambda: ask(server) == 1.0)
         assert reachable(server, url) == 1
+        stop(server)
     finally:
         gcs.stop()
 
