@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -37,6 +38,7 @@ from service.registry import POLL, ModelRegistry
 from service.repository import model_names
 from service.runtime import configure_tensorflow, gpu_memory_in_use
 from service.settings import Settings, inter_op_threads, intra_op_threads
+from service.storage import Mirror
 from service.tls import CertificateFiles, HttpTls, grpc_credentials
 from service.types import InferRequest
 
@@ -95,10 +97,14 @@ class TapServer:
         for device in gpu_memory_in_use():
             self.metrics.gpu_memory.labels(device).set_function(
                 lambda d=device: gpu_memory_in_use().get(d, 0))
+        # A bucket is served from a local mirror of it; a folder as it is.
+        repository = settings.model_repository
+        self.mirror = Mirror(repository, self.metrics) if isinstance(repository, str) else None
         self.registry = ModelRegistry(
-            settings.model_repository, settings.model_control_mode,
-            Loader(settings, self.devices), self.metrics, settings.drain_grace_seconds,
-            on_change=self._update_health)
+            self.mirror.folder if self.mirror else Path(repository),
+            settings.model_control_mode, Loader(settings, self.devices), self.metrics,
+            settings.drain_grace_seconds, on_change=self._update_health,
+            refresh=self.mirror.refresh if self.mirror else None)
         self.dataplane = DataPlane(self.registry, self.metrics, settings.strict_readiness)
         self.health = Health()
         self._limits = CallLimits(settings.max_concurrent_rpcs, settings.max_watch_streams,
@@ -120,7 +126,8 @@ class TapServer:
         """Bind both ports and start loading; raises ConfigError or OSError (a port in use)
         before anything is left running."""
         s = self.settings
-        model_names(s.model_repository)  # a missing folder fails here, before any port
+        if not self.mirror:
+            model_names(Path(s.model_repository))  # a missing folder fails here, before any port
         # Unreadable or mismatched TLS or token files fail here too (ConfigError).
         grpc_tls = http_tls = None
         if s.tls_cert_file is not None:
@@ -246,6 +253,10 @@ class TapServer:
                                                  protocol=protocol), error)
 
     async def _load(self) -> None:
+        # A bucket is read whole once before the start-up load; until then (an unreachable
+        # bucket) the server is not ready and retries every poll interval.
+        while self.mirror and not await self.mirror.refresh(0):
+            await asyncio.sleep(self.settings.repository_poll_secs)
         await self.registry.start(self.settings.load_model)
         if self.settings.model_control_mode == POLL:
             self._polling = asyncio.create_task(
@@ -313,6 +324,8 @@ class TapServer:
         # a handler: their clients saw CANCELLED (no retry), not UNAVAILABLE.
         deadline = time.monotonic() + grace
         await self.registry.close(grace)
+        if self.mirror:
+            await self.mirror.close()
         await self._quiet(deadline)
         # What is left are answers on their way out and open health Watch streams, which
         # never end by themselves: a short grace, not the whole remainder.

@@ -9,13 +9,19 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.storage import check_url, is_url
+
 
 class Settings(BaseSettings):
     """Every field can be set as `--field-name` on `tapserve serve` or `TAPSERVE_FIELD_NAME`."""
 
-    model_config = SettingsConfigDict(env_prefix="TAPSERVE_", extra="ignore")
+    # hide_input_in_errors: a value may hold a secret (a credential pasted into a URL).
+    model_config = SettingsConfigDict(env_prefix="TAPSERVE_", extra="ignore",
+                                      hide_input_in_errors=True)
 
-    model_repository: Path = Field(Path("models"), description="Folder of models to serve.")
+    model_repository: Path | str = Field(
+        Path("models"), description="Folder of models to serve, or a bucket: s3://bucket/prefix "
+        "or gs://bucket/prefix (credentials and endpoint from the provider's environment).")
     host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind.")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: any free port).")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port.")
@@ -152,6 +158,12 @@ class Settings(BaseSettings):
             raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and "
                              "--tls-key-file")
         return self
+
+    @field_validator("model_repository", mode="after")
+    @classmethod
+    def _folder_or_url(cls, value: Path | str) -> Path | str:
+        # A URL stays a str (a Path would fold its "//"); anything else is a folder.
+        return check_url(value) if is_url(value) else Path(value)
 
     @field_validator("load_model", mode="before")
     @classmethod
