@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 INSTALL = "pip install tapserve[tracing]"
 W3C = ("traceparent", "tracestate")  # the headers (or metadata) a caller's context comes in
 TRACE_PATH = "/v1/traces"  # OTLP/HTTP's path for traces, added to a bare collector URL
+# How long the drain waits for the collector to take the last spans: one that does not
+# answer must not hold the exit up (the exporter retries for 10 s a batch).
+FLUSH_S = 5.0
+# The OpenTelemetry loggers that speak per export: a collector that is down said 4 lines
+# every 5 s; at most one a minute gets through, with a count of the rest.
+EXPORT_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                  "opentelemetry.sdk._shared_internal")
+QUIET_S = 60.0
 # The request being served by the running task, for the batcher to pick up at submit.
 _current: ContextVar[RequestTrace | None] = ContextVar("tapserve_trace", default=None)
 
@@ -121,8 +130,32 @@ def setup(endpoint: str | None, service_name: str = "tapserve") -> Tracing:
     except ImportError as exc:
         raise ConfigError(f"--otlp-endpoint needs the OpenTelemetry packages: "
                           f"{INSTALL} ({exc})") from None
+    for name in EXPORT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OncePerInterval) for f in logger.filters):
+            logger.addFilter(_OncePerInterval(QUIET_S))
     log.info("tracing: OpenTelemetry spans to %s", endpoint)
     return traced
+
+
+class _OncePerInterval(logging.Filter):
+    """Lets one record through per interval; the next one says how many were held back."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last: float | None = None
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.interval:
+            self.held += 1
+            return False
+        if self.held:
+            record.msg = f"{record.msg} ({self.held} such lines held back before this one)"
+        self.last, self.held = now, 0
+        return True
 
 
 class OtlpTracing(Tracing):
@@ -139,6 +172,7 @@ class OtlpTracing(Tracing):
 
         self.provider: TracerProvider = TracerProvider(
             resource=Resource.create({"service.name": service_name}))
+        self.exporter = exporter
         self.processor = BatchSpanProcessor(exporter)
         self.provider.add_span_processor(self.processor)
         self.tracer: Tracer = self.provider.get_tracer("tapserve")
@@ -184,8 +218,16 @@ class OtlpTracing(Tracing):
             found = {k: v for k, v in metadata if k in W3C and isinstance(v, str)}
         return self.propagator.extract(found) if found else None
 
-    def shutdown(self) -> None:
-        self.provider.shutdown()  # the BatchSpanProcessor sends what it holds first
+    def shutdown(self, timeout: float = FLUSH_S) -> None:
+        # The BatchSpanProcessor sends what it holds first; its thread is a daemon, and the
+        # SDK's flush has no timeout of its own (opentelemetry-python#4568).
+        stopping = threading.Thread(target=self.provider.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(timeout)
+        if stopping.is_alive():
+            log.warning("tracing: the collector did not take the last spans within %g s; "
+                        "they are dropped", timeout)
+            self.exporter.shutdown()  # ends the exporter's retries
 
 
 class _Recording(RequestTrace):

@@ -13,6 +13,7 @@ import os
 import queue
 import subprocess
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -245,6 +246,24 @@ def test_a_refused_request_says_why(traced):
     assert span.status.code == span.status.STATUS_CODE_ERROR
     assert "no model" in span.status.message
     assert children(traced, span) == {}  # never queued, never computed
+
+
+def test_a_collector_that_is_down_costs_a_line_a_minute_and_holds_no_drain(
+        start_process, repository: Path):
+    """Nothing listens at the endpoint: requests are served, the exporter's complaints
+    come one a minute (they were 4 lines every 5 s), and the drain gives the last spans
+    up after its 5 s instead of the exporter's 10 s of retries a batch."""
+    server = start_process(repository, "--otlp-endpoint", f"http://127.0.0.1:{free_port()}",
+                           OTEL_BSP_SCHEDULE_DELAY="200")
+    with server.client() as client:
+        for _ in range(3):
+            infer(client, "autoencoder", {"image": IMAGE})
+            time.sleep(1)  # several export attempts, each refused
+    assert server.terminate() == 0
+    log = server.output()
+    assert "the collector did not take the last spans within 5 s; they are dropped" in log
+    complaints = [line for line in log.splitlines() if "opentelemetry.exporter" in line]
+    assert len(complaints) == 1, complaints
 
 
 def test_without_the_extra_an_endpoint_refuses_to_start(tmp_path: Path, repository: Path):
