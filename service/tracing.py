@@ -69,6 +69,9 @@ class Traced(Protocol):
     def enqueued(self) -> float: ...
 
     @property
+    def started(self) -> float | None: ...
+
+    @property
     def rows(self) -> int: ...
 
 
@@ -241,7 +244,7 @@ class _Recording(RequestTrace):
         self._started = time.monotonic()
         self._answered: float | None = None
         self._served: dict[str, str | int] = {}  # the version that answered, once it did
-        self._pieces: list[tuple[float, float, float, SpanContext]] = []
+        self._pieces: list[tuple[float, float, float, float, SpanContext]] = []
         self.model, _, endpoint = name.partition(".")
         attributes = {"tapserve.door": door, "tapserve.model": self.model}
         if endpoint:
@@ -273,11 +276,12 @@ class _Recording(RequestTrace):
                         "tapserve.endpoint": response.endpoint,
                         "tapserve.version": response.version}
 
-    def computed(self, enqueued: float, started: float, ended: float,
+    def computed(self, enqueued: float, dequeued: float, started: float, ended: float,
                  batch: SpanContext) -> None:
-        """One piece of the request (most have one) waited from `enqueued` and was
-        computed by `batch` from `started` to `ended`."""
-        self._pieces.append((enqueued, started, ended, batch))
+        """One piece of the request (most have one) waited from `enqueued` until its first
+        batch started at `dequeued`, and was computed by `batch` from `started` to `ended`
+        (a batch that failed is tried again in halves: then a piece has several)."""
+        self._pieces.append((enqueued, dequeued, started, ended, batch))
 
     def finish(self, error: BaseException | None) -> None:
         from opentelemetry.trace import Link, Status, StatusCode
@@ -290,8 +294,9 @@ class _Recording(RequestTrace):
             span.set_status(Status(StatusCode.ERROR, str(error)[:200] or code))
         if span.is_recording():
             parent = span.get_span_context()
-            for enqueued, started, computed, batch in self._pieces:
-                tracing.record("queue", parent, enqueued, started)
+            for enqueued, dequeued in dict.fromkeys((p[0], p[1]) for p in self._pieces):
+                tracing.record("queue", parent, enqueued, dequeued)
+            for _, _, started, computed, batch in self._pieces:
                 tracing.record("compute", parent, started, computed, [Link(batch)])
             if self._answered is not None:
                 tracing.record("response", parent, self._answered, ended)
@@ -325,4 +330,4 @@ def record_batch(works: Sequence[Traced], started: float,
         {"tapserve.model": first.model, "tapserve.batch.requests": len(works),
          "tapserve.batch.rows": sum(w.rows for w in works)}, error)
     for w, trace in traced:
-        trace.computed(w.enqueued, started, ended, batch)
+        trace.computed(w.enqueued, w.started or started, started, ended, batch)

@@ -14,7 +14,7 @@ import pytest
 
 from service import tracing
 from service.batcher import Batcher, BatchPolicy
-from service.errors import ConfigError, NotFound
+from service.errors import ConfigError, InvalidInput, NotFound
 from service.types import Batch, InferResponse
 
 OFF_PATH = """
@@ -101,6 +101,40 @@ async def test_an_unsampled_caller_records_nothing_a_sampled_one_everything():
         assert dict(r.attributes) == {"tapserve.door": "kserve_http", "tapserve.model": "m",
                                       "tapserve.endpoint": "e", "tapserve.version": 3,
                                       "tapserve.status": "OK"}
+
+
+async def test_a_batch_that_fails_is_said_in_every_span():
+    """Two requests the model cannot compute: their batch fails, then each alone (the
+    batcher's halves). Each request span says INVALID_ARGUMENT and why; each batch span is
+    an error; a request has one queue span and a compute span per batch it was tried in."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    exported = InMemorySpanExporter()
+    plane = tracing.OtlpTracing(exported)
+
+    async def run(batch: Batch) -> tuple[dict[str, np.ndarray], float]:
+        raise InvalidInput("token 9 is out of the vocabulary")
+
+    batcher = Batcher(run, BatchPolicy(eager=False, max_queue_delay_ms=50), 1)
+    batcher.start()
+
+    async def call() -> None:
+        with pytest.raises(InvalidInput), plane.request("kserve_grpc", "m", {}):
+            await batcher.submit("s", {"x": np.ones((1, 1))}, ("y",))
+
+    await asyncio.gather(call(), call())
+    await batcher.close(1)
+    plane.shutdown()
+    spans = exported.get_finished_spans()
+    batches = [s for s in spans if s.name == "batch"]
+    assert len(batches) == 3 and all(b.status.status_code == StatusCode.ERROR for b in batches)
+    for request in (s for s in spans if s.name == "infer"):
+        assert request.attributes["tapserve.status"] == "INVALID_ARGUMENT"
+        assert request.status.status_code == StatusCode.ERROR
+        assert "out of the vocabulary" in request.status.description
+        kids = [s for s in spans if s.parent and s.parent.span_id == request.context.span_id]
+        assert sorted(k.name for k in kids) == ["compute", "compute", "queue"]
 
 
 @pytest.mark.parametrize("url", ["localhost:4318", "grpc://collector:4317", "http://"])
