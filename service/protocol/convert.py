@@ -21,6 +21,7 @@ from service.types import STRING, EndpointMetadata, InferRequest, InferResponse,
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _VERSION = re.compile(r"[0-9]+")
+_MAX_VERSION_DIGITS = 19
 # Each raw BYTES element is prefixed by its length as a 4-byte little-endian unsigned int.
 _LENGTH = struct.Struct("<I")
 # Per request. A model with more inputs than MAX_INPUTS does not exist here; outputs are
@@ -68,7 +69,9 @@ def parse_version(version: str) -> str | None:
     if version == "":
         return None
     if _VERSION.fullmatch(version):
-        if int(version) == 0:
+        # Versions are int64 (19 digits): longer digit strings are no version, and int()
+        # refuses 4,300+ digits (ValueError: INTERNAL).
+        if len(version) > _MAX_VERSION_DIGITS or int(version) == 0:
             raise NotFound(f"no version {clip(version)}: versions are positive integers")
         return str(int(version))
     if not re.fullmatch(LABEL_PATTERN, version):

@@ -84,7 +84,10 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, versi
     """The gRPC twin of an HTTP infer request, and which outputs go back as binary
     (None: all, as the request's `binary_data_output` asks)."""
     msg = pb.ModelInferRequest(model_name=model_name, model_version=version)
-    msg.id = str(document.get("id", ""))
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):  # str() of a list 1,000 deep: RecursionError
+        raise InvalidInput(f"`id` must be a string, got {type(request_id).__name__}")
+    msg.id = request_id
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("the request needs `inputs`: a list of {name, shape, datatype, "

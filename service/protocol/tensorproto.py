@@ -32,7 +32,8 @@ _TYPES: dict[str, tuple[int, str]] = {
 }
 _NAMES = {enum: name for name, (enum, _) in _TYPES.items()}
 # What a typed field holds, where narrower types travel in it (checked for range).
-_HELD = {"int_val": np.dtype(np.int64), "uint32_val": np.dtype(np.uint64)}
+_HELD = {"int_val": np.dtype(np.int64), "uint32_val": np.dtype(np.uint64),
+         "half_val": np.dtype(np.int64)}
 
 
 def data_type(dtype: str) -> int:
@@ -88,15 +89,22 @@ def to_numpy(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec | None =
     if len(values) != count:
         raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} values in "
                            f"{field} (or tensor_content), got {len(values)}")
-    if internal == "float16":  # half_val holds the bit patterns
-        return np.array(values, dtype=np.uint16).view(np.float16).reshape(shape)
     held = np.fromiter(values, dtype=_HELD.get(field, dtype), count=count)
-    if dtype.kind in "iu" and count:
+    if internal == "float16":  # half_val holds the bit patterns, in int32s
+        bits = np.dtype(np.uint16)
+        _check_range(name, proto.dtype, held, bits)
+        return held.astype(bits).view(np.float16).reshape(shape)
+    _check_range(name, proto.dtype, held, dtype)
+    return held.astype(dtype).reshape(shape)
+
+
+def _check_range(name: str, enum: int, held: np.ndarray, dtype: np.dtype) -> None:
+    """Refuse values a narrower integer type (or half_val's 16 bits) cannot hold."""
+    if dtype.kind in "iu" and held.dtype != dtype and held.size:
         info = np.iinfo(dtype)
         if held.min() < info.min or held.max() > info.max:
             raise InvalidInput(f"input {clip(name)}: values out of range for "
-                               f"{dtype_name(proto.dtype)} [{info.min}, {info.max}]")
-    return held.astype(dtype).reshape(shape)
+                               f"{dtype_name(enum)} [{info.min}, {info.max}]")
 
 
 def from_numpy(array: np.ndarray) -> tensor_pb2.TensorProto:
