@@ -18,7 +18,7 @@ from service.errors import SHUTTING_DOWN, TapserveError
 from service.protocol import convert
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
-from service.protocol.status import INTERNAL_MESSAGE, status_code
+from service.protocol.status import INTERNAL_MESSAGE, Undecodable, status_code
 from service.protocol.streams import answered_concurrently
 from service.statistics import VersionStatistics
 from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
@@ -134,7 +134,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         # answered when done, in any order; errors are per request and the stream goes on.
         deadline = deadline_of(context)
 
-        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def answer(request: pb.ModelInferRequest | Undecodable
+                         ) -> pb.ModelStreamInferResponse:
             return await self._stream_answer(request, deadline)
 
         async for response in answered_concurrently(requests, answer, self._stream_in_flight,
@@ -143,9 +144,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         if self._dataplane.draining:  # what was read is answered: say why it ends
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None
+    async def _infer(self, request: pb.ModelInferRequest | Undecodable, deadline: float | None
                      ) -> pb.ModelInferResponse:
         """One ModelInfer, unary or streamed; raises TapserveError (counted and logged)."""
+        if isinstance(request, Undecodable):  # a streamed message that does not parse
+            self._dataplane.rejected(InferRequest("", {}), request.error)
+            raise request.error
         try:
             # The endpoint first: its datatypes are checked before any tensor is decoded.
             specs = self._dataplane.input_specs(*convert.infer_target(request))
@@ -159,7 +163,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         response = await self._dataplane.infer(infer_request)
         return convert.encode_infer_response(response, request.model_name)
 
-    async def _stream_answer(self, request: pb.ModelInferRequest, deadline: float | None
+    async def _stream_answer(self, request: pb.ModelInferRequest | Undecodable,
+                             deadline: float | None
                              ) -> pb.ModelStreamInferResponse:
         """The stream's answer to one request: its response, or the message the unary call
         would have failed with, under the request's id and model (as Triton answers)."""
@@ -172,6 +177,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 message = INTERNAL_MESSAGE
             else:
                 message = str(exc)
+        if isinstance(request, Undecodable):
+            return pb.ModelStreamInferResponse(error_message=message)
         return pb.ModelStreamInferResponse(error_message=message, infer_response=(
             pb.ModelInferResponse(model_name=request.model_name,
                                   model_version=request.model_version, id=request.id)))
