@@ -105,6 +105,11 @@ class DataPlane:
             raise NotReady(SHUTTING_DOWN)
         return self.registry.get(model, version).endpoint(endpoint).inputs_by_name
 
+    def max_rows(self, model: str, version: str | None) -> int:
+        """The most rows one request to that version may carry (its queue's size), so a
+        declared shape past it is refused before it is decoded."""
+        return self.registry.get(model, version).policy.max_queue_size
+
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic()
         endpoint = UNKNOWN

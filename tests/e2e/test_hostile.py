@@ -51,6 +51,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     zoo.save(zoo.ZOO["autoencoder"](), repo / "small_queue")
     (repo / "small_queue" / "config.yaml").write_text(
         yaml.safe_dump({"batching": {"max_queue_size": 4}}))
+    zoo.save(zoo.ZOO["string_input"](), repo / "wide_queue")  # takes millions of rows
+    (repo / "wide_queue" / "config.yaml").write_text(
+        yaml.safe_dump({"batching": {"max_queue_size": 10_000_000}}))
     (repo / "garbage" / "1").mkdir(parents=True)
     (repo / "garbage" / "1" / "model.keras").write_bytes(GARBAGE)
     zoo.save(zoo.ZOO["autoencoder"](), repo / "bad_config")
@@ -157,9 +160,10 @@ def test_a_large_bytes_tensor_to_an_fp32_input_is_refused_on_its_datatype_at_onc
 
 def test_a_large_bytes_tensor_for_a_bytes_input_is_decoded_off_the_event_loop(
         server, stub) -> None:
-    # The datatype is right, so the elements must be split: on a thread, not the loop.
+    # The datatype is right and the queue takes the rows, so the elements must be split:
+    # on a thread, not the loop.
     count = 2_000_000
-    request = service_pb2.ModelInferRequest(model_name="string_input")
+    request = service_pb2.ModelInferRequest(model_name="wide_queue")
     request.inputs.add(name="text", datatype="BYTES", shape=[count])
     request.raw_input_contents.append(bytes(4 * count))  # every element empty
     (error, _), latencies = health_while(lambda: refused(stub.ModelInfer, request), server)
