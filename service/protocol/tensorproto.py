@@ -79,7 +79,7 @@ def to_numpy(name: str, proto: tensor_pb2.TensorProto,
         if len(proto.string_val) != count:
             raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} strings in "
                                f"string_val, got {len(proto.string_val)}")
-        return to_array(proto.string_val, object, count).reshape(shape)
+        return to_array(proto.string_val, "object", count).reshape(shape)
     dtype = np.dtype(internal)
     if proto.tensor_content:
         expected = count * dtype.itemsize
