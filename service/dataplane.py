@@ -121,7 +121,7 @@ class DataPlane:
             ep = model.endpoint(request.endpoint)
             endpoint = ep.name  # errors below count under it
             outputs, queued = await model.infer(ep, request.inputs, request.outputs,
-                                                request.deadline)
+                                                request.deadline, request.json)
             self.metrics.queue_duration.labels(request.model, endpoint).observe(queued)
         except TapserveError as exc:
             if model is not None:

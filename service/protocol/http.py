@@ -9,6 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -216,9 +217,12 @@ class _Routes:
                                                   protocol=KSERVE), exc)
             raise
         infer_request.protocol = KSERVE
+        infer_request.json = binary_outputs is not None and not (
+            infer_request.outputs and set(infer_request.outputs) <= binary_outputs)
         response = await self._dataplane.infer(infer_request)
-        body, json_length = kserve_rest.encode_infer(
-            convert.encode_infer_response(response, name), binary_outputs)
+        body, json_length = await _off_loop_if_large(
+            _nbytes(response.outputs), lambda: kserve_rest.encode_infer(
+                convert.encode_infer_response(response, name), binary_outputs))
         if json_length is None:
             return web.Response(body=body, content_type="application/json")
         return web.Response(body=body, content_type="application/octet-stream",
@@ -294,16 +298,24 @@ class _Routes:
             self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), exc,
                                      endpoint_label=label)
             raise
+        infer_request.json = True
         response = await self._dataplane.infer(infer_request)
-        return json_response(tfserving_rest.encode_predict(response.outputs, rows))
+        body = await _off_loop_if_large(_nbytes(response.outputs), lambda: orjson.dumps(
+            tfserving_rest.encode_predict(response.outputs, rows),
+            option=orjson.OPT_SERIALIZE_NUMPY))
+        return web.Response(body=body, content_type="application/json")
 
 
 async def _off_loop_if_large(size: int, decode: Callable[..., T], *args: object) -> T:
     """decode(*args) on the event loop for a small body, on a thread for a large one:
-    millions of JSON values must not stall every other request."""
+    millions of JSON values, read or written, must not stall every other request."""
     if size <= convert.DECODE_INLINE_BYTES:
         return decode(*args)
     return await asyncio.to_thread(decode, *args)
+
+
+def _nbytes(outputs: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in outputs.values())
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
