@@ -16,7 +16,6 @@ from service.config import LABEL_PATTERN
 from service.errors import InvalidInput, NotFound, clip
 from service.protocol.datatypes import (
     check_declared,
-    check_names,
     element_count,
     numpy_dtype,
     to_internal,
@@ -151,7 +150,7 @@ def decode_infer_request(
     """A ModelInferRequest as an InferRequest; raises InvalidInput, NotFound, or
     Overloaded for more than `max_rows` rows.
 
-    `specs`, the endpoint's inputs by name when known, lets names, datatypes and declared
+    `specs`, the endpoint's inputs by name when known, lets datatypes and declared
     shapes be checked before any tensor is decoded; the full checks against the endpoint
     come after (model.py). Cheap checks come first: counts, names, datatypes, shapes, then
     the data."""
@@ -172,7 +171,6 @@ def decode_infer_request(
         check_datatype(tensor.name, tensor.datatype, (specs or {}).get(tensor.name))
         shapes[tensor.name] = _shape(tensor)
         check_declared(tensor.name, shapes[tensor.name][0], specs, max_rows)
-    check_names(shapes, specs)
     outputs = _requested_outputs(msg.outputs)
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(msg.inputs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -92,30 +92,15 @@ def element_count(name: str, shape: Sequence[int]) -> int:
     return math.prod(dims)
 
 
-def check_names(names: Collection[str], specs: Mapping[str, TensorSpec] | None) -> None:
-    """Refuse inputs the endpoint does not take, or a missing one, before any is decoded
-    (model.py says the same of the arrays). `specs` empty or None: not known here."""
-    if not specs:
-        return
-    # Names cut to 100 characters: a megabyte of name is not echoed back.
-    unknown = [n[:99] + "…" if len(n) > 100 else n for n in sorted(set(names) - set(specs))]
-    missing = sorted(set(specs) - set(names))
-    if unknown or missing:
-        raise InvalidInput(f"the endpoint takes inputs "
-                           f"{', '.join(s.describe() for s in specs.values())}"
-                           + (f"; missing {missing}" if missing else "")
-                           + (f"; unexpected {unknown}" if unknown else ""))
-
-
 def check_declared(name: str, shape: Sequence[int], specs: Mapping[str, TensorSpec] | None,
                    max_rows: int | None = None) -> None:
-    """Refuse a declared tensor before its data is decoded, for what its name and shape
-    already tell: an input the endpoint does not take, a shape its input cannot take (the
-    checks model.py makes again on the array), or more rows than the model's queue holds
+    """Refuse a declared tensor before its data is decoded, for what its shape already
+    tells: a shape the endpoint's input cannot take (the check model.py makes again on
+    the array), or more rows than the model's queue holds
     (the batcher's limit). 60 MiB of BYTES declaring 15.7 M rows once took 18 s to split
     before the queue refused it."""
     spec = (specs or {}).get(name)
-    if spec is None:  # an input it does not take: check_names says so
+    if spec is None:  # not an input it takes (or an optional one): model.py says so
         return
     if not spec.fits(shape):
         raise InvalidInput(f"input {spec.name!r} has shape {list(shape)}; "

@@ -23,7 +23,6 @@ from tensorflow_serving.apis.prediction_service_pb2_grpc import PredictionServic
 
 from service.errors import InvalidInput, NotFound, TapserveError, Unsupported, clip
 from service.protocol import convert
-from service.protocol.datatypes import check_names
 from service.protocol.kserve import DataPlane, deadline_of, decoded
 from service.protocol.tensorproto import data_type, from_numpy, shape_proto, to_numpy
 from service.types import EndpointMetadata, InferRequest, TensorSpec
@@ -69,14 +68,13 @@ def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = Non
                    specs: Mapping[str, TensorSpec] | None = None,
                    max_rows: int | None = None) -> InferRequest:
     """A PredictRequest as an InferRequest; with `specs` (the endpoint's inputs by name)
-    the names, dtypes and shapes are checked before any tensor is read, and with
+    the dtypes and shapes are checked before any tensor is read, and with
     `max_rows` the rows."""
     model, endpoint, version = predict_target(msg)
     convert.check_counts(len(msg.inputs), len(msg.output_filter))
     outputs = list(msg.output_filter)
     if len(set(outputs)) != len(outputs):
         raise InvalidInput(f"output_filter names an output more than once: {clip(outputs)}")
-    check_names(msg.inputs, specs)
     inputs = {name: to_numpy(name, tensor, specs, max_rows)
               for name, tensor in msg.inputs.items()}
     return InferRequest(model, inputs, endpoint, version, outputs, deadline=deadline,

@@ -442,15 +442,6 @@ def test_shapes_the_endpoint_cannot_take_are_refused_before_decoding(
         decode_infer_request(msg, specs=SPECS, max_rows=1024)
 
 
-def test_unknown_and_missing_inputs_are_refused_before_decoding() -> None:
-    msg = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * 4 * 10**6])
-    _input(msg, "t", "BYTES", [10**6])
-    with pytest.raises(InvalidInput, match=r"takes inputs s \(string \[-1\]\), x \(float32 "
-                                           r"\[-1,3\]\); missing \['s', 'x'\]; unexpected "
-                                           r"\['t'\]"):
-        decode_infer_request(msg, specs=SPECS, max_rows=1024)
-
-
 @pytest.mark.parametrize("datatype", ["FP32", "INT8", "BYTES"])
 def test_typed_contents_of_several_chunks_decode_whole(datatype: str) -> None:
     # Typed contents are copied a chunk at a time (service/protocol/repeated.py).
