@@ -92,7 +92,7 @@ class TapServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # A missing `tracing` extra refuses the start here, before TensorFlow starts.
+        # A missing `tracing` extra refuses the start here, before any port or model.
         self.tracing = tracing.setup(settings.otlp_endpoint)
         self.metrics = Metrics()
         self.devices = configure_tensorflow(
