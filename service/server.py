@@ -240,8 +240,8 @@ class TapServer:
         if self.dataplane.draining:
             return  # enter_graceful_shutdown set every service NOT_SERVING for good
         wanted = {"": SERVING if self.dataplane.ready() else NOT_SERVING}
-        for name, entry in self.registry.models.items():
-            wanted[name] = SERVING if entry.serving() else NOT_SERVING
+        for name in self.registry.names():
+            wanted[name] = SERVING if self.registry.serving_versions(name) else NOT_SERVING
         for name in set(self._health) - set(wanted):
             wanted[name] = NOT_SERVING  # a model removed from the repository
         for name, status in wanted.items():
