@@ -236,6 +236,32 @@ def test_removing_a_model_folder_drains_and_unloads_it(
         assert err.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
+def test_a_dangling_symlink_in_a_version_folder_stops_neither_start_up_nor_polls(
+        start_process, repository: Path) -> None:
+    """Issue 18.3: an editor's lock file (a symlink to nowhere) in a version folder sent
+    the repository scan into endless recursion: never ready, nothing logged; in poll mode
+    a traceback every poll. Now it is no problem, and a model file that is such a link
+    fails its version only, said once, in one line."""
+    (repository / "m" / "1" / ".#model.keras").symlink_to("user@host.4242:1700000000")
+    add_version(repository / "other", 3)
+    server = start_process(repository, "--repository-poll-secs", str(POLL))  # waits: ready
+    assert ask(server) == 1.0 and ask(server, "other") == 3.0
+    add_version(repository / "m", 2)
+    (repository / "m" / "2" / ".#model.keras").symlink_to("user@host.4242:1700000001")
+    until(lambda: ask(server) == 2.0, timeout=60)
+    broken = repository / "other" / "4"
+    broken.mkdir()
+    (broken / "model.keras").symlink_to(repository / "gone.keras")
+    until(lambda: index(server).get(("other", "4"), ("",))[0] == "UNAVAILABLE", timeout=30)
+    time.sleep(4 * POLL)
+    assert ask(server, "other") == 3.0
+    with server.client() as client:
+        assert client.is_server_ready()
+    log = server.output()
+    assert "Traceback" not in log and "RecursionError" not in log
+    assert log.count("model other version 4 failed to load") == 1
+
+
 def test_explicit_mode_loads_and_unloads_through_tritonclient(
         start_process, repository: Path) -> None:
     add_version(repository / "other", 5)
