@@ -118,7 +118,7 @@ class Lifecycle:
         self.drain_grace = drain_grace
         self.closing = False
         self._on_change = on_change
-        self._tasks: set[asyncio.Task] = set()  # drains, and API calls that must finish
+        self._tasks: set[asyncio.Task[object]] = set()  # drains, and API calls that must finish
         # One loader thread: loads happen one at a time, never on the event loop.
         self._loader = ThreadPoolExecutor(1, "loader")
         self.collector = Collector(self._loader)
@@ -237,7 +237,7 @@ class Lifecycle:
         if replaced:  # the same version, reloaded: the new one already answers
             self._drain(replaced, f"model {name} version {version} (replaced)")
 
-    def retire(self, entry: ModelEntry, version: int, why: str) -> asyncio.Task:
+    def retire(self, entry: ModelEntry, version: int, why: str) -> asyncio.Task[object]:
         """Take a version out of routing now; it finishes its requests, then is freed."""
         slot = entry.versions[version]
         model, slot.serving, slot.serving_key = slot.serving, None, ""
@@ -246,7 +246,7 @@ class Lifecycle:
         self.metrics.forget_version(entry.name, version, keep_queue_depth=True)
         log.info("model %s version %d: unloading (%s)", entry.name, version, why)
 
-        def done(_: asyncio.Task) -> None:
+        def done(_: asyncio.Task[object]) -> None:
             slot.unloading = False
             if not slot.serving and not slot.loading and entry.versions.get(version) is slot:
                 del entry.versions[version]
@@ -271,7 +271,7 @@ class Lifecycle:
         del entry.versions[version]
         self.metrics.forget_version(entry.name, version)
 
-    def _drain(self, model: LoadedModel, what: str) -> asyncio.Task:
+    def _drain(self, model: LoadedModel, what: str) -> asyncio.Task[object]:
         async def drain() -> None:
             await model.close(self.drain_grace)
             entry = self.models.get(model.name)
@@ -283,7 +283,7 @@ class Lifecycle:
             log.info("%s unloaded", what)
         return self.keep(drain(), f"drain {what}")
 
-    def keep(self, work: Awaitable[object], name: str) -> asyncio.Task:
+    def keep(self, work: Awaitable[object], name: str) -> asyncio.Task[object]:
         """A task that runs to its end whoever stops waiting for it (a client's deadline
         cancels its call, not the unload it asked for)."""
         task = asyncio.ensure_future(work)

@@ -230,6 +230,15 @@ def test_removing_a_model_folder_drains_and_unloads_it(
     assert err.value.status() == "StatusCode.NOT_FOUND"
     assert ask(polling) == 1.0
     assert "model other version 7 unloaded" in polling.output()
+    # Defect 5: every series of a removed model goes (a dashboard lists what exists).
+    for name in ("tapserve_model_ready", "tapserve_model_load_duration_seconds",
+                 "tapserve_requests_total", "tapserve_queue_depth"):
+        assert polling.metric(name, model="other") is None, name
+    add_version(repository / "broken", 1, content=b"not a keras file")
+    until(lambda: polling.metric("tapserve_model_ready", model="broken") == 0, timeout=30)
+    shutil.rmtree(repository / "broken")
+    until(lambda: polling.metric("tapserve_model_ready", model="broken") is None, timeout=30)
+    assert polling.metric("tapserve_model_load_failures_total", model="broken") is None
     with polling.client() as client:  # poll mode: the API refuses, saying why (as Triton)
         with pytest.raises(InferenceServerException, match="model-control-mode poll") as err:
             client.load_model("m")
