@@ -69,7 +69,8 @@ class Collector:
     def __init__(self, executor: ThreadPoolExecutor) -> None:
         self._executor = executor
         self.freezes = 0  # a version loaded when this was n is frozen once it passes n
-        self._full = False
+        self._full = False  # a collection is wanted, and must thaw what is frozen
+        self._wanted = False
         self._pending: asyncio.Task[None] | None = None
 
     def freeze(self) -> None:
@@ -84,17 +85,20 @@ class Collector:
     def request(self, full: bool) -> None:
         """Collect soon; `full`: a frozen version was let go."""
         self._full |= full
+        self._wanted = True
         if self._pending is None or self._pending.done():
             self._pending = asyncio.create_task(self._collect(), name="collect")
 
     async def _collect(self) -> None:
-        await asyncio.sleep(COLLECT_AFTER_S)
-        full, self._full = self._full, False
-        seconds = await asyncio.get_running_loop().run_in_executor(
-            self._executor, _collect, full)
-        if full:  # every version loaded so far is frozen now
-            self.freezes += 1
-        log.debug("garbage collection (%s) took %.3fs", "full" if full else "young", seconds)
+        while self._wanted:  # again if an unload came while the last one ran
+            await asyncio.sleep(COLLECT_AFTER_S)
+            full, self._full, self._wanted = self._full, False, False
+            seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _collect, full)
+            if full:  # every version loaded so far is frozen now
+                self.freezes += 1
+            log.debug("garbage collection (%s) took %.3fs", "full" if full else "young",
+                      seconds)
 
 
 def _collect(full: bool) -> float:
