@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from service.errors import ConfigError, LoadFailed, NotFound, Unsupported
 from service.lifecycle import Lifecycle, Loads, public_reason
@@ -86,10 +87,10 @@ class ModelRegistry:
         return self._routing.reason(name)
 
     @property
-    def models(self) -> dict[str, ModelEntry]:
-        """The model table (read-only; names(), reason() and serving_versions() say the
-        same without it)."""
-        return self._models
+    def models(self) -> Mapping[str, ModelEntry]:
+        """The model table, read-only (names(), reason() and serving_versions() say what
+        callers need without it)."""
+        return MappingProxyType(self._models)
 
     # Keeping in step with the repository (lifecycle)
 
