@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from importlib.metadata import version as package_version
 
-from service.errors import SHUTTING_DOWN, NotFound, NotReady, TapserveError
+from service.errors import SHUTTING_DOWN, NotFound, NotReady, TapserveError, clip
 from service.metrics import UNKNOWN, Metrics
 from service.registry import ModelRegistry
 from service.statistics import VersionStatistics
@@ -54,12 +54,17 @@ class DataPlane:
         return self.registry.ready(self.strict_readiness) and not self.draining
 
     def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
-        """Whether that endpoint (of that version) answers now; NotFound if it is unknown."""
+        """Whether that endpoint (of that version) answers now; NotFound if it is unknown,
+        naming only what the client sent: readiness needs no token, so its errors must not
+        list the server's models, endpoints, versions or labels (metadata calls do)."""
         try:
-            served = self.registry.get(model, version)
+            self.registry.get(model, version).endpoint(endpoint)
         except NotReady:
             return False
-        served.endpoint(endpoint)  # raises NotFound for an unknown endpoint
+        except NotFound:
+            asked = clip(model) + "".join(f", {what} {clip(value)}" for what, value in (
+                ("endpoint", endpoint), ("version", version)) if value is not None)
+            raise NotFound(f"no model {asked} is served here") from None
         return not self.draining
 
     def server_metadata(self) -> tuple[str, str, list[str]]:
@@ -116,7 +121,7 @@ class DataPlane:
             ep = model.endpoint(request.endpoint)
             endpoint = ep.name  # errors below count under it
             outputs, queued = await model.infer(ep, request.inputs, request.outputs,
-                                                request.deadline)
+                                                request.deadline, request.json)
             self.metrics.queue_duration.labels(request.model, endpoint).observe(queued)
         except TapserveError as exc:
             if model is not None:

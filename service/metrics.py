@@ -42,6 +42,10 @@ class Metrics:
         self.compute_duration = Histogram(
             "tapserve_compute_duration_seconds", "Time to compute one batch.",
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.explain_compute_duration = Histogram(
+            "tapserve_explain_compute_duration_seconds", "Time to compute one batch of an "
+            "explain endpoint (also counted in tapserve_compute_duration_seconds).",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(
             "tapserve_batch_size", "Rows per executed batch.",
             ["model"], buckets=BATCH_BUCKETS, registry=r)
@@ -60,6 +64,14 @@ class Metrics:
         self.model_load_failures = Counter(
             "tapserve_model_load_failures", "Loads that failed (a broken file or config.yaml).",
             ["model"], registry=r)
+        self.repository_failures = Counter(
+            "tapserve_repository_read_failures", "Failed reads of an object-store model "
+            "repository: a listing of the bucket, or a download of one version or file.",
+            ["repository"], registry=r)
+        self.repository_reachable = Gauge(
+            "tapserve_repository_reachable", "1 while the last listing of an object-store "
+            "model repository succeeded, 0 while it fails (absent for a folder).",
+            ["repository"], registry=r)
         self.grpc_requests = Counter(
             "tapserve_grpc_requests", "Every gRPC call by method and status code.",
             ["method", "code"], registry=r)
@@ -77,7 +89,8 @@ class Metrics:
     def forget_model(self, model: str) -> None:
         """A model left the repository: every series labelled with it goes."""
         for metric in (self.requests, self.request_duration, self.queue_duration,
-                       self.compute_duration, self.batch_size, self.deduplicated_rows,
+                       self.compute_duration, self.explain_compute_duration,
+                       self.batch_size, self.deduplicated_rows,
                        self.model_ready, self.model_load, self.model_load_failures):
             metric.remove_by_labels({"model": model})
 

@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 class ModelRegistry:
     def __init__(self, repository: Path, mode: str, loader: Loads, metrics: Metrics,
-                 drain_grace: float, on_change: Callable[[], Awaitable[None]] | None = None
-                 ) -> None:
+                 drain_grace: float, on_change: Callable[[], Awaitable[None]] | None = None,
+                 refresh: Callable[[float], Awaitable[object]] | None = None) -> None:
         self.repository = repository
+        self._refresh = refresh  # brings a mirrored repository (service/storage.py) up to date
         self.mode = mode
         self.settled = False  # the start-up load is done
         self._models: dict[str, ModelEntry] = {}
@@ -122,6 +123,8 @@ class ModelRegistry:
         """Poll mode: re-read the repository every `interval` seconds, forever."""
         while True:
             await asyncio.sleep(interval)
+            if self._refresh:
+                await self._refresh(interval)
             try:
                 names = set(model_names(self.repository, self._warned))
             except ConfigError as exc:
@@ -140,6 +143,8 @@ class ModelRegistry:
         """Repository API: load (or reload) a model and wait until it serves. Once asked,
         the load completes even if the caller stops waiting."""
         self._explicit_only("load")
+        if self._refresh:
+            await self._refresh(0)
         if name not in model_names(self.repository, self._warned):
             raise NotFound(f"no model {name!r} in the model repository")
         await asyncio.shield(self._lifecycle.keep(self._load(name), f"load {name}"))

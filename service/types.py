@@ -36,6 +36,7 @@ class InferRequest:
     id: str = ""
     deadline: float | None = None  # time.monotonic() after which it is not computed
     protocol: str = "kserve_grpc"  # the front door it came through (a metrics label)
+    json: bool = False  # its outputs go back as JSON numbers (up to 27 bytes an element)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class EndpointMetadata:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    optional: frozenset[str] = frozenset()  # inputs a request may leave out (explain's target)
 
 
 @dataclass

@@ -34,7 +34,7 @@ class FakeModel:
         self.gate = gate
 
     def start(self, on_batch: Any = None, on_depth: Callable[[int], None] | None = None,
-              on_dedup: Any = None) -> None:
+              **callbacks: Any) -> None:
         if on_depth:
             on_depth(0)
 
