@@ -110,6 +110,11 @@ class DataPlane:
             raise NotReady(SHUTTING_DOWN)
         return self.registry.get(model, version).endpoint(endpoint).inputs_by_name
 
+    def max_rows(self, model: str, version: str | None) -> int:
+        """The most rows one request to that version may carry (its queue's size), so a
+        declared shape past it is refused before it is decoded."""
+        return self.registry.get(model, version).policy.max_queue_size
+
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic()
         endpoint = UNKNOWN
@@ -142,8 +147,8 @@ class DataPlane:
         """Count and log a failed request, also one refused before it reached `infer`
         (then `request` holds what could be read of it, with no inputs)."""
         started = time.monotonic() if started is None else started
-        if endpoint_label is None:
-            endpoint_label = self._endpoint_label(request)
+        if endpoint_label is None:  # refused before `infer`: counted as `infer` counts
+            endpoint_label = self._endpoint_label(request, started)
         # Client strings, cut: a log line must stay a line's length (logs.py escapes them).
         fields = {"model": request.model[:LOGGED], "endpoint": (request.endpoint or "")[:LOGGED],
                   "request_id": request.id[:LOGGED], "status": error.code,
@@ -152,16 +157,19 @@ class DataPlane:
                  " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
         self._count(request, endpoint_label, error.code, started)
 
-    def _endpoint_label(self, request: InferRequest) -> str:
+    def _endpoint_label(self, request: InferRequest, started: float) -> str:
         """The endpoint a request refused before `infer` was for, when its names are
-        known, so its refusal counts under it."""
+        known, so its refusal counts under it, and in its version's failures (inputs
+        are checked before they are decoded, as `infer` would check them after)."""
         if request.model not in self.registry.models:  # never a path from a client string
             return UNKNOWN
         try:
             served = self.registry.get(request.model, request.version)
-            return served.endpoint(request.endpoint).name
+            label = served.endpoint(request.endpoint).name
         except TapserveError:
             return UNKNOWN
+        served.stats.failed(time.monotonic() - started)
+        return label
 
     def _count(self, request: InferRequest, endpoint: str, code: str, started: float) -> None:
         # Label values only from names the server knows: bounded time series.

@@ -18,7 +18,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 
 from service.auth import Access, Tokens
 from service.dataplane import DataPlane
-from service.errors import Unauthenticated
+from service.errors import InvalidInput, Unauthenticated
 from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
@@ -65,6 +65,9 @@ INFER_METHODS = {
     "/tensorflow.serving.PredictionService/Predict":
         (TFS_GRPC, lambda r: (r.model_spec.name, endpoint_of(r.model_spec.signature_name))),
 }
+
+# Answers a request that does not parse in the stream, as it answers any failed request.
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def connection_options(s: Settings) -> list[tuple[str, int]]:
@@ -134,7 +137,9 @@ class TapServer:
                                         "HTTP")
             self._http_tls = HttpTls(http_tls)
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            self._limits, ErrorStatusInterceptor(on_done=self._count_rpc)]
+            self._limits, ErrorStatusInterceptor(
+                on_done=self._count_rpc, on_undecodable=self._undecodable,
+                answers_undecodable=frozenset({STREAM_INFER}))]
         if s.grpc_request_read_timeout_secs:
             interceptors.insert(1, RequestReadTimeout(s.grpc_request_read_timeout_secs,
                                                       on_done=self._count_rpc))
@@ -241,6 +246,12 @@ class TapServer:
                     self._http_tls.refresh()
             except Exception:  # the watch must outlive one bad read
                 log.exception("re-reading the token or certificate files failed")
+
+    def _undecodable(self, method: str, error: InvalidInput) -> None:
+        """An inference call whose bytes do not parse counts (and logs) under no model."""
+        if method in INFER_METHODS:
+            self.dataplane.rejected(InferRequest("", {}, protocol=INFER_METHODS[method][0]),
+                                    error)
 
     def _refused(self, method: str, request: object, error: Unauthenticated) -> None:
         if method in INFER_METHODS:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +22,16 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        """How messages name it: "image (float32 [-1,8,8,1])"."""
+        dims = ",".join("-1" if d is None else str(d) for d in self.shape)
+        return f"{self.name} ({self.dtype} [{dims}])"
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Whether a tensor of `shape` fits: the same rank, and the fixed dimensions."""
+        return len(shape) == len(self.shape) and all(
+            want in (None, got) for want, got in zip(self.shape, shape, strict=True))
 
 
 @dataclass

@@ -229,11 +229,13 @@ class _Routes:
         try:
             body = await request.read()
             model, endpoint = convert.parse_model_name(name)
-            # The endpoint first: its datatypes are checked before any tensor is decoded.
-            specs = self._dataplane.input_specs(model, endpoint, convert.parse_version(version))
+            # The endpoint first: its inputs are checked before any tensor is decoded.
+            parsed = convert.parse_version(version)
+            specs = self._dataplane.input_specs(model, endpoint, parsed)
             infer_request, binary_outputs = await _off_loop_if_large(
                 len(body), kserve_rest.decode_request, body,
-                request.headers.get(kserve_rest.HEADER_LENGTH), name, version, specs)
+                request.headers.get(kserve_rest.HEADER_LENGTH), name, version, specs,
+                self._dataplane.max_rows(model, parsed))
         except TapserveError as exc:
             model, endpoint = name.partition(".")[::2]
             self._dataplane.rejected(InferRequest(model, {}, endpoint or None,

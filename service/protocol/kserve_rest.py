@@ -16,7 +16,7 @@ import orjson
 
 from service.errors import InvalidInput, clip
 from service.protocol import convert
-from service.protocol.datatypes import element_count, numpy_dtype
+from service.protocol.datatypes import check_declared, element_count, numpy_dtype
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.types import EndpointMetadata, InferRequest, TensorSpec
 
@@ -70,21 +70,25 @@ def _pack(name: str, datatype: str, shape: list[int], data: Any) -> bytes:
 
 
 def decode_request(body: bytes, header_length: str | None, model_name: str, version: str,
-                   specs: Mapping[str, TensorSpec] | None = None
+                   specs: Mapping[str, TensorSpec] | None = None, max_rows: int | None = None
                    ) -> tuple[InferRequest, set[str] | None]:
     """An HTTP infer request as an InferRequest, and which outputs go back as binary."""
     document, binary = decode_body(body, header_length)
-    msg, binary_outputs = decode_infer(document, binary, model_name, version, specs)
-    return convert.decode_infer_request(msg, specs=specs), binary_outputs
+    msg, binary_outputs = decode_infer(document, binary, model_name, version, specs, max_rows)
+    return (convert.decode_infer_request(msg, specs=specs, max_rows=max_rows),
+            binary_outputs)
 
 
 def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, version: str,
-                 specs: Mapping[str, TensorSpec] | None = None
+                 specs: Mapping[str, TensorSpec] | None = None, max_rows: int | None = None
                  ) -> tuple[pb.ModelInferRequest, set[str] | None]:
     """The gRPC twin of an HTTP infer request, and which outputs go back as binary
     (None: all, as the request's `binary_data_output` asks)."""
     msg = pb.ModelInferRequest(model_name=model_name, model_version=version)
-    msg.id = str(document.get("id", ""))
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):  # str() of a list 1,000 deep: RecursionError
+        raise InvalidInput(f"`id` must be a string, got {type(request_id).__name__}")
+    msg.id = request_id
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("the request needs `inputs`: a list of {name, shape, datatype, "
@@ -105,6 +109,7 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, versi
         # Cheap checks before any data is packed: the datatype, the shape's size.
         convert.check_datatype(name, datatype, (specs or {}).get(name))
         element_count(name, shape)
+        check_declared(name, shape, specs, max_rows)
         size = _parameters(tensor, f"input {clip(name)}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):

@@ -65,16 +65,18 @@ def predict_target(msg: predict_pb2.PredictRequest) -> tuple[str, str | None, st
 
 
 def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = None,
-                   specs: Mapping[str, TensorSpec] | None = None) -> InferRequest:
+                   specs: Mapping[str, TensorSpec] | None = None,
+                   max_rows: int | None = None) -> InferRequest:
     """A PredictRequest as an InferRequest; with `specs` (the endpoint's inputs by name)
-    the dtypes are checked before any tensor is read."""
+    the dtypes and shapes are checked before any tensor is read, and with
+    `max_rows` the rows."""
     model, endpoint, version = predict_target(msg)
     convert.check_counts(len(msg.inputs), len(msg.output_filter))
     outputs = list(msg.output_filter)
     if len(set(outputs)) != len(outputs):
         raise InvalidInput(f"output_filter names an output more than once: {clip(outputs)}")
-    specs = specs or {}
-    inputs = {name: to_numpy(name, tensor, specs.get(name)) for name, tensor in msg.inputs.items()}
+    inputs = {name: to_numpy(name, tensor, specs, max_rows)
+              for name, tensor in msg.inputs.items()}
     return InferRequest(model, inputs, endpoint, version, outputs, deadline=deadline,
                         protocol=PROTOCOL)
 
@@ -97,9 +99,14 @@ class PredictionServicer(PredictionServiceServicer):
     async def Predict(self, request: predict_pb2.PredictRequest,
                       context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         try:
-            # The endpoint first: its dtypes are checked before any tensor is read.
-            specs = self._dataplane.input_specs(*predict_target(request))
-            infer_request = await decoded(decode_predict, request, deadline_of(context), specs)
+            # The endpoint first: its inputs are checked before any tensor is read.
+            model, endpoint, version = predict_target(request)
+            specs = self._dataplane.input_specs(model, endpoint, version)
+            infer_request = await decoded(
+                decode_predict, request, deadline_of(context), specs,
+                self._dataplane.max_rows(model, version),
+                elements=convert.declared_elements(
+                    [d.size for d in t.tensor_shape.dim] for t in request.inputs.values()))
         except TapserveError as exc:  # counted and logged like every failed request
             self._dataplane.rejected(InferRequest(
                 request.model_spec.name, {}, endpoint_of(request.model_spec.signature_name),

@@ -74,6 +74,9 @@ class EchoDataPlane:
                     ) -> dict[str, TensorSpec]:
         return {}  # echo takes any input: nothing to check before decoding
 
+    def max_rows(self, model: str, version: str | None) -> int:
+        return 1024
+
     def rejected(self, request: InferRequest, error: Exception) -> None:
         self.rejections.append(
             (request.model, request.endpoint, request.id, type(error).__name__))
