@@ -97,9 +97,13 @@ class Routing:
             raise NotReady(f"model {name!r} version {number} failed to load: {slot.category}"
                            f"; {WHERE_WHY}")
         serving = entry.serving()
-        raise NotFound(f"model {name!r} serves " + (
-            f"version{'s' if len(serving) > 1 else ''} {', '.join(map(str, serving))}"
-            if serving else "no version now") + f", not {number}")
+        serves = (f"version{'s' if len(serving) > 1 else ''} {', '.join(map(str, serving))}"
+                  if serving else "no version now")
+        if not version.isdigit():  # a label left behind by a policy change
+            raise NotFound(f"label {version!r} of model {name!r} names version {number}, "
+                           f"which is not served (it serves {serves}): the label in its "
+                           "config.yaml needs to name a served version")
+        raise NotFound(f"model {name!r} serves {serves}, not {number}")
 
     def version_number(self, name: str, version: str) -> int:
         entry = self.models.get(name)

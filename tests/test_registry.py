@@ -166,6 +166,12 @@ async def test_version_policies_and_labels(tmp_path: Path, make: Callable[..., A
     await registry.sync("m", quiet=0)
     assert registry.serving_versions("m") == (1,)
     assert registry.get("m", "stable").version == 1
+    # Regression: a label naming a version no longer served said only "serves 1, not 3".
+    configure(tmp_path, "m", {"version_policy": {"specific": [1]}, "labels": {"canary": 3}})
+    await registry.sync("m", quiet=0)
+    with pytest.raises(NotFound, match=r"label 'canary' of model 'm' names version 3, which "
+                       r"is not served \(it serves version 1\)"):
+        registry.get("m", "canary")
 
 
 async def test_a_version_folder_still_being_written_waits(
