@@ -298,8 +298,8 @@ class TapServer:
             return  # enter_graceful_shutdown set every service NOT_SERVING for good
         ready = self.dataplane.ready() and not self._limits.full
         wanted = {"": SERVING if ready else NOT_SERVING}
-        for name, entry in self.registry.models.items():
-            wanted[name] = SERVING if entry.serving() else NOT_SERVING
+        for name in self.registry.names():
+            wanted[name] = SERVING if self.registry.serving_versions(name) else NOT_SERVING
         for name in set(self._health) - set(wanted):
             wanted[name] = NOT_SERVING  # a model removed from the repository
         for name, status in wanted.items():
