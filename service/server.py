@@ -21,6 +21,7 @@ from service.errors import Unauthenticated
 from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
+from service.protocol.convert import client_names
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
@@ -35,7 +36,6 @@ from service.repository import model_names
 from service.runtime import configure_tensorflow, gpu_memory_in_use
 from service.settings import Settings, inter_op_threads, intra_op_threads
 from service.tls import CertificateFiles, HttpTls, grpc_credentials
-from service.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ WATCH_S = 1.0
 # the front door, and how to read (model, endpoint) from the request gRPC already parsed.
 INFER_METHODS = {
     "/inference.GRPCInferenceService/ModelInfer":
-        ("kserve_grpc", lambda r: r.model_name.partition(".")[::2]),
+        ("kserve_grpc", lambda r: client_names(r.model_name)),
     "/tensorflow.serving.PredictionService/Predict":
         (TFS_GRPC, lambda r: (r.model_spec.name, endpoint_of(r.model_spec.signature_name))),
 }
@@ -220,8 +220,7 @@ class TapServer:
         if method in INFER_METHODS:
             protocol, names = INFER_METHODS[method]
             model, endpoint = names(request)
-            self.dataplane.rejected(InferRequest(model, {}, endpoint or None,
-                                                 protocol=protocol), error)
+            self.dataplane.refused(protocol, model, endpoint, error)
 
     async def _load(self) -> None:
         await self.registry.start(self.settings.load_model)

@@ -63,6 +63,15 @@ def parse_model_name(name: str) -> tuple[str, str | None]:
     return model, endpoint if dot else None
 
 
+def client_names(name: str) -> tuple[str, str | None]:
+    """(model, endpoint) of a KServe model name for the log and labels of a request refused
+    before it was read: parsed, or the name as it is when it cannot be one."""
+    try:
+        return parse_model_name(name)
+    except NotFound:
+        return name, None
+
+
 def parse_version(version: str) -> str | None:
     """A KServe model_version: a positive number or a label; "" (the highest) is None."""
     if version == "":
@@ -319,7 +328,7 @@ def _requested_outputs(
     return names
 
 
-def statistics_document(rows: list[tuple[str, int, VersionStatistics]]) -> dict[str, Any]:
+def statistics_document(versions: list[tuple[str, int, VersionStatistics]]) -> dict[str, Any]:
     """Triton's statistics layout (its HTTP JSON; ParseDict makes the gRPC message of it)."""
     def duration(d: Duration) -> dict[str, int]:
         return {"count": d.count, "ns": d.ns}
@@ -336,4 +345,4 @@ def statistics_document(rows: list[tuple[str, int, VersionStatistics]]) -> dict[
         "batch_stats": [{"batch_size": size, "compute_input": empty,
                          "compute_infer": duration(d), "compute_output": empty}
                         for size, d in sorted(s.batches.items())],
-    } for name, version, s in rows]}
+    } for name, version, s in versions]}

@@ -22,12 +22,10 @@ from service.errors import (
     Unauthenticated,
     clip,
 )
-from service.metrics import UNKNOWN
 from service.protocol import convert, kserve_rest, tfserving_rest
-from service.protocol.kserve import DataPlane
 from service.protocol.status import INTERNAL_MESSAGE
-from service.protocol.tfserving import endpoint_of
-from service.types import InferRequest
+from service.protocol.tfserving import PROTOCOL_REST, endpoint_of
+from service.types import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +69,7 @@ def _bearer_token(tokens: Tokens, routes: _Routes) -> Callable[..., Any]:
     """Every route but health needs a token, checked before the body is read. Refused
     inference calls are counted under their model (read from the path)."""
     open_routes = {routes.live, routes.ready, routes.model_ready}
-    inference = {routes.infer: KSERVE, routes.tfs_predict: tfserving_rest.PROTOCOL_REST}
+    inference = {routes.infer: KSERVE, routes.tfs_predict: PROTOCOL_REST}
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -82,8 +80,7 @@ def _bearer_token(tokens: Tokens, routes: _Routes) -> Callable[..., Any]:
             tokens.check(request.headers.get("Authorization"))
         except Unauthenticated as exc:
             if route in inference:
-                model, endpoint = request.match_info["model"].partition(".")[::2]
-                routes.rejected(model, endpoint or None, inference[route], exc)
+                routes.refused(inference[route], request, exc)
             raise
         return await handler(request)
 
@@ -162,9 +159,14 @@ class _Routes:
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
 
-    def rejected(self, model: str, endpoint: str | None, protocol: str,
-                 error: TapserveError) -> None:
-        self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), error)
+    def refused(self, protocol: str, request: web.Request, error: TapserveError) -> None:
+        """Count and log an inference request refused before it was read (no token)."""
+        name = request.match_info["model"]
+        if protocol == KSERVE:
+            model, endpoint = convert.client_names(name)
+        else:
+            model, endpoint = name, None  # its signature_name is in the body, not read
+        self._dataplane.refused(protocol, model, endpoint, error)
 
     # KServe v2
 
@@ -200,21 +202,15 @@ class _Routes:
     async def infer(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
         version = request.match_info.get("version", "")
-        try:
+        with self._dataplane.call(KSERVE, name) as call:
             body = await request.read()
             model, endpoint = convert.parse_model_name(name)
             # The endpoint first: its datatypes are checked before any tensor is decoded.
-            specs = self._dataplane.input_specs(model, endpoint, convert.parse_version(version))
+            target = call.resolve(model, endpoint, convert.parse_version(version))
             infer_request, binary_outputs = await _off_loop_if_large(
                 len(body), kserve_rest.decode_request, body,
-                request.headers.get(kserve_rest.HEADER_LENGTH), name, version, specs)
-        except TapserveError as exc:
-            model, endpoint = name.partition(".")[::2]
-            self._dataplane.rejected(InferRequest(model, {}, endpoint or None,
-                                                  protocol=KSERVE), exc)
-            raise
-        infer_request.protocol = KSERVE
-        response = await self._dataplane.infer(infer_request)
+                request.headers.get(kserve_rest.HEADER_LENGTH), name, version, target.inputs)
+            response = await call.infer(infer_request)
         body, json_length = kserve_rest.encode_infer(
             convert.encode_infer_response(response, name), binary_outputs)
         if json_length is None:
@@ -231,9 +227,9 @@ class _Routes:
 
     async def repository_index(self, request: web.Request) -> web.Response:
         document = await _json(request) if request.can_read_body else {}
-        rows = self._dataplane.repository_index(bool(document.get("ready", False)))
+        entries = self._dataplane.repository_index(bool(document.get("ready", False)))
         return json_response([
-            {"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in rows])
+            {"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in entries])
 
     async def load(self, request: web.Request) -> web.Response:
         await self._dataplane.load_model(self._repository_model(request))
@@ -274,26 +270,19 @@ class _Routes:
                                                                endpoints))
 
     async def tfs_predict(self, request: web.Request) -> web.Response:
-        model, version = self._tfs_model(request)
-        protocol = tfserving_rest.PROTOCOL_REST
-        endpoint, label = None, UNKNOWN
-        try:
+        with self._dataplane.call(PROTOCOL_REST,
+                                  request.match_info["model"]) as call:
+            model, version = self._tfs_model(request)
             body = await request.read()
             document = await _off_loop_if_large(len(body), kserve_rest.json_object, body)
             signature = document.get("signature_name", "")
             if not isinstance(signature, str):
                 raise InvalidInput("signature_name must be a string")
-            endpoint = endpoint_of(signature)
-            meta = self._dataplane.model_metadata(model, endpoint, version)
-            label = meta.endpoint  # a refusal from here on counts under its endpoint
-            infer_request, rows = await _off_loop_if_large(
-                len(body), tfserving_rest.decode_predict, document, model, version, meta)
-        except TapserveError as exc:
-            self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), exc,
-                                     endpoint_label=label)
-            raise
-        response = await self._dataplane.infer(infer_request)
-        return json_response(tfserving_rest.encode_predict(response.outputs, rows))
+            target = call.resolve(model, endpoint_of(signature), version)
+            infer_request, row_format = await _off_loop_if_large(
+                len(body), tfserving_rest.decode_predict, document, model, version, target)
+            response = await call.infer(infer_request)
+        return json_response(tfserving_rest.encode_predict(response.outputs, row_format))
 
 
 async def _off_loop_if_large(size: int, decode: Callable[..., T], *args: object) -> T:
