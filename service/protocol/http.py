@@ -201,18 +201,18 @@ class _Routes:
 
     async def infer(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        version = request.match_info.get("version", "")
         with self._dataplane.call(KSERVE, name) as call:
             body = await request.read()
             model, endpoint = convert.parse_model_name(name)
+            version = convert.parse_version(request.match_info.get("version", ""))
             # The endpoint first: its datatypes are checked before any tensor is decoded.
-            target = call.resolve(model, endpoint, convert.parse_version(version))
+            target = call.resolve(model, endpoint, version)
             infer_request, binary_outputs = await _off_loop_if_large(
                 len(body), kserve_rest.decode_request, body,
-                request.headers.get(kserve_rest.HEADER_LENGTH), name, version, target.inputs)
+                request.headers.get(kserve_rest.HEADER_LENGTH), model, endpoint, version,
+                target.inputs)
             response = await call.infer(infer_request)
-        body, json_length = kserve_rest.encode_infer(
-            convert.encode_infer_response(response, name), binary_outputs)
+        body, json_length = kserve_rest.encode_infer(response, name, binary_outputs)
         if json_length is None:
             return web.Response(body=body, content_type="application/json")
         return web.Response(body=body, content_type="application/octet-stream",
