@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -23,14 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the model repository over gRPC")
     for name, field in Settings.model_fields.items():
         env = f"TAPSERVE_{name.upper()}"
-        default = field.default if field.default_factory is None else field.default_factory()
-        kind = {}
+        default = field.get_default(call_default_factory=True, validated_data={})
+        kind: dict[str, Any] = {}
         if field.annotation is bool:  # --allow-model-code / --no-allow-model-code
             kind = {"action": argparse.BooleanOptionalAction}
         elif isinstance(default, list):  # repeatable
             kind = {"action": "append"}
         serve.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kind,
-                           help=f"{field.description} (env {env}; default {default})")
+                           # argparse expands %-formats in help: a literal % is %%
+                           help=f"{field.description} (env {env}; default {default})"
+                           .replace("%", "%%"))
     inspect = commands.add_parser(
         "inspect", help="print a model's inputs, outputs, taps and endpoints")
     inspect.add_argument("path", type=Path, help="a model file, version folder or model folder")

@@ -101,7 +101,8 @@ def load_keras(path: Path, fmt: str, allow_lambda: bool,
         raise ConfigError(f"{path}: cannot load model: {exc}") from exc
 
 
-def _keras_endpoints(graph: TapGraph, config: ModelConfig) -> dict[str, tuple[list, list]]:
+def _keras_endpoints(graph: TapGraph, config: ModelConfig
+                     ) -> dict[str, tuple[list[str], list[str]]]:
     declared = {n: (e.inputs, e.outputs) for n, e in config.endpoints.items()}
     return declared or {DEFAULT_ENDPOINT: (graph.input_names, graph.output_names)}
 

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -40,6 +41,7 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     # TensorFlow's C++ INFO and WARNING start-up chatter (oneDNN, CPU features) is not
     # ours to print; its errors still come, as JSON objects in JSON mode.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    handler: logging.Handler
     if fmt == "json":
         stream = _relay_native_stderr()
         handler = logging.StreamHandler(stream)
@@ -102,7 +104,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
 
 
-def _relay_native_stderr():
+def _relay_native_stderr() -> _Locked:
     """Point fd 2 at a pipe relayed as JSON; return a text stream on the real stderr."""
     sys.stderr.flush()
     real = os.dup(2)
@@ -144,7 +146,7 @@ def _relay_native_stderr():
 class _Locked:
     """The real stderr for the log handler, serialised with the relay's writes."""
 
-    def __init__(self, stream, lock: threading.Lock) -> None:
+    def __init__(self, stream: TextIO, lock: threading.Lock) -> None:
         self.stream, self.lock = stream, lock
 
     def write(self, text: str) -> int:
