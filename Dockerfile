@@ -4,7 +4,7 @@
 #
 #   docker build -t tapserve:0.1.0 .                          # CPU (tensorflow-cpu)
 #   docker build --build-arg GPU=true -t tapserve:0.1.0-gpu .  # tensorflow + pinned CUDA wheels
-#   docker run --rm -p 8001:8001 -p 8002:8002 --read-only --tmpfs /tmp \
+#   docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 --read-only --tmpfs /tmp \
 #       -v "$PWD/models:/models:ro" tapserve:0.1.0
 #
 # With podman or buildah add `--format docker`: the default OCI format has no HEALTHCHECK

@@ -29,7 +29,30 @@ if podman image exists "$name"; then
   echo "base-image: $name is already there"
   exit 0
 fi
-mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The machine's own Debian source for bookworm (deb822 .sources files, else one-line
+# sources.list entries) and apt's proxy, so the build works behind any mirror or proxy.
+# DEBIAN_MIRROR overrides.
+apt_mirror() {
+  { for f in "${APT_ETC:-/etc/apt}"/sources.list.d/*.sources; do
+      if [ -f "$f" ]; then cat "$f"; echo; fi; done; } |
+    awk '/^Types:/ { deb = ($0 ~ /[[:space:]]deb([[:space:]]|$)/) }
+         /^URIs:/ { uri = $2 }
+         /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm") hit = 1 }
+         /^[[:space:]]*$/ { if (deb && hit && uri) { print uri; exit } deb = hit = 0; uri = "" }' \
+    || true
+  cat "${APT_ETC:-/etc/apt}"/sources.list "${APT_ETC:-/etc/apt}"/sources.list.d/*.list 2>/dev/null |
+    awk '$1 == "deb" { sub(/\[[^]]*\][[:space:]]*/, ""); if ($3 == "bookworm") { print $2; exit } }' \
+    || true
+}
+mirror="${DEBIAN_MIRROR:-$(apt_mirror | sed -n 1p)}"
+if [ -z "$mirror" ]; then
+  echo "base-image: no bookworm source in this machine's apt configuration; set DEBIAN_MIRROR" >&2
+  exit 2
+fi
+if command -v apt-config >/dev/null; then
+  eval "$(apt-config shell http_proxy Acquire::http::Proxy https_proxy Acquire::https::Proxy)"
+  export http_proxy https_proxy
+fi
 root=$(mktemp -d /var/tmp/tapserve-base.XXXXXX)
 log="$root.log"
 echo "base-image: debootstrap bookworm from $mirror (about a minute)"

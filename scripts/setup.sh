@@ -11,4 +11,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade "pip==26.3"
 echo "setup: installing tapserve[$extras] (pinned by constraints.txt)"
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[$extras]"
+# PYTHONWARNINGS: setuptools' box about editable installs is advice for its own
+# developers, not an error; a first-time user reads it as a failed set-up.
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[$extras]"

@@ -33,25 +33,12 @@ runtime = "runc"
 EOF
 export CONTAINERS_CONF="$conf"
 scripts/base-image.sh
-# Where PyPI is reached through a TLS-intercepting proxy, the host's pip trusts its CA
-# (PIP_CERT, or `cert` in a pip config): the build's pip must too. Mounted for the build
-# only, so nothing of it is in the image (the final stage runs no pip; its test checks
-# that /etc/pip.conf is at most the empty mount point).
-PIP_CERT="${PIP_CERT:-$(python3 -m pip config list 2>/dev/null \
-  | sed -n "s/^global\.cert='\(.*\)'\$/\1/p" | tail -1 || true)}"
-mounts=()
-if [ -n "$PIP_CERT" ]; then
-  pipconf=$(mktemp)
-  trap 'rm -f "$conf" "$pipconf"' EXIT
-  printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$pipconf"
-  chmod 644 "$pipconf"
-  mounts=(--volume "$PIP_CERT:/etc/ssl/certs/ca-certificates.crt:ro"
-          --volume "$pipconf:/etc/pip.conf:ro")
-fi
-echo "build: $image (--format docker keeps the HEALTHCHECK)"
+# The build as users run it (scripts/image.sh: the host pip's CA mounted for the build's
+# pip only, the HEALTHCHECK kept); CONTAINERS_CONF above is kept by it.
+PIP_CERT=$(scripts/image.sh pip-cert)
+echo "build: $image"
 start=$SECONDS
-podman build --pull=never --format docker \
-  "${mounts[@]}" --tag "$image" . >/tmp/tapserve-image-build.log 2>&1 \
+scripts/image.sh build "$image" --pull=never >/tmp/tapserve-image-build.log 2>&1 \
   || { tail -40 /tmp/tapserve-image-build.log >&2; exit 1; }
 size=$(podman image inspect "$image" --format '{{.Size}}')
 echo "build: done in $((SECONDS - start)) s, image $((size / 1000000)) MB"
@@ -67,7 +54,7 @@ ca=()
 # The image runs as UID 10001, which may not read this checkout (a clone under a 0700
 # temporary folder, as CI's): give it a world-readable copy of the tracked tree.
 src=$(mktemp -d)
-trap 'rm -rf "$src" "$conf" "${pipconf:-}"' EXIT
+trap 'rm -rf "$src" "$conf"' EXIT
 git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - | tar -xf - -C "$src"
 chmod -R a+rX "$src"
 podman run --rm --no-healthcheck --read-only --tmpfs /tmp:rw,exec,size=4g "${ca[@]}" \

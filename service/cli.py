@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from service import validation
 from service.errors import TapserveError
 from service.settings import Settings
 
@@ -30,14 +31,19 @@ def _parser() -> argparse.ArgumentParser:
             kind = {"action": argparse.BooleanOptionalAction}
         elif isinstance(default, list):  # repeatable
             kind = {"action": "append"}
+        # argparse %-formats help text: a literal % in a description must be doubled.
+        text = f"{field.description} (env {env}; default {default})".replace("%", "%%")
         serve.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kind,
-                           # argparse expands %-formats in help: a literal % is %%
-                           help=f"{field.description} (env {env}; default {default})"
-                           .replace("%", "%%"))
+                           help=text)
     inspect = commands.add_parser(
         "inspect", help="print a model's inputs, outputs, taps and endpoints")
     inspect.add_argument("path", type=Path, help="a model file, version folder or model folder")
     return parser
+
+
+def _flag(loc: tuple[int | str, ...]) -> str:
+    name = str(loc[0])
+    return f"--{name.replace('_', '-')} (env TAPSERVE_{name.upper()})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.path.exists():  # say so before TensorFlow's seconds of start-up
             print(f"tapserve inspect: {args.path} does not exist", file=sys.stderr)
             return 2
+        from service import logs
+
+        logs.configure("text", "WARNING")  # quiets TensorFlow's start-up lines (service/logs)
         from service.inspect import describe
 
         try:
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**flags)
     except ValidationError as exc:
-        print(f"tapserve serve: {exc}", file=sys.stderr)
+        print(f"tapserve serve: {validation.describe(exc, Settings, _flag)}", file=sys.stderr)
         return 2
     from service import logs
 

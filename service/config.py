@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from service.errors import ConfigError
+from service.validation import describe
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 # A label stands where a version number does, so it starts with a letter.
@@ -157,6 +158,5 @@ def load_config(path: Path) -> ModelConfig:
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:  # each problem where it is, without the values given
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}"
-                             for e in exc.errors())
+        problems = describe(exc, ModelConfig, lambda loc: ".".join(map(str, loc)))
         raise ConfigError(f"{path}: {problems}", category=invalid) from None

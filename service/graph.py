@@ -14,8 +14,7 @@ tests/test_graph.py pins them): `Functional._nodes_by_depth`, `Operation._inboun
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ import keras
 from keras import tree
 
 from service.errors import NotFound
+from service.validation import suggest
 
 # A tensor in the flattened graph: the nested-model calls it sits inside (as node
 # ids, outermost first) and the id of its KerasTensor.
@@ -62,16 +62,6 @@ def _functional_of(op: Any) -> Any | None:
 def _dtype_name(dtype: Any) -> str:
     name = keras.backend.standardize_dtype(dtype)
     return "string" if name == "string" else name
-
-
-def suggest(name: str, known: Iterable[str], limit: int = 20) -> str:
-    """A hint for an unknown name: the close matches, else what exists."""
-    known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=5)
-    if close:
-        return f"did you mean {', '.join(close)}?"
-    shown = ", ".join(known[:limit]) + (", …" if len(known) > limit else "")
-    return f"known: {shown}"
 
 
 class TapGraph:
@@ -191,7 +181,7 @@ class TapGraph:
             return self.taps[name]
         except KeyError:
             raise NotFound(
-                f"model {self.model.name!r} has no tap {name!r}; {suggest(name, self.taps)}"
+                f"the model has no tap {name!r}; {suggest(name, self.taps)}"
             ) from None
 
     def computable(self, inputs: Sequence[str]) -> set[str]:

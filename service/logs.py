@@ -1,10 +1,12 @@
 """Log set-up: one line per event, as text or JSON (python-json-logger).
 
-In JSON mode every line on stderr must be a JSON object, for log shippers that parse each
-line. Python's records are formatted as JSON directly; what native code writes to file
-descriptor 2 (TensorFlow's and absl's C++ logging, e.g. `failed call to cuInit` on every
-CPU host) cannot be, so fd 2 becomes a pipe that a thread reads, wrapping each line that is
-not already a JSON object into one. The original stderr stays the one place lines go.
+What native code writes to file descriptor 2 (TensorFlow's and absl's C++ logging) does
+not pass through Python's logging, so fd 2 becomes a pipe that a thread reads. It drops
+the start-up lines a user cannot act on (`failed call to cuInit` on every CPU host, oneDNN
+and CPU-feature notes: the server logs which devices it uses itself) unless the log level
+is DEBUG and, in JSON mode,
+wraps each line that is not already a JSON object into one, for log shippers that parse
+each line. The original stderr stays the one place lines go.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 # absl's `WARNING: All log messages before absl::InitializeLog() ...`, Python's warnings.
 NAMED = re.compile(r"^(?:\S+: )?(INFO|WARNING|ERROR|CRITICAL|FATAL)\b")
+# Native start-up lines that say nothing a user can act on: no GPU on a CPU host (the
+# server logs its devices), oneDNN and CPU-feature notes, absl's note about itself.
+NOISE = (
+    "All log messages before absl::InitializeLog() is called",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine",
+    "failed call to cuInit",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions",
+    "TF-TRT Warning: Could not find TensorRT",
+)
 
 
 def configure(fmt: str = "text", level: str = "INFO") -> None:
@@ -41,13 +54,11 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     # TensorFlow's C++ INFO and WARNING start-up chatter (oneDNN, CPU features) is not
     # ours to print; its errors still come, as JSON objects in JSON mode.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handler: logging.Handler
+    stream = _relay_native_stderr(as_json=fmt == "json", quiet=level.upper() != "DEBUG")
+    handler = logging.StreamHandler(stream)
     if fmt == "json":
-        stream = _relay_native_stderr()
-        handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields=RENAME))
     else:
-        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(OneLineFormatter(TEXT_FORMAT))
     handler.addFilter(client_gone)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
@@ -104,8 +115,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
 
 
-def _relay_native_stderr() -> _Locked:
-    """Point fd 2 at a pipe relayed as JSON; return a text stream on the real stderr."""
+def noise(line: str) -> bool:
+    """Whether a native stderr line is start-up chatter no user can act on (NOISE)."""
+    return any(text in line for text in NOISE)
+
+
+def _relay_native_stderr(as_json: bool, quiet: bool) -> _Locked:
+    """Point fd 2 at a pipe relayed (without NOISE if `quiet`; as JSON objects if
+    `as_json`); return a text stream on the real stderr for the log handler."""
     sys.stderr.flush()
     real = os.dup(2)
     read, write = os.pipe()
@@ -121,16 +138,22 @@ def _relay_native_stderr() -> _Locked:
         while chunk := os.read(read, 65536):
             *lines, pending = (pending + chunk).split(b"\n")
             for raw in lines:
-                if raw.strip():
-                    text, level = wrap(raw.decode("utf-8", "replace").rstrip(), level)
-                    with lock:
-                        out.write(text + "\n")
-        if pending.strip():
-            with lock:
-                out.write(wrap(pending.decode("utf-8", "replace").rstrip(), level)[0] + "\n")
+                level = emit(raw, level)
+        emit(pending, level)
         os.close(read)
 
-    thread = threading.Thread(target=relay, name="stderr-json-relay", daemon=True)
+    def emit(raw: bytes, level: str) -> str:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if not line.strip() or (quiet and noise(line)):
+            return level
+        text = line
+        if as_json:
+            text, level = wrap(line, level)
+        with lock:
+            out.write(text + "\n")
+        return level
+
+    thread = threading.Thread(target=relay, name="stderr-relay", daemon=True)
     thread.start()
 
     def drain() -> None:

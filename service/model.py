@@ -13,12 +13,12 @@ import numpy as np
 
 from service.batcher import Batcher, BatchPolicy
 from service.errors import InvalidInput, NotFound, NotReady, clip
-from service.graph import suggest
 from service.modelcode import forget_model_code
 from service.repository import ModelSource
 from service.runtime import Runtime
 from service.statistics import VersionStatistics
 from service.types import STRING, EndpointMetadata, TensorSpec
+from service.validation import suggest
 
 log = logging.getLogger(__name__)
 

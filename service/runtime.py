@@ -52,8 +52,10 @@ def configure_tensorflow(intra_op_threads: int, inter_op_threads: int,
         except RuntimeError:
             log.warning("TensorFlow already started: memory settings of %s unchanged", gpu.name)
     devices = [f"/GPU:{i}" for i in range(len(gpus))] or ["/CPU:0"]
-    log.info("devices: %s; TensorFlow threads: intra-op %d, inter-op %d", ", ".join(devices),
-             intra_op_threads, inter_op_threads)
+    # TensorFlow's own words for this (`failed call to cuInit`) are quieted (service/logs).
+    found = "" if gpus else "no GPU found, models run on the CPU; "
+    log.info("%sdevices: %s; TensorFlow threads: intra-op %d, inter-op %d", found,
+             ", ".join(devices), intra_op_threads, inter_op_threads)
     return devices
 
 

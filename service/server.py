@@ -126,7 +126,11 @@ class TapServer:
         if s.auth_token_file is not None:
             self.tokens = Tokens(s.auth_token_file)
             interceptors.append(BearerTokenInterceptor(self.tokens, self._refused))
-        self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
+        try:
+            self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
+        except OSError as exc:  # the bare errno text names no port
+            raise OSError(f"cannot bind metrics to {s.host}:{s.metrics_port}: "
+                          f"{exc.strerror or exc}") from None
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
             interceptors=interceptors,

@@ -96,7 +96,8 @@ class Settings(BaseSettings):
         "1-row requests per second (0: off; calls are still capped by "
         "--max-concurrent-rpcs and end with --max-connection-age-secs).")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log lines written.")
 
     max_batch_size: int = Field(
         32, ge=1, description="Default rows per batch; config.yaml may set it per model.")

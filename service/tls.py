@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import grpc
 from service.errors import ConfigError
 
 log = logging.getLogger(__name__)
+PLAINTEXT_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,22 @@ def grpc_credentials(files: CertificateFiles) -> grpc.ServerCredentials:
         _grpc_config(files.current), fetch, require_client_authentication=files.mutual)
 
 
+def _plaintext_noticed(notice: Callable[[], None]) -> type[ssl.SSLObject]:
+    """An SSLObject class that calls `notice` when a handshake fails on a plaintext HTTP
+    request: asyncio closes such a connection without a word in the log."""
+
+    class Connection(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except ssl.SSLError as exc:
+                if exc.reason == "HTTP_REQUEST":
+                    notice()
+                raise
+
+    return Connection
+
+
 class HttpTls:
     """The SSLContext the HTTP port listens with; `refresh()` re-reads the files.
 
@@ -156,6 +175,19 @@ class HttpTls:
         self.context = server_context(files.current)
         self._newest = self.context
         self.context.sni_callback = self._select
+        self.context.sslobject_class = _plaintext_noticed(self._plaintext_client)
+        self._plaintext_said_at = -math.inf
+        self._plaintext_since = 0
+
+    def _plaintext_client(self) -> None:
+        # A client's mistake, so said at most once a minute with a count, not per request.
+        self._plaintext_since += 1
+        now = time.monotonic()
+        if now - self._plaintext_said_at >= PLAINTEXT_LOG_INTERVAL_S:
+            log.warning("%d plaintext HTTP request(s) reached the HTTP port, which serves TLS "
+                        "only: clients must use https:// (the connection is closed, so they "
+                        "see an empty reply)", self._plaintext_since)
+            self._plaintext_said_at, self._plaintext_since = now, 0
 
     def _select(self, connection: ssl.SSLObject, server_name: str | None,
                 context: ssl.SSLContext) -> None:

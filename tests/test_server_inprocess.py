@@ -3,6 +3,7 @@ readiness while a model loads, model metadata, and the metrics the server export
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import urllib.request
@@ -210,3 +211,15 @@ def test_every_health_watcher_hears_the_drain_after_another_left(repository: Pat
     finally:
         watchers.close()
         server.stop(grace=1.0)
+
+
+@pytest.mark.parametrize("which", ["grpc_port", "http_port", "metrics_port"])
+def test_a_taken_port_is_named_in_the_error(which: str, tmp_path: Path) -> None:
+    """Regression: a taken metrics port failed with a bare 'Address already in use'."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"grpc_port": 0, "http_port": 0, "metrics_port": 0, which: port}
+        with pytest.raises(OSError, match=rf"cannot bind \w+ to 127\.0\.0\.1:{port}\b"):
+            RunningServer(tmp_path, **ports)

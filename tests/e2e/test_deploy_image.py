@@ -227,5 +227,7 @@ def test_sigterm_under_load_answers_every_accepted_request(
     records = [json.loads(line) for line in logs.splitlines() if line.strip()]
     assert all(isinstance(r, dict) and {"time", "level", "message"} <= r.keys()
                for r in records)
-    assert any(r.get("name") == "native" for r in records), "TensorFlow's lines, relayed"
+    # TensorFlow's no-GPU chatter is quieted; the server says it once, in its own words.
+    assert not any("cuInit" in r["message"] for r in records), logs
+    assert any("no GPU found" in r["message"] for r in records), logs
     assert any(r["message"] == "stopped" for r in records)

@@ -57,7 +57,9 @@ def test_json_logs_and_the_health_probe_through_a_drain(start_process, tmp_path:
         None, "--model-repository", str(repository), "--host", "127.0.0.1",
         "--grpc-port", str(port), "--metrics-port", "0", "--drain-grace-seconds", "20",
         # Every C++ level, so there are native lines to relay (the default hides INFO).
-        TAPSERVE_LOG_FORMAT="json", TAPSERVE_GRPC_PORT=str(decoy), TF_CPP_MIN_LOG_LEVEL="0")
+        # DEBUG: the start-up chatter quieted at INFO (service/logs.NOISE) is relayed too.
+        TAPSERVE_LOG_FORMAT="json", TAPSERVE_LOG_LEVEL="DEBUG", TAPSERVE_GRPC_PORT=str(decoy),
+        TF_CPP_MIN_LOG_LEVEL="0")
     assert server.grpc_port == port
 
     probe = healthcheck(server.process.pid)
@@ -163,6 +165,16 @@ def test_round_robin_spreads_one_client_over_two_servers(servers: list[ServerPro
         send(client, 20)
     gained = [after - b for after, b in zip(served(), before, strict=True)]
     assert sum(gained) == 20 and all(g >= 5 for g in gained), gained
+
+
+def test_start_up_says_no_gpu_once_without_tensorflow_chatter(
+        servers: list[ServerProcess]) -> None:
+    """Regression: every start on a CPU host printed TensorFlow's `failed call to cuInit:
+    UNKNOWN ERROR (303)` and absl's notes, which read as a failure."""
+    output = servers[0].output()
+    assert output.count("no GPU found, models run on the CPU") == 1, output
+    for chatter in ("cuInit", "absl::InitializeLog", "oneDNN custom operations"):
+        assert chatter not in output, output
 
 
 def test_process_metrics_are_exported(servers: list[ServerProcess]) -> None:

@@ -287,6 +287,9 @@ def test_plaintext_to_the_tls_ports_fails_and_disturbs_nothing(
         plain.is_server_live(client_timeout=5)
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
         urllib.request.urlopen(f"http://{server.http}/v2/health/live", timeout=5)
+    # Regression: the client saw an empty reply and the server said nothing at all.
+    scrape.wait_for(lambda: "plaintext HTTP request(s) reached the HTTP port, which serves TLS only"
+             in server.output(), "the server to log the plaintext client")
     with server.client() as client:
         assert client.is_server_ready()
         infer(client, MODEL, {"image": IMAGES}, headers=bearer(TOKEN))
