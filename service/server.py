@@ -8,6 +8,8 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -26,6 +28,7 @@ from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.http import build_app
+from service.protocol.kserve import PROTOCOL as KSERVE_GRPC
 from service.protocol.kserve import InferenceServicer
 from service.protocol.read_timeout import RequestReadTimeout
 from service.protocol.status import ErrorStatusInterceptor
@@ -53,9 +56,9 @@ QUIET_MAX_S = 2.0
 WATCH_S = 1.0
 # Refused inference calls count in tapserve_requests_total under their model: the method,
 # the front door, and how to read (model, endpoint) from the request gRPC already parsed.
-INFER_METHODS = {
+INFER_METHODS: dict[str, tuple[str, Callable[[Any], tuple[str, str | None]]]] = {
     "/inference.GRPCInferenceService/ModelInfer":
-        ("kserve_grpc", lambda r: client_names(r.model_name)),
+        (KSERVE_GRPC, lambda r: client_names(r.model_name)),
     "/tensorflow.serving.PredictionService/Predict":
         (TFS_GRPC, lambda r: (r.model_spec.name, endpoint_of(r.model_spec.signature_name))),
 }
