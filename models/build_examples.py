@@ -69,10 +69,12 @@ def build_autoencoder(data: Split) -> tuple[keras.Model, str]:
 
 
 def build_classifier(data: Split) -> tuple[keras.Model, str]:
-    """image -> trunk with "features" (32) -> {"digit": softmax 10, "recon": (8,8,1)}."""
+    """image -> "conv" (8x8x8) -> trunk with "features" (32) -> {"digit": softmax 10,
+    "recon": (8,8,1)}. The conv layer is what the `cam` endpoint's Grad-CAM weighs."""
     x_train, x_test, y_train, y_test = data
     image = keras.Input(shape=(8, 8, 1), name="image")
-    h = keras.layers.Flatten(name="flat")(image)
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(image)
+    h = keras.layers.Flatten(name="flat")(h)
     h = keras.layers.Dense(64, activation="relu", name="trunk")(h)
     features = keras.layers.Dense(32, activation="relu", name="features")(h)
     digit = keras.layers.Dense(10, activation="softmax", name="digit")(features)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 RunBatch = Callable[[Batch], Awaitable[tuple[Arrays, float]]]  # outputs, compute seconds
+ISOLATION_LOG_S = 60.0  # at most one line an interval about batches that failed
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,17 @@ class Work:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # when its batch began computing
+    weight: int = 1  # rows of compute per row (an integrated-gradients row runs `steps`)
 
     @property
     def rows(self) -> int:
         """How many rows it holds."""
         return len(next(iter(self.feeds.values())))
+
+    @property
+    def cost(self) -> int:
+        """The rows it counts as against max_batch_size and the queue's limit."""
+        return self.rows * self.weight
 
 
 def merge(works: Sequence[Work]) -> Batch:
@@ -92,7 +99,7 @@ def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
 
 
 class Group(deque):
-    """The queued works that may share a batch, oldest first, and their row count."""
+    """The queued works that may share a batch, oldest first, and the rows they count as."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -142,6 +149,8 @@ class Batcher:
         self._closed = False
         # Set while the batch loop waits for a batch to become ready; resolved by `_wake`.
         self._waiter: asyncio.Future | None = None
+        self._isolated = 0  # failed batches since the last line saying so
+        self._isolation_logged: float | None = None
 
     def start(self) -> None:
         # Made inside the running loop: asyncio primitives bind to it.
@@ -154,36 +163,40 @@ class Batcher:
         return self._depth
 
     async def submit(self, source: Hashable, feeds: Arrays, outputs: tuple[str, ...],
-                     deadline: float | None = None) -> tuple[Arrays, float]:
+                     deadline: float | None = None, weight: int = 1) -> tuple[Arrays, float]:
         """Queue one request; wait for its outputs and the seconds it spent queued.
 
-        A request larger than max_batch_size is split into pieces and reassembled.
+        A request larger than max_batch_size is split into pieces and reassembled. Each
+        row counts as `weight` rows (the same for every request of one `source`).
         """
         if self._closed:
             raise NotReady("the model is shutting down")
         rows = len(next(iter(feeds.values())))
+        cost = rows * weight
+        counts = f"{rows} rows" if weight == 1 else f"{rows} rows of {weight} each, {cost}"
         limit = self.policy.max_queue_size
-        if rows > limit:  # even into an empty queue: it would hold every other request up
-            raise Overloaded(f"the request has {rows} rows, more than the model's queue holds "
-                             f"(max_queue_size {limit}): send at most {limit} rows per request")
-        if self._depth + rows > limit:
+        if cost > limit:  # even into an empty queue: it would hold every other request up
+            raise Overloaded(f"the request has {counts}, more than the model's queue holds "
+                             f"(max_queue_size {limit}): send at most "
+                             f"{max(1, limit // weight)} rows per request")
+        if self._depth + cost > limit:
             raise Overloaded(f"the queue is full ({self._depth} rows waiting, limit "
-                             f"{limit}, this request {rows}); retry later")
+                             f"{limit}, this request {cost}); retry later")
         # Only inputs of the same shapes concatenate; without shared passes, only
         # requests for the same outputs share a batch.
         group = (source, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
                  None if self.policy.shared_passes else outputs)
         loop = asyncio.get_running_loop()
-        works = [Work(source, part, outputs, deadline, loop.create_future())
-                 for part in slices(feeds, self.policy.max_batch_size)]
+        works = [Work(source, part, outputs, deadline, loop.create_future(), weight=weight)
+                 for part in slices(feeds, max(1, self.policy.max_batch_size // weight))]
         first = not self._pending  # then no timer runs: the loop waits for work
         queue = self._pending.get(group)
         if queue is None:
             queue = self._pending[group] = Group()
         for w in works:
             queue.append(w)
-            queue.rows += w.rows
-        self._depth += rows
+            queue.rows += w.cost
+        self._depth += cost
         self._pieces += len(works)
         self._on_depth(self._depth)
         self._in_flight += len(works)
@@ -265,9 +278,10 @@ class Batcher:
                     timer.cancel()
         queue = self._pending[group]
         works, rows = [], 0
-        while queue and rows + queue[0].rows <= self.policy.max_batch_size:
+        # One piece at least: a row of integrated gradients may cost more than a batch.
+        while queue and (not works or rows + queue[0].cost <= self.policy.max_batch_size):
             w = queue.popleft()
-            rows += w.rows
+            rows += w.cost
             works.append(w)
         queue.rows -= rows
         self._pieces -= len(works)
@@ -292,8 +306,32 @@ class Batcher:
             self._slots.release()
 
     async def _run_batch(self, works: list[Work], isolate: bool) -> None:
-        """Run works as one batch. If it fails, run each alone (isolate): a request the
-        model cannot compute (say, a token out of its vocabulary) fails by itself."""
+        """Run works as one batch. If it fails, find the requests that fail by halves
+        (isolate): a request the model cannot compute (say, a token out of its vocabulary)
+        fails by itself, and the others are answered."""
+        exc = await self._attempt(works)
+        if exc is None:
+            return
+        if isolate and len(works) > 1:
+            self._isolating(len(works), exc)
+            await self._bisect(works)
+        else:
+            self._fail(works, exc)
+
+    async def _bisect(self, works: list[Work]) -> None:
+        """Each half as a batch, a failing half halved again: k failing requests among n
+        cost about 2k·log2(n/k) runs, where one run a request cost n (two bad clients
+        among 16 once halved the others' throughput)."""
+        half = len(works) // 2
+        for part in (works[:half], works[half:]):
+            exc = await self._attempt(part)
+            if exc is not None and len(part) > 1:
+                await self._bisect(part)
+            elif exc is not None:
+                self._fail(part, exc)
+
+    async def _attempt(self, works: list[Work]) -> Exception | None:
+        """Run works as one batch and answer them; or the error, answering none."""
         batch = merge(works)
         rows = distinct(batch) if self.policy.dedup_rows else None
         started = time.monotonic()
@@ -307,24 +345,32 @@ class Batcher:
                 result = rows.expand(computed)
             parts = split(works, batch, result)
         except Exception as exc:
-            if isolate:
-                log.warning("batch of %d requests failed (%s); running each alone",
-                            len(works), exc)
-                for w in works:
-                    await self._run_batch([w], isolate=False)
-                return
-            if not isinstance(exc, TapserveError):
-                log.exception("batch of %d rows failed", batch_rows(works))
-            for w in works:
-                if not w.future.done():
-                    w.future.set_exception(exc)
-            return
+            return exc
         self._on_batch(batch_rows(works), seconds)
         if rows is not None:
             self._on_dedup(rows.saved)
         for w, part in zip(works, parts, strict=True):
             if not w.future.done():
                 w.future.set_result(part)
+        return None
+
+    def _fail(self, works: list[Work], exc: Exception) -> None:
+        if not isinstance(exc, TapserveError):
+            log.error("batch of %d rows failed", batch_rows(works), exc_info=exc)
+        for w in works:
+            if not w.future.done():
+                w.future.set_exception(exc)
+
+    def _isolating(self, requests: int, exc: Exception) -> None:
+        """Log a failed batch, at most one line an interval: a client sending what the
+        model cannot compute must not flood the log."""
+        self._isolated += 1
+        now = time.monotonic()
+        if self._isolation_logged is None or now - self._isolation_logged >= ISOLATION_LOG_S:
+            log.warning("batch of %d requests failed (%s); finding the failing requests by "
+                        "halves (%d failed batches since the last such line; one a minute)",
+                        requests, exc, self._isolated)
+            self._isolation_logged, self._isolated = now, 0
 
     @staticmethod
     def _drop_expired(works: list[Work]) -> list[Work]:

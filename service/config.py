@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -33,6 +35,47 @@ class _Strict(BaseModel):
 class EndpointConfig(_Strict):
     inputs: list[str] = Field(min_length=1, description="Model input names or tap names.")
     outputs: list[str] = Field(min_length=1, description="Model output names or tap names.")
+
+
+class ExplainConfig(_Strict):
+    """An endpoint that explains `output` instead of predicting (SPEC "Explanations")."""
+
+    explain: Literal["gradient", "gradcam", "integrated_gradients"]
+    output: str = Field(description="The output (or tap) of one score per class to explain.")
+    input: str | None = Field(
+        None, description="The model input to attribute to (gradient, integrated_gradients; "
+        "default: the model's only input).")
+    layer: str | None = Field(None, description="The layer (tap) Grad-CAM weighs (gradcam).")
+    steps: int = Field(32, ge=1, le=256, description="Integrated gradients' Riemann steps.")
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> ExplainConfig:
+        if self.explain == "gradcam":
+            if self.layer is None:
+                raise ValueError("gradcam needs `layer`: the layer (tap) whose activations "
+                                 "it weighs")
+            if self.input is not None:
+                raise ValueError("gradcam explains a layer, not an input: drop `input`")
+        elif self.layer is not None:
+            raise ValueError(f"{self.explain} attributes to an input: drop `layer` (it is "
+                             "for gradcam)")
+        if "steps" in self.model_fields_set and self.explain != "integrated_gradients":
+            raise ValueError("`steps` is for integrated_gradients only")
+        return self
+
+
+def _endpoint_kind(value: Any) -> str:
+    explains = isinstance(value, ExplainConfig) or (isinstance(value, dict)
+                                                    and "explain" in value)
+    return "ExplainConfig" if explains else "EndpointConfig"
+
+
+# `explain:` tells the two apart, so a bad entry gets only its own kind's errors (the tags
+# are the class names: service.validation reports them without the tag).
+AnyEndpointConfig = Annotated[
+    Annotated[EndpointConfig, Tag("EndpointConfig")]
+    | Annotated[ExplainConfig, Tag("ExplainConfig")],
+    Discriminator(_endpoint_kind)]
 
 
 class BatchingConfig(_Strict):
@@ -68,7 +111,7 @@ VersionPolicy = Literal["all"] | LatestPolicy | SpecificPolicy
 
 
 class ModelConfig(_Strict):
-    endpoints: dict[str, EndpointConfig] = Field(default_factory=dict)
+    endpoints: dict[str, AnyEndpointConfig] = Field(default_factory=dict)
     default_endpoint: str | None = None
     taps: bool = True
     version: int | None = Field(None, ge=1, description="Short for {specific: [N]}.")
@@ -89,7 +132,8 @@ class ModelConfig(_Strict):
 
     @field_validator("endpoints")
     @classmethod
-    def _endpoint_names(cls, endpoints: dict[str, EndpointConfig]) -> dict[str, EndpointConfig]:
+    def _endpoint_names(cls, endpoints: dict[str, EndpointConfig | ExplainConfig]
+                        ) -> dict[str, EndpointConfig | ExplainConfig]:
         bad = [n for n in endpoints if not re.match(NAME_PATTERN, n)]
         if bad:
             raise ValueError(f"endpoint names must match {NAME_PATTERN}: {bad}")

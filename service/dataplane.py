@@ -166,7 +166,11 @@ class InferCall:
         served = self._plane.registry.get(model, version)
         ep = served.endpoint(endpoint)
         self._served = (served, ep)  # a refusal from here on counts under its endpoint
-        return Target(served.name, served.version, ep.name, ep.inputs_by_name)
+        inputs = ep.inputs_by_name
+        if ep.explanation is None:  # every input is sent
+            return Target(served.name, served.version, ep.name, inputs)
+        return Target(served.name, served.version, ep.name, inputs,
+                      {s.name: s for s in ep.inputs if s.name not in inputs})
 
     async def infer(self, request: InferRequest) -> InferResponse:
         if self._served is None:
@@ -174,7 +178,7 @@ class InferCall:
         served, ep = self._served
         self._computing = True
         outputs, self._queued = await served.infer(ep, request.inputs, request.outputs,
-                                                   request.deadline)
+                                                   request.deadline, request.json)
         self._plane.metrics.queue_duration.labels(served.name, ep.name).observe(self._queued)
         self._rows = len(next(iter(request.inputs.values())))
         return InferResponse(served.name, ep.name, served.version, outputs, request.id)

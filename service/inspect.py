@@ -31,10 +31,18 @@ def describe(path: Path) -> str:
     lines = [f"model {model.name} (version {model.version}, {source.format}: {source.path})"]
     for ep in model.endpoints.values():
         default = " (default)" if ep.name == model.default_endpoint else ""
-        lines.append(f"endpoint {model.name}.{ep.name}{default}")
+        e = ep.explanation
+        explains = "" if e is None else (
+            f": explains {e.output!r} by {e.kind} "
+            + (f"over layer {e.layer!r}" if e.layer else f"of input {e.input!r}")
+            + (f", {e.steps} steps" if e.row_cost > 1 else "")
+            + "; input 'target' is optional (default: each row's argmax)")
+        lines.append(f"endpoint {model.name}.{ep.name}{default}{explains}")
         lines += _table([("", "name", "dtype", "shape")] + [
             (kind, s.name, s.dtype, _shape(s))
             for kind, specs in (("input", ep.inputs), ("output", ep.outputs)) for s in specs])
+    for name, why in model.refused.items():
+        lines.append(f"endpoint {model.name}.{name}: refused: {why}")
     graph = getattr(model.runtime, "graph", None)
     if graph is None:
         lines.append("taps: none (a SavedModel has signatures only, no layer graph)")

@@ -16,8 +16,10 @@ import h5py
 import keras
 
 from service.batcher import BatchPolicy
-from service.config import ModelConfig
+from service.config import ExplainConfig, ModelConfig
 from service.errors import ConfigError, NotFound
+from service.explain import ATTRIBUTION
+from service.explain import check as check_explanation
 from service.graph import TapGraph
 from service.model import DEFAULT_ENDPOINT, Endpoint, LoadedModel
 from service.modelcode import forget_model_code, import_model_code
@@ -102,8 +104,10 @@ def load_keras(path: Path, fmt: str, allow_lambda: bool,
 
 
 def _keras_endpoints(graph: TapGraph, config: ModelConfig
-                     ) -> dict[str, tuple[list[str], list[str]]]:
-    declared = {n: (e.inputs, e.outputs) for n, e in config.endpoints.items()}
+                     ) -> dict[str, tuple[list[str], list[str]] | ExplainConfig]:
+    declared: dict[str, tuple[list[str], list[str]] | ExplainConfig] = {
+        n: e if isinstance(e, ExplainConfig) else (e.inputs, e.outputs)
+        for n, e in config.endpoints.items()}
     return declared or {DEFAULT_ENDPOINT: (graph.input_names, graph.output_names)}
 
 
@@ -125,8 +129,17 @@ def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_d
         forget_model_code(modules)
         raise
     endpoints: dict[str, Endpoint] = {}
+    refused: dict[str, ConfigError] = {}
     try:
-        for name, (inputs, outputs) in _keras_endpoints(graph, config).items():
+        for name, cut in _keras_endpoints(graph, config).items():
+            if isinstance(cut, ExplainConfig):
+                try:
+                    endpoints[name] = _explain_endpoint(graph, runtime, source, name, cut)
+                except ConfigError as exc:  # the model's other endpoints still serve
+                    log.error("%s", exc)
+                    refused[name] = exc
+                continue
+            inputs, outputs = cut
             try:
                 graph.plan(inputs, outputs)  # every name exists and outputs follow from inputs
             except NotFound as exc:
@@ -139,17 +152,35 @@ def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_d
                 name, tuple(inputs), tuple(runtime.spec(n) for n in inputs),
                 tuple(runtime.spec(n) for n in outputs),
                 frozenset(askable) | frozenset(outputs), hint)
-        default = _default(source, endpoints, next(iter(endpoints)))
+        if not endpoints:
+            raise next(iter(refused.values()))
+        default = _default(source, endpoints, next(iter(endpoints)), refused)
     except BaseException:
         runtime.close()
         forget_model_code(modules)
         raise
-    return LoadedModel(source, runtime, endpoints, default, "tensorflow_keras", modules)
+    return LoadedModel(source, runtime, endpoints, default, "tensorflow_keras", modules,
+                       {name: str(exc) for name, exc in refused.items()})
+
+
+def _explain_endpoint(graph: TapGraph, runtime: KerasRuntime, source: ModelSource, name: str,
+                      config: ExplainConfig) -> Endpoint:
+    """An explain endpoint: the model's inputs (and `target`) -> `attribution`."""
+    explanation, attribution = check_explanation(
+        graph, f"model {source.name!r}, endpoint {name!r}", name, config)
+    inputs, _ = runtime.specs(explanation)
+    return Endpoint(name, explanation, tuple(inputs.values()), (attribution,),
+                    frozenset({ATTRIBUTION}),
+                    f"an explanation answers its {ATTRIBUTION!r} only, not taps")
 
 
 def build_saved_model(source: ModelSource, devices: Sequence[str],
                       batches_per_device: int) -> LoadedModel:
     """A SavedModel folder: each signature is an endpoint; it has no graph to tap."""
+    if any(isinstance(e, ExplainConfig) for e in source.config.endpoints.values()):
+        raise ConfigError(f"model {source.name!r}: explain endpoints need the model's Keras "
+                          "layer graph, which a SavedModel does not have; serve a .keras or "
+                          ".h5 file to explain it")
     if source.config.endpoints:
         raise ConfigError(f"model {source.name!r}: a SavedModel serves its signatures "
                           "as endpoints; config.yaml endpoints need a .keras or .h5 model")
@@ -171,8 +202,11 @@ def build_saved_model(source: ModelSource, devices: Sequence[str],
     return LoadedModel(source, runtime, endpoints, default, "tensorflow_savedmodel")
 
 
-def _default(source: ModelSource, endpoints: dict[str, Endpoint], fallback: Hashable) -> str:
+def _default(source: ModelSource, endpoints: dict[str, Endpoint], fallback: Hashable,
+             refused: dict[str, ConfigError] | None = None) -> str:
     default = source.config.default_endpoint or fallback
+    if refused and default in refused:  # the bare model name would answer nothing
+        raise refused[default]
     if default not in endpoints:
         raise ConfigError(f"model {source.name!r}: default_endpoint {default!r} is not "
                           f"one of its endpoints {list(endpoints)}")

@@ -42,6 +42,10 @@ class Metrics:
         self.compute_duration = Histogram(
             "tapserve_compute_duration_seconds", "Time to compute one batch.",
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.explain_compute_duration = Histogram(
+            "tapserve_explain_compute_duration_seconds", "Time to compute one batch of an "
+            "explain endpoint (also counted in tapserve_compute_duration_seconds).",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(
             "tapserve_batch_size", "Rows per executed batch.",
             ["model"], buckets=BATCH_BUCKETS, registry=r)

@@ -379,7 +379,9 @@ class ModelRegistry:
             return
         model.start(on_batch=lambda rows, seconds: self._on_batch(name, rows, seconds),
                     on_depth=self.metrics.queue_depth.labels(name, str(version)).set,
-                    on_dedup=self.metrics.deduplicated_rows.labels(name).inc)
+                    on_dedup=self.metrics.deduplicated_rows.labels(name).inc,
+                    on_explain=lambda endpoint, seconds: self.metrics.explain_compute_duration
+                    .labels(name, endpoint).observe(seconds))
         gc.freeze()  # see _collect
         replaced, slot.serving, slot.serving_key = slot.serving, model, key
         slot.failed_key, slot.error, slot.category = "", "", ""

@@ -40,6 +40,7 @@ class InferRequest:
     outputs: list[str] = field(default_factory=list)  # empty: the endpoint's outputs
     id: str = ""
     deadline: float | None = None  # time.monotonic() after which it is not computed
+    json: bool = False  # its outputs go back as JSON numbers (up to 27 bytes an element)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class Target:
     model: str
     version: int
     endpoint: str
-    inputs: Mapping[str, TensorSpec]
+    inputs: Mapping[str, TensorSpec]  # what every request sends
+    optional: Mapping[str, TensorSpec] = field(default_factory=dict)  # explain's `target`
 
 
 @dataclass
@@ -72,6 +74,7 @@ class EndpointMetadata:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    optional: frozenset[str] = frozenset()  # inputs a request may leave out (explain's target)
 
 
 @dataclass

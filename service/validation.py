@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import types
 from collections.abc import Callable
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -26,6 +26,8 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     """The pydantic models an annotation may hold (through Optional, unions, Literal)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
+    if get_origin(annotation) is Annotated:  # a tagged or discriminated union
+        return _models_in(get_args(annotation)[0])
     if get_origin(annotation) in (Union, types.UnionType):
         return [m for arg in get_args(annotation) for m in _models_in(arg)]
     return []

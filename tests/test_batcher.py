@@ -573,10 +573,33 @@ async def test_a_request_the_model_cannot_compute_fails_alone() -> None:
             await result(tasks[1])
         assert float((await result(tasks[0]))["y"][0]) == 2
         assert float((await result(tasks[2]))["y"][0]) == 4
-        # The batch, then each request alone.
-        assert [len(c.feeds["x"]) for c in run.calls] == [3, 1, 1, 1]
+        # The batch, then its halves, the failing half halved again.
+        assert [len(c.feeds["x"]) for c in run.calls] == [3, 1, 2, 1, 1]
         later = [submit(b, xs(2)), submit(b, xs(3)), submit(b, xs(4))]
         assert [float((await result(t))["y"][0]) for t in later] == [4, 6, 8]
+
+
+async def test_two_bad_requests_among_sixteen_are_found_by_halves_with_one_log_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two clients sending rows the model cannot compute halved 16 others' throughput: each
+    failed batch was rerun one request at a time, with a WARNING each time."""
+    run = FakeRun()
+    bad = {3, 12}
+    async with batcher(run, max_batch_size=18, max_queue_delay_ms=FOREVER_MS) as b:
+        for _ in range(2):  # the second failed batch logs no line
+            run.calls.clear()
+            tasks = [submit(b, xs(-i if i in bad else i)) for i in range(18)]  # one batch
+            for i, task in enumerate(tasks):
+                if i in bad:
+                    with pytest.raises(ValueError, match="negative"):
+                        await result(task)
+                else:
+                    assert float((await result(task))["y"][0]) == 2 * i
+            # Halving: 15 runs (2 failing among 18), where one run a request took 19.
+            assert len(run.calls) == 15, [len(c.feeds["x"]) for c in run.calls]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "batch of 18 requests failed (negative input)" in warnings[0].getMessage()
 
 
 async def test_a_run_returning_the_wrong_row_count_fails_its_batch() -> None:

@@ -34,6 +34,7 @@ PROMETHEUS = Path("/usr/bin/prometheus")
 
 MODEL = "autoencoder"
 MAX_BATCH = zoo.CONFIGS[MODEL]["batching"]["max_batch_size"]
+EXPLAIN = "cam"  # an explain endpoint added to MODEL's config
 SCRAPE_S = 1
 LOAD_S = 12  # ≥ 2 × the rate window below, so every window holds changing data
 # The labels a Kubernetes scrape job adds, which the adapter rules and the dashboard's
@@ -149,6 +150,7 @@ class Load:
             (f"{MODEL}.encoder", "image", (8, 8, 1), None),
             (f"{MODEL}.decoder", "code", (4,), None),
             (MODEL, "image", (8, 8, 1), None),
+            (f"{MODEL}.{EXPLAIN}", "image", (8, 8, 1), None),  # an explanation
             (f"{MODEL}.encoder", "image", (8, 8, 1), ["no_such_output"]),  # NOT_FOUND
         ])
         while not self.stop_event.is_set():
@@ -285,6 +287,11 @@ def prometheus(start_server: Any, tmp_path: Path) -> Iterator[tuple[Prometheus, 
                     "`prometheus` package for this test")
     repository = tmp_path / "models"
     zoo.write_model(MODEL, repository)
+    # An explain endpoint, so the explanation panel has batches to show: Grad-CAM of the
+    # 4-wide code over the encoder's conv layer.
+    config = yaml.safe_load((repository / MODEL / "config.yaml").read_text())
+    config["endpoints"][EXPLAIN] = {"explain": "gradcam", "output": "code", "layer": "enc_conv"}
+    (repository / MODEL / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # A broken neighbour, so the load-failure panel has a failure to show.
     (repository / "broken" / "1").mkdir(parents=True)
     (repository / "broken" / "1" / "model.keras").write_bytes(b"not a model")

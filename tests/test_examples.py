@@ -59,7 +59,7 @@ def test_classifier_accuracy_on_held_out_digits(built: tuple[Path, list[Path]]) 
     assert out["recon"].shape == x_test.shape
     accuracy = np.mean(np.asarray(out["digit"]).argmax(-1) == y_test)
     assert accuracy > 0.85
-    for layer in ("features", "digit", "recon"):
+    for layer in ("conv", "features", "digit", "recon"):
         model.get_layer(layer)  # config.yaml's endpoints name these
 
 

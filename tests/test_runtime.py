@@ -6,14 +6,24 @@ import asyncio
 import threading
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import zoo
+from savedmodels import HOSTILE
 
 from service import runtime as runtime_module
+from service.errors import ConfigError
 from service.graph import TapGraph
-from service.runtime import KerasRuntime, Runtime, _pad_rows, configure_tensorflow
+from service.runtime import (
+    KerasRuntime,
+    Runtime,
+    SavedModelRuntime,
+    _pad_rows,
+    configure_tensorflow,
+)
+from service.savedmodel_ops import disallowed_ops
 from service.types import Batch
 
 
@@ -189,4 +199,116 @@ def test_compute_seconds_are_the_device_time_not_the_wait_for_a_thread() -> None
     (wall_first, first), (wall_second, second) = sorted(asyncio.run(two()))
     assert wall_second >= 0.19  # it waited for the first batch's thread...
     assert 0.09 <= second < 0.19 and 0.09 <= first < 0.19  # ...and did not count that wait
+    rt.close()
+
+
+def counting_builds(rt: KerasRuntime) -> list[tuple]:
+    """Record every function `rt` traces (its `_build` calls), in order."""
+    built: list[tuple] = []
+    build = rt._build
+
+    def counted(inputs, outputs, masked, *jit):
+        built.append((inputs, tuple(outputs), masked))
+        return build(inputs, outputs, masked, *jit)
+
+    rt._build = counted
+    return built
+
+
+def test_the_same_taps_in_another_order_trace_once(two_heads) -> None:
+    """The compiled-function key is the set of outputs, not the request's order: asking
+    (label, score) then (score, label) once traced twice, on the request path."""
+    model, graph = two_heads
+    rt = KerasRuntime(graph, ["/CPU:0"], 1)
+    built = counting_builds(rt)
+    feeds = zoo.sample_inputs(model, batch=2)
+    for outputs in (("label", "score"), ("score", "label")):
+        got, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, None)))
+        np.testing.assert_allclose(got["score"], reference(model, feeds)["score"], atol=1e-5)
+    assert len(built) == 1, built
+    rt.close()
+
+
+@pytest.mark.parametrize(("masked", "jit"), [(False, False), (True, False), (True, True)])
+def test_a_client_cycling_tap_subsets_cannot_keep_the_runtime_tracing(two_heads, masked: bool,
+                                                                      jit: bool) -> None:
+    """Each new subset of taps traced a function on the request path (0.1 s here, seconds
+    on a deep model, holding the GIL), and a client cycling more subsets than the cache
+    holds retraced forever. Beyond the model's trace budget, the full pass of every tap
+    serves (one trace more), the outputs not asked for dropped."""
+    model, graph = two_heads
+    rt = KerasRuntime(graph, ["/CPU:0"], 1, cache_size=2, jit_compile=jit, trace_budget=3)
+    built = counting_builds(rt)
+    taps = ["a_hidden", "branch_a", "b_hidden", "branch_b", "merged", "label", "score"]
+    subsets = [(a, b) for i, a in enumerate(taps) for b in taps[i + 1:]]  # 21 of them
+    feeds = zoo.sample_inputs(model, batch=4)
+    probe = keras.Model(model.inputs, {
+        "label": model.output["label"], "score": model.output["score"],
+        **{n: model.get_layer(n).output for n in taps[:5]}})
+    want = {k: np.asarray(v) for k, v in probe(feeds["x"]).items()}
+    rows = np.array([True, False, True, True])
+    for outputs in subsets * 2:
+        masks = {outputs[0]: rows, outputs[1]: ~rows} if masked else None
+        got, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, masks)))
+        assert sorted(got) == sorted(outputs)
+        for name in outputs:
+            keep = slice(None) if masks is None else masks[name]
+            np.testing.assert_allclose(got[name], want[name][keep], atol=1e-5)
+    assert len(built) == 3 + 1, built  # the budget, then the full pass once
+    rt.close()
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_saved_models_that_read_or_write_files_are_refused_at_load(tmp_path, name) -> None:
+    """A CsvDataset answered clients with a file's first line, SaveV2 wrote files during
+    warm-up, Dataset.cache loads: a deny-list of file ops let each through."""
+    write, op = HOSTILE[name]
+    target = tmp_path / "target.csv"
+    target.write_text("the server's own line\n")
+    write(tmp_path / "model", target)
+    with pytest.raises(ConfigError, match=rf"outside the server's allow-list \[[^]]*'{op}'"):
+        SavedModelRuntime(tmp_path / "model", ["/CPU:0"], 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "target.csv"]  # nothing ran
+    SavedModelRuntime(tmp_path / "model", ["/CPU:0"], 1, allow_file_ops=True).close()
+
+
+@pytest.mark.parametrize("name", ["autoencoder", "multi_dtype", "string_input", "siamese"])
+def test_ordinary_saved_models_use_only_allowed_ops(tmp_path, name) -> None:
+    """Keras 3 `model.export` and `tf.saved_model.save` of a Keras model both load."""
+    model = zoo.ZOO[name]()
+    model.export(tmp_path / "export", verbose=False)
+    tf.saved_model.save(model, str(tmp_path / "save"))
+    for folder in ("export", "save"):
+        assert disallowed_ops(tmp_path / folder) == []
+        SavedModelRuntime(tmp_path / folder, ["/CPU:0"], 1).close()
+
+
+def test_xla_compiles_a_bounded_number_of_sequence_lengths() -> None:
+    """Under jit_compile a dynamic axis compiled every new length (~90 ms on the request
+    path, 0.31 MB kept for good, without bound). XLA now sees at most `xla_shapes` input
+    shapes; other lengths run the same cut without it, with the same answers."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
+    embedded = keras.layers.Embedding(20, 4, mask_zero=True, name="embed")(tokens)
+    state = keras.layers.GRU(3, name="gru")(embedded)
+    model = keras.Model(tokens, {"state": state, "per_token": embedded})
+    rt = KerasRuntime(TapGraph(model), ["/CPU:0"], 1, jit_compile=True, xla_shapes=3)
+    xla_lengths = set()
+    build = rt._build
+
+    def recording(inputs, outputs, masked, jit):
+        fn = build(inputs, outputs, masked, jit)
+        if not jit:
+            return fn
+        return lambda feeds: xla_lengths.add(feeds["tokens"].shape[1]) or fn(feeds)
+
+    rt._build = recording
+    for length in range(1, 11):
+        x = np.random.default_rng(length).integers(1, 20, size=(3, length)).astype(np.int32)
+        got, _ = asyncio.run(rt.run(Batch(("tokens",), ("per_token", "state"), {"tokens": x},
+                                          None)))
+        want = model(x)
+        np.testing.assert_allclose(got["state"], np.asarray(want["state"]), atol=1e-5)
+        assert got["per_token"].shape == (3, length, 4)
+    assert xla_lengths == {1, 2, 3}, xla_lengths
     rt.close()

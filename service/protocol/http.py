@@ -9,6 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -211,8 +212,11 @@ class _Routes:
                 len(body), kserve_rest.decode_request, body,
                 request.headers.get(kserve_rest.HEADER_LENGTH), model, endpoint, version,
                 target.inputs)
+            infer_request.json = binary_outputs is not None and not (
+                infer_request.outputs and set(infer_request.outputs) <= binary_outputs)
             response = await call.infer(infer_request)
-        body, json_length = kserve_rest.encode_infer(response, name, binary_outputs)
+        body, json_length = await _off_loop_if_large(
+            _nbytes(response.outputs), kserve_rest.encode_infer, response, name, binary_outputs)
         if json_length is None:
             return web.Response(body=body, content_type="application/json")
         return web.Response(body=body, content_type="application/octet-stream",
@@ -281,16 +285,24 @@ class _Routes:
             target = call.resolve(model, endpoint_of(signature), version)
             infer_request, row_format = await _off_loop_if_large(
                 len(body), tfserving_rest.decode_predict, document, model, version, target)
+            infer_request.json = True
             response = await call.infer(infer_request)
-        return json_response(tfserving_rest.encode_predict(response.outputs, row_format))
+        body = await _off_loop_if_large(_nbytes(response.outputs), lambda: orjson.dumps(
+            tfserving_rest.encode_predict(response.outputs, row_format),
+            option=orjson.OPT_SERIALIZE_NUMPY))
+        return web.Response(body=body, content_type="application/json")
 
 
 async def _off_loop_if_large(size: int, decode: Callable[..., T], *args: object) -> T:
     """decode(*args) on the event loop for a small body, on a thread for a large one:
-    millions of JSON values must not stall every other request."""
+    millions of JSON values, read or written, must not stall every other request."""
     if size <= convert.DECODE_INLINE_BYTES:
         return decode(*args)
     return await asyncio.to_thread(decode, *args)
+
+
+def _nbytes(outputs: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in outputs.values())
 
 
 async def _json(request: web.Request) -> dict[str, Any]:

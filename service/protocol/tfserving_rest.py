@@ -61,32 +61,34 @@ def decode_predict(document: Any, model: str, version: str | None,
         raise InvalidInput("the request needs exactly one of `instances` (rows) or `inputs` "
                            "(columns), plus optional `signature_name` and `output_filter`"
                            + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
-    specs = target.inputs
+    specs = {**target.inputs, **target.optional}
+    required = target.inputs
     row_format = "instances" in document
     if row_format:
         instances = document["instances"]
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("`instances` must be a non-empty list of rows")
         if all(isinstance(r, dict) for r in instances) and not (
-                len(specs) == 1 and spec_takes_objects(specs, instances)):
-            columns = {name: [r.get(name) for r in instances] for name in specs}
+                len(required) == 1 and spec_takes_objects(required, instances)):
+            columns = {name: [r.get(name) for r in instances] for name in specs
+                       if name in required or any(r.get(name) is not None for r in instances)}
             unknown = {k for r in instances for k in r} - set(specs)
             missing = [n for n, c in columns.items() if any(v is None for v in c)]
             if unknown or missing:
                 raise InvalidInput(f"each instance needs inputs {sorted(specs)}"
                                    + (f"; missing {missing}" if missing else "")
                                    + (f"; unexpected {clip(sorted(unknown))}" if unknown else ""))
-        elif len(specs) == 1:
-            columns = {next(iter(specs)): instances}
+        elif len(required) == 1:
+            columns = {next(iter(required)): instances}
         else:
             raise InvalidInput(f"the endpoint takes inputs {sorted(specs)}: each instance must "
                                "be an object naming them")
     else:
         given = document["inputs"]
-        if isinstance(given, dict) and not (len(specs) == 1 and "b64" in given):
+        if isinstance(given, dict) and not (len(required) == 1 and "b64" in given):
             columns = given
-        elif len(specs) == 1:
-            columns = {next(iter(specs)): given}
+        elif len(required) == 1:
+            columns = {next(iter(required)): given}
         else:
             raise InvalidInput(f"the endpoint takes inputs {sorted(specs)}: `inputs` must be "
                                "an object naming them")

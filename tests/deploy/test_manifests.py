@@ -58,6 +58,7 @@ HISTOGRAMS = {
     "tapserve_request_duration_seconds",
     "tapserve_queue_duration_seconds",
     "tapserve_compute_duration_seconds",
+    "tapserve_explain_compute_duration_seconds",
     "tapserve_batch_size",
 }
 GAUGES = {
@@ -78,6 +79,7 @@ WITH_ENDPOINT = {
     "tapserve_requests_total",
     "tapserve_request_duration_seconds",
     "tapserve_queue_duration_seconds",
+    "tapserve_explain_compute_duration_seconds",
 }
 SELECTOR = re.compile(r"\b((?:tapserve|process)_[a-z_]+)(\{[^}]*\})?")
 # The labels a Kubernetes scrape adds; every dashboard selector filters on them, so two

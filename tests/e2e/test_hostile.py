@@ -19,6 +19,7 @@ import tensorflow as tf
 import tritonclient.grpc as triton
 import yaml
 import zoo
+from savedmodels import HOSTILE
 from scrape import wait_for
 from stock import ServerProcess, free_port, infer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -59,6 +60,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_reader(repo / "reader")
     write_reader(repo / "reader_allowed")
     (repo / "reader_allowed" / "config.yaml").write_text("allow_file_ops: true\n")
+    target = repo.parent / f"{repo.name}_target.csv"  # outside the repository
+    target.write_text("the server's own line\n")
+    for name, (write, _) in HOSTILE.items():
+        write(repo / name / "1", target)
     for bad in ("bad name!", "trailing\n"):  # not model names: skipped, with a warning
         zoo.save(zoo.ZOO["autoencoder"](), repo / bad)
     return repo
@@ -202,12 +207,61 @@ def test_outputs_larger_than_the_response_limit_are_refused_before_compute(
         with pytest.raises(InferenceServerException) as err:
             infer(client, "autoencoder", {"image": images(1000)}, ["enc_conv", "dec_pixels"])
         assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
-        assert (f"about 1280000 bytes for 1000 rows, over the server's limit of "
-                f"{RESPONSE_LIMIT} bytes per response: send at most 819 rows"
+        # 1,280,000 bytes of values and 1,170 of framing (names, shapes, the model's name)
+        assert (f"about 1281170 bytes for 1000 rows, over the server's limit of "
+                f"{RESPONSE_LIMIT} bytes per response: send at most 818 rows"
                 in err.value.message()), err.value.message()
         assert (server.metric("tapserve_batch_size_count", model="autoencoder") or 0) == batches
         got = infer(client, "autoencoder", {"image": images(800)}, ["enc_conv", "dec_pixels"])
         assert got.as_numpy("enc_conv").shape == (800, 8, 8, 4)
+
+
+def post_json(server: ServerProcess, path: str, document: dict) -> tuple[int, dict, bytes]:
+    """POST a JSON document: the status, the headers and the body."""
+    request = urllib.request.Request(f"{server.http}{path}", json.dumps(document).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def test_a_response_is_bounded_in_what_is_sent_not_in_raw_bytes(server) -> None:
+    """A JSON answer takes up to 19 bytes a float32 where the check counted 4: a 33 KB
+    request got an 832 MB body (3.2x the limit) and stalled every other HTTP client. 400
+    rows of enc_conv (256 float32 each) are 409,600 raw bytes, ~1.9 MB as JSON."""
+    batches = server.metric("tapserve_batch_size_count", model="autoencoder") or 0
+    image = {"name": "image", "datatype": "FP32", "shape": [400, 8, 8, 1],
+             "data": images(400).ravel().tolist()}
+    status, _, body = post_json(server, "/v2/models/autoencoder/infer",
+                                {"inputs": [image], "outputs": [{"name": "enc_conv"}]})
+    assert status == 400, body[:200]
+    assert "as JSON for 400 rows, over the server's limit" in json.loads(body)["error"]
+    status, _, body = post_json(server, "/v1/models/autoencoder:predict", {
+        "instances": images(400).tolist(), "output_filter": ["enc_conv"]})
+    assert status == 400, body[:200]
+    assert "as JSON for 400 rows" in json.loads(body)["error"]
+    assert (server.metric("tapserve_batch_size_count", model="autoencoder") or 0) == batches
+    # As binary data, the same answer fits.
+    status, headers, body = post_json(server, "/v2/models/autoencoder/infer", {
+        "inputs": [image], "outputs": [{"name": "enc_conv", "parameters": {"binary_data": True}}]})
+    assert status == 200, body[:200]
+    assert len(body) - int(headers["Inference-Header-Content-Length"]) == 400 * 1024
+
+
+def test_a_grpc_answer_of_exactly_the_limit_is_refused_before_compute(stub, server) -> None:
+    """1024 rows of enc_conv are exactly --max-response-bytes of values: the check let it
+    through, it was computed, and gRPC's send limit refused it with the framing added."""
+    batches = server.metric("tapserve_batch_size_count", model="autoencoder") or 0
+    request = service_pb2.ModelInferRequest(model_name="autoencoder")
+    request.inputs.add(name="image", datatype="FP32", shape=[1024, 8, 8, 1])
+    request.raw_input_contents.append(images(1024).tobytes())
+    request.outputs.add(name="enc_conv")
+    error, _ = refused(stub.ModelInfer, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "over the server's limit" in error.details(), error.details()
+    assert (server.metric("tapserve_batch_size_count", model="autoencoder") or 0) == batches
 
 
 # 3. Leaks.
@@ -264,7 +318,7 @@ def test_a_saved_model_that_reads_files_is_refused_unless_its_config_allows_it(
         with pytest.raises(InferenceServerException) as err:
             infer(client, "reader", {"path": path})
         assert err.value.status() == "StatusCode.UNAVAILABLE", err.value
-        assert "refused: its graph holds file or system ops (allow_file_ops)" in \
+        assert "refused: its graph runs ops outside the allow-list (allow_file_ops)" in \
             err.value.message()
         index = {(r["name"], r.get("version", "")): r.get("reason", "")
                  for r in client.get_model_repository_index(as_json=True)["models"]}
@@ -273,6 +327,23 @@ def test_a_saved_model_that_reads_files_is_refused_unless_its_config_allows_it(
         # Opted in, the same graph serves: the op was real.
         got = infer(client, "reader_allowed", {"path": path}).as_numpy("contents")
     assert got.tolist() == [b"the server's own file"]
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_saved_models_reading_or_writing_files_beyond_a_deny_list_are_refused(
+        server, repository: Path, autoencoder: keras.Model, name: str) -> None:
+    """A CsvDataset returned a file's first line to clients, SaveV2 wrote files during
+    warm-up, Dataset.cache loaded: the ops a SavedModel runs are now an allow-list."""
+    op = HOSTILE[name][1]
+    with server.client() as client:
+        with pytest.raises(InferenceServerException) as err:
+            infer(client, name, {"x": np.ones(2, np.float32)})
+        assert err.value.status() == "StatusCode.UNAVAILABLE", err.value
+        index = {r["name"]: r.get("reason", "") for r in
+                 client.get_model_repository_index(as_json=True)["models"]}
+        assert f"'{op}'" in index[name] and "allow-list" in index[name], index[name]
+        assert_serves(client, autoencoder)
+    assert not list(repository.parent.glob(f"{repository.name}_target.csv?*"))  # none written
 
 
 # 5. Counting.

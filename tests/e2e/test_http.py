@@ -138,6 +138,8 @@ def sample(meta: dict[str, Any], rows: int = 3, seed: int = 0) -> dict[str, np.n
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in meta["inputs"]:
+        if spec["name"] == "target":  # an explanation's, optional: each row's argmax
+            continue
         shape = (rows, *[int(d) for d in spec["shape"][1:]])
         if spec["datatype"] == "BYTES":
             feeds[spec["name"]] = np.array(rng.choice([w.encode() for w in zoo.VOCAB],

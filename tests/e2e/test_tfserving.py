@@ -94,6 +94,8 @@ def inputs_for(signature, rows: int = 3, seed: int = 0) -> dict[str, np.ndarray]
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, info in signature.inputs.items():
+        if name == "target":  # an explanation's, optional: each row's argmax
+            continue
         shape = (rows, *[d.size for d in info.tensor_shape.dim[1:]])
         dtype = tf.dtypes.as_dtype(info.dtype)
         if dtype == tf.string:

@@ -1,0 +1,102 @@
+"""The digits example's explain endpoints and the README's picture (examples/gradcam.png).
+
+The picture cannot go stale: this test trains the example models, serves them, runs
+examples/gradcam.py against the server, checks that what it drew is the served Grad-CAM
+(equal to tf.GradientTape on the model), and compares the regenerated picture with the
+committed one pixel by pixel. Training is seeded but not bit-exact across CPUs, so the
+comparison has a tolerance; a change to the model, the endpoint or the script fails it.
+To refresh the picture: serve models/ and run `.venv/bin/python examples/gradcam.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import keras
+import matplotlib.image
+import numpy as np
+import pytest
+import tensorflow as tf
+import zoo
+from harness import RunningServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "gradcam.py"
+PICTURE = ROOT / "examples" / "gradcam.png"
+# Mean absolute difference per channel (0..1) allowed between the committed picture and
+# the regenerated one. Measured: 1% noise on every map moves it by 0.0008, 5% by 0.0035;
+# one digit's map drawn for another class by 0.009, every digit's by 0.067.
+TOLERANCE = 0.005
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gradcam_example", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(start_server, tmp_path_factory: pytest.TempPathFactory
+           ) -> tuple[RunningServer, keras.Model, str]:
+    repo = tmp_path_factory.mktemp("examples")
+    zoo.write_examples(repo)
+    port = free_port()
+    server = start_server(repo, http_port=port)
+    model = keras.models.load_model(repo / "digits_classifier" / "1" / "model.keras")
+    return server, model, f"127.0.0.1:{port}"
+
+
+def grad_cam(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    cut = keras.Model(model.inputs, [model.get_layer("conv").output,
+                                     model.get_layer("digit").output])
+    with tf.GradientTape() as tape:
+        a, scores = cut(images)
+        score = tf.reduce_sum(tf.gather(scores, tf.argmax(scores, axis=-1), batch_dims=1))
+    weights = tape.gradient(score, a).numpy().mean(axis=(1, 2), keepdims=True)
+    return np.maximum((weights * a.numpy()).sum(axis=-1), 0)
+
+
+def test_the_example_serves_saliency_and_cam(served: tuple[RunningServer, keras.Model, str]
+                                             ) -> None:
+    server, model, _ = served
+    images = _script().one_of_each_digit()
+    cam = server.infer("digits_classifier.cam", {"image": images})["attribution"]
+    np.testing.assert_allclose(cam, grad_cam(model, images), rtol=1e-4, atol=1e-6)
+    saliency = server.infer("digits_classifier.saliency",
+                            {"image": images, "target": np.full(10, 3, np.int64)})
+    x = tf.constant(images)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        score = tf.reduce_sum(model(x)["digit"][:, 3])
+    np.testing.assert_allclose(saliency["attribution"], tape.gradient(score, x).numpy(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_the_readme_picture_is_regenerated_from_a_served_grad_cam(
+        served: tuple[RunningServer, keras.Model, str], tmp_path: Path) -> None:
+    _, model, url = served
+    script = _script()
+    images, predicted, cams = script.heat_maps(url)
+    np.testing.assert_allclose(cams, grad_cam(model, images), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(predicted, model(images)["digit"].numpy().argmax(-1))
+    out = tmp_path / "gradcam.png"
+    assert script.main(["--url", url, "--out", str(out)]) == 0
+    fresh, committed = matplotlib.image.imread(out), matplotlib.image.imread(PICTURE)
+    assert fresh.shape == committed.shape == (script.SIZE[1], script.SIZE[0], 4)
+    difference = float(np.abs(fresh - committed).mean())
+    assert difference < TOLERANCE, (
+        f"examples/gradcam.png differs from what the served model draws now (mean "
+        f"{difference:.4f}): regenerate it (serve models/, run examples/gradcam.py)")
