@@ -19,20 +19,46 @@ OPEN_GRPC_METHODS = frozenset(
     f"/inference.GRPCInferenceService/{m}" for m in ("ServerLive", "ServerReady", "ModelReady"))
 
 
+# The repository API (load, unload, index): with --admin-token-file, only its tokens open
+# it, as Triton restricts it with a credential of its own.
+REPOSITORY_GRPC_METHODS = frozenset(
+    f"/inference.GRPCInferenceService/{m}"
+    for m in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"))
+
+
 def open_grpc_method(method: str) -> bool:
     return method in OPEN_GRPC_METHODS or method.startswith(OPEN_GRPC_PREFIXES)
+
+
+class Access:
+    """Which tokens a call needs: none for the open calls, the admin tokens for the
+    repository API when there are any, the inference tokens for the rest (None: that set
+    is off, and its calls are open)."""
+
+    def __init__(self, tokens: Tokens | None, admin: Tokens | None) -> None:
+        self.tokens = tokens
+        self.admin = admin
+
+    def needed(self, repository: bool) -> Tokens | None:
+        return self.admin if repository and self.admin is not None else self.tokens
+
+    def refresh(self) -> None:
+        for tokens in (self.tokens, self.admin):
+            if tokens is not None:
+                tokens.refresh()
 
 
 class Tokens:
     """The tokens of a file: one a line; blank lines and lines starting with # are skipped.
 
     A file that cannot be read or parsed at start is a ConfigError; later, the tokens in
-    use are kept (and a warning says why) until the file is usable again. Tokens are never
-    logged: messages name line numbers.
+    use are kept (and a warning says why) until the file is usable again and holds a
+    token. Tokens are never logged: messages name line numbers.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flag: str = "--auth-token-file") -> None:
         self.path = path
+        self.flag = flag  # named in refusals, which must not name the file's path
         self._stamp = self._stat()
         self._tokens = self._read()
         if not self._tokens:
@@ -75,6 +101,11 @@ class Tokens:
         except ConfigError as exc:
             log.warning("keeping the tokens in use: %s", exc)
             return
+        if not tokens:
+            # A file rewritten in place is empty for a moment, as a half-written certificate
+            # pair does not fit: keep the tokens in use until the file holds one.
+            log.warning("keeping the tokens in use: %s holds no token", self.path)
+            return
         if tokens != self._tokens:
             self._tokens = tokens
             log.info("tokens reloaded from %s (%d tokens)", self.path, len(tokens))
@@ -91,4 +122,4 @@ class Tokens:
             accepted |= hmac.compare_digest(candidate, known)
         if not accepted:
             raise Unauthenticated("the bearer token is not accepted: check it against the "
-                                  "server's token file")
+                                  f"server's token file ({self.flag})")

@@ -8,7 +8,7 @@ import time
 from importlib.metadata import version as package_version
 from types import TracebackType
 
-from service.errors import SHUTTING_DOWN, NotFound, NotReady, TapserveError
+from service.errors import SHUTTING_DOWN, NotFound, NotReady, TapserveError, clip
 from service.metrics import UNKNOWN, Metrics
 from service.model import Endpoint, LoadedModel
 from service.registry import ModelRegistry
@@ -55,12 +55,17 @@ class DataPlane:
         return self.registry.ready(self.strict_readiness) and not self.draining
 
     def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
-        """Whether that endpoint (of that version) answers now; NotFound if it is unknown."""
+        """Whether that endpoint (of that version) answers now; NotFound if it is unknown,
+        naming only what the client sent: readiness needs no token, so its errors must not
+        list the server's models, endpoints, versions or labels (metadata calls do)."""
         try:
-            served = self.registry.get(model, version)
+            self.registry.get(model, version).endpoint(endpoint)
         except NotReady:
             return False
-        served.endpoint(endpoint)  # raises NotFound for an unknown endpoint
+        except NotFound:
+            asked = clip(model) + "".join(f", {what} {clip(value)}" for what, value in (
+                ("endpoint", endpoint), ("version", version)) if value is not None)
+            raise NotFound(f"no model {asked} is served here") from None
         return not self.draining
 
     def server_metadata(self) -> tuple[str, str, list[str]]:

@@ -64,6 +64,14 @@ class Metrics:
         self.model_load_failures = Counter(
             "tapserve_model_load_failures", "Loads that failed (a broken file or config.yaml).",
             ["model"], registry=r)
+        self.repository_failures = Counter(
+            "tapserve_repository_read_failures", "Failed reads of an object-store model "
+            "repository: a listing of the bucket, or a download of one version or file.",
+            ["repository"], registry=r)
+        self.repository_reachable = Gauge(
+            "tapserve_repository_reachable", "1 while the last listing of an object-store "
+            "model repository succeeded, 0 while it fails (absent for a folder).",
+            ["repository"], registry=r)
         self.grpc_requests = Counter(
             "tapserve_grpc_requests", "Every gRPC call by method and status code.",
             ["method", "code"], registry=r)

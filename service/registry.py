@@ -106,9 +106,10 @@ def _collect() -> None:
 
 class ModelRegistry:
     def __init__(self, repository: Path, mode: str, loader: Loader, metrics: Metrics,
-                 drain_grace: float, on_change: Callable[[], Awaitable[None]] | None = None
-                 ) -> None:
+                 drain_grace: float, on_change: Callable[[], Awaitable[None]] | None = None,
+                 refresh: Callable[[float], Awaitable[object]] | None = None) -> None:
         self.repository = repository
+        self._refresh = refresh  # brings a mirrored repository (service/storage.py) up to date
         self.mode = mode
         self.loader = loader
         self.metrics = metrics
@@ -234,6 +235,8 @@ class ModelRegistry:
         """Poll mode: re-read the repository every `interval` seconds, forever."""
         while True:
             await asyncio.sleep(interval)
+            if self._refresh:
+                await self._refresh(interval)
             try:
                 names = set(model_names(self.repository, self._warned))
             except ConfigError as exc:
@@ -248,6 +251,8 @@ class ModelRegistry:
     async def load(self, name: str) -> None:
         """Repository API: load (or reload) a model and wait until it serves."""
         self._explicit_only("load")
+        if self._refresh:
+            await self._refresh(0)
         if name not in model_names(self.repository, self._warned):
             raise NotFound(f"no model {name!r} in the model repository")
         entry = self.models.setdefault(name, ModelEntry(name))

@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,17 +18,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from service.auth import Tokens
+from service.auth import Access, Tokens
 from service.dataplane import DataPlane
 from service.errors import Unauthenticated
 from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
+from service.protocol.call_limits import CallLimits
 from service.protocol.convert import client_names
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.http import build_app
+from service.protocol.http_connections import GuardedSite
 from service.protocol.kserve import PROTOCOL as KSERVE_GRPC
 from service.protocol.kserve import InferenceServicer
 from service.protocol.read_timeout import RequestReadTimeout
@@ -38,6 +41,7 @@ from service.registry import POLL, ModelRegistry
 from service.repository import model_names
 from service.runtime import configure_tensorflow, gpu_memory_in_use
 from service.settings import Settings, inter_op_threads, intra_op_threads
+from service.storage import Mirror
 from service.tls import CertificateFiles, HttpTls, grpc_credentials
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ QUIET_MAX_S = 2.0
 # How often the token file and the HTTP port's certificate files are checked for changes
 # (gRPC checks its certificate files itself, at each new connection).
 WATCH_S = 1.0
+# The least time between two log lines saying the gRPC port is at --max-concurrent-rpcs.
+FULL_LOG_S = 60.0
 # Refused inference calls count in tapserve_requests_total under their model: the method,
 # the front door, and how to read (model, endpoint) from the request gRPC already parsed.
 INFER_METHODS: dict[str, tuple[str, Callable[[Any], tuple[str, str | None]]]] = {
@@ -91,12 +97,18 @@ class TapServer:
         for device in gpu_memory_in_use():
             self.metrics.gpu_memory.labels(device).set_function(
                 lambda d=device: gpu_memory_in_use().get(d, 0))
+        # A bucket is served from a local mirror of it; a folder as it is.
+        repository = settings.model_repository
+        self.mirror = Mirror(repository, self.metrics) if isinstance(repository, str) else None
         self.registry = ModelRegistry(
-            settings.model_repository, settings.model_control_mode,
-            Loader(settings, self.devices), self.metrics, settings.drain_grace_seconds,
-            on_change=self._update_health)
+            self.mirror.folder if self.mirror else Path(repository),
+            settings.model_control_mode, Loader(settings, self.devices), self.metrics,
+            settings.drain_grace_seconds, on_change=self._update_health,
+            refresh=self.mirror.refresh if self.mirror else None)
         self.dataplane = DataPlane(self.registry, self.metrics, settings.strict_readiness)
         self.health = Health()
+        self._limits = CallLimits(settings.max_concurrent_rpcs, settings.max_watch_streams,
+                                  on_done=self._count_rpc, on_full=self._on_full)
         self.grpc_port = 0
         self.metrics_port = 0
         self._loading: asyncio.Task | None = None
@@ -105,15 +117,17 @@ class TapServer:
         self._http: web.AppRunner | None = None
         self._health_server: grpc.aio.Server | None = None
         self._watching: asyncio.Task | None = None
-        self.tokens: Tokens | None = None
+        self.access: Access | None = None
         self._http_tls: HttpTls | None = None
         self._last_call = 0.0  # monotonic time the last unary call ended
+        self._full_logged = -FULL_LOG_S  # monotonic time the cap was last said to be full
 
     async def start(self) -> None:
         """Bind both ports and start loading; raises ConfigError or OSError (a port in use)
         before anything is left running."""
         s = self.settings
-        model_names(s.model_repository)  # a missing folder fails here, before any port
+        if not self.mirror:
+            model_names(Path(s.model_repository))  # a missing folder fails here, before any port
         # Unreadable or mismatched TLS or token files fail here too (ConfigError).
         grpc_tls = http_tls = None
         if s.tls_cert_file is not None:
@@ -122,13 +136,16 @@ class TapServer:
             http_tls = CertificateFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file,
                                         "HTTP")
             self._http_tls = HttpTls(http_tls)
-        interceptors = [ErrorStatusInterceptor(on_done=self._count_rpc)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            self._limits, ErrorStatusInterceptor(on_done=self._count_rpc)]
         if s.grpc_request_read_timeout_secs:
-            interceptors.insert(0, RequestReadTimeout(s.grpc_request_read_timeout_secs,
+            interceptors.insert(1, RequestReadTimeout(s.grpc_request_read_timeout_secs,
                                                       on_done=self._count_rpc))
-        if s.auth_token_file is not None:
-            self.tokens = Tokens(s.auth_token_file)
-            interceptors.append(BearerTokenInterceptor(self.tokens, self._refused))
+        if s.auth_token_file is not None or s.admin_token_file is not None:
+            self.access = Access(
+                Tokens(s.auth_token_file) if s.auth_token_file else None,
+                Tokens(s.admin_token_file, "--admin-token-file") if s.admin_token_file else None)
+            interceptors.append(BearerTokenInterceptor(self.access, self._refused))
         try:
             self._metrics_http = self.metrics.serve(s.host, s.metrics_port)
         except OSError as exc:  # the bare errno text names no port
@@ -136,8 +153,7 @@ class TapServer:
                           f"{exc.strerror or exc}") from None
         self.metrics_port = self._metrics_http.server_port
         self.server = grpc.aio.server(
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
+            interceptors=interceptors,  # CallLimits caps the calls, not grpc.aio
             options=[("grpc.max_receive_message_length", s.max_request_bytes),
                      ("grpc.max_send_message_length", s.max_response_bytes),
                      # A second server on a taken port must fail, not share it silently.
@@ -157,7 +173,9 @@ class TapServer:
         self.grpc_port = self._bind(self.server, "gRPC", s.grpc_port,
                                     grpc_credentials(grpc_tls) if grpc_tls else None)
         if s.health_port:
-            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self._health_server = grpc.aio.server(
+                interceptors=[CallLimits(0, s.max_watch_streams)],
+                options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             self._bind(self._health_server, "the health port", s.health_port)
         if s.http_port:
@@ -170,7 +188,7 @@ class TapServer:
         await self.server.start()
         if self._health_server:
             await self._health_server.start()
-        await self._update_health()
+        self._publish_health()
         http = f"HTTP on {s.host}:{s.http_port}" if s.http_port else "HTTP off"
         health = f", gRPC health (plaintext) on {s.host}:{s.health_port}" if s.health_port else ""
         log.info("serving gRPC on %s:%d, metrics on %s:%d, %s%s", s.host, self.grpc_port,
@@ -178,10 +196,13 @@ class TapServer:
         if grpc_tls:
             log.info("TLS on the gRPC and HTTP ports (%s); metrics stay plaintext",
                      "client certificates required" if grpc_tls.mutual else "server only")
-        if self.tokens:
-            log.info("bearer tokens from %s required, except for health and reflection",
-                     s.auth_token_file)
-        if self.tokens or self._http_tls:
+        if s.auth_token_file:
+            log.info("bearer tokens from %s required, except for health and reflection%s",
+                     s.auth_token_file, "" if s.admin_token_file else
+                     " (any of them also opens the repository API: --admin-token-file)")
+        if s.admin_token_file:
+            log.info("the repository API requires bearer tokens from %s", s.admin_token_file)
+        if self.access or self._http_tls:
             self._watching = asyncio.create_task(self._watch())
         self._loading = asyncio.create_task(self._load())
 
@@ -202,13 +223,14 @@ class TapServer:
     async def _start_http(self) -> None:
         """KServe v2 REST and TF Serving REST, on this event loop, over the data plane."""
         s = self.settings
-        app = build_app(self.dataplane, s.max_request_bytes, self.tokens,
+        app = build_app(self.dataplane, s.max_request_bytes, self.access,
                         s.max_receiving_bytes, s.request_read_timeout_secs)
         # Handlers finish within the drain; the runner's own wait is for stragglers only.
         self._http = web.AppRunner(app, access_log=None, shutdown_timeout=1.0,
                                    keepalive_timeout=s.max_connection_idle_secs or 75.0)
         await self._http.setup()
-        await web.TCPSite(self._http, s.host, s.http_port,
+        await GuardedSite(self._http, s.host, s.http_port, s.max_http_connections,
+                          s.http_header_timeout_secs,
                           ssl_context=self._http_tls.context if self._http_tls else None).start()
 
     async def _watch(self) -> None:
@@ -216,8 +238,8 @@ class TapServer:
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                if self.tokens:
-                    self.tokens.refresh()
+                if self.access:
+                    self.access.refresh()
                 if self._http_tls:
                     self._http_tls.refresh()
             except Exception:  # the watch must outlive one bad read
@@ -230,6 +252,10 @@ class TapServer:
             self.dataplane.refused(protocol, model, endpoint, error)
 
     async def _load(self) -> None:
+        # A bucket is read whole once before the start-up load; until then (an unreachable
+        # bucket) the server is not ready and retries every poll interval.
+        while self.mirror and not await self.mirror.refresh(0):
+            await asyncio.sleep(self.settings.repository_poll_secs)
         await self.registry.start(self.settings.load_model)
         if self.settings.model_control_mode == POLL:
             self._polling = asyncio.create_task(
@@ -241,11 +267,25 @@ class TapServer:
             await self._loading
 
     async def _update_health(self) -> None:
+        self._publish_health()
+
+    def _on_full(self, full: bool) -> None:
+        now = time.monotonic()
+        if full and now - self._full_logged >= FULL_LOG_S:  # a flapping cap: one line a minute
+            self._full_logged = now
+            log.warning("the gRPC port holds --max-concurrent-rpcs calls and refuses more: "
+                        "health \"\" says NOT_SERVING until a tenth of them have ended")
+        self._publish_health()
+
+    def _publish_health(self) -> None:
         """Health follows the registry: "" is the server's readiness, each model serves
-        while one of its versions does."""
+        while one of its versions does. "" is also NOT_SERVING while the gRPC port is at
+        --max-concurrent-rpcs, refusing every call: a probe must not keep such a replica
+        in rotation."""
         if self.dataplane.draining:
             return  # enter_graceful_shutdown set every service NOT_SERVING for good
-        wanted = {"": SERVING if self.dataplane.ready() else NOT_SERVING}
+        ready = self.dataplane.ready() and not self._limits.full
+        wanted = {"": SERVING if ready else NOT_SERVING}
         for name, entry in self.registry.models.items():
             wanted[name] = SERVING if entry.serving() else NOT_SERVING
         for name in set(self._health) - set(wanted):
@@ -253,7 +293,7 @@ class TapServer:
         for name, status in wanted.items():
             if self._health.get(name) != status:
                 self._health[name] = status
-                await self.health.set(name, status)
+                self.health.set(name, status)
 
     def _count_rpc(self, method: str, code: str) -> None:
         self._last_call = time.monotonic()
@@ -273,7 +313,7 @@ class TapServer:
         grace = self.settings.drain_grace_seconds if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
         self.dataplane.draining = True
-        await self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()
         for task in (self._loading, self._polling, self._watching):
             if task and not task.done():
                 task.cancel()
@@ -283,6 +323,8 @@ class TapServer:
         # a handler: their clients saw CANCELLED (no retry), not UNAVAILABLE.
         deadline = time.monotonic() + grace
         await self.registry.close(grace)
+        if self.mirror:
+            await self.mirror.close()
         await self._quiet(deadline)
         # What is left are answers on their way out and open health Watch streams, which
         # never end by themselves: a short grace, not the whole remainder.

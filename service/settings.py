@@ -9,13 +9,19 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.storage import check_url, is_url
+
 
 class Settings(BaseSettings):
     """Every field can be set as `--field-name` on `tapserve serve` or `TAPSERVE_FIELD_NAME`."""
 
-    model_config = SettingsConfigDict(env_prefix="TAPSERVE_", extra="ignore")
+    # hide_input_in_errors: a value may hold a secret (a credential pasted into a URL).
+    model_config = SettingsConfigDict(env_prefix="TAPSERVE_", extra="ignore",
+                                      hide_input_in_errors=True)
 
-    model_repository: Path = Field(Path("models"), description="Folder of models to serve.")
+    model_repository: Path | str = Field(
+        Path("models"), description="Folder of models to serve, or a bucket: s3://bucket/prefix "
+        "or gs://bucket/prefix (credentials and endpoint from the provider's environment).")
     host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind.")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: any free port).")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port.")
@@ -38,7 +44,11 @@ class Settings(BaseSettings):
         "signed (mutual TLS; re-read when it changes).")
     auth_token_file: Path | None = Field(
         None, description="Bearer tokens, one a line (# comments): inference, metadata, "
-        "statistics and repository calls must carry one (re-read when it changes).")
+        "statistics and repository calls must carry one (the repository API one of "
+        "--admin-token-file, if set; re-read when they change).")
+    admin_token_file: Path | None = Field(
+        None, description="Bearer tokens for the repository API (load, unload, index), in "
+        "the format of --auth-token-file: set, only these open it (re-read when it changes).")
     max_response_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="A request whose outputs would be larger is "
         "refused before it is computed (INVALID_ARGUMENT); also gRPC's send limit.")
@@ -82,11 +92,22 @@ class Settings(BaseSettings):
         "closed at accept (0: no limit).")
     max_concurrent_rpcs: int = Field(
         1024, ge=0, description="gRPC calls the server holds at once, over all connections "
-        "(health checks too); more are refused with RESOURCE_EXHAUSTED (0: no limit).")
+        "(health checks too, health Watch streams aside); more are refused with "
+        "RESOURCE_EXHAUSTED, and health \"\" says NOT_SERVING while they are (0: no limit).")
+    max_watch_streams: int = Field(
+        1000, ge=0, description="grpc.health.v1 Watch streams each gRPC port holds at once, "
+        "apart from --max-concurrent-rpcs; more are refused with RESOURCE_EXHAUSTED "
+        "(0: no limit).")
     max_receiving_bytes: int = Field(
-        1024 * 1024 * 1024, ge=0, description="HTTP request bodies being received, over all "
-        "connections: each reserves its Content-Length before it is read, and one that does "
-        "not fit is refused with 429 (0: no limit).")
+        1024 * 1024 * 1024, ge=0, description="Bytes of HTTP request bodies being received, "
+        "over all connections: each body reserves its bytes as they arrive, and one whose "
+        "next bytes do not fit is refused with 429 (0: no limit).")
+    max_http_connections: int = Field(
+        1000, ge=0, description="Client connections the HTTP port holds at once; more are "
+        "answered 503 and closed (0: no limit).")
+    http_header_timeout_secs: float = Field(
+        10.0, ge=0, description="A new HTTP connection whose first request's headers have not "
+        "all arrived this long after it opened is closed (0: no limit).")
     request_read_timeout_secs: float = Field(
         30.0, ge=0, description="An HTTP request body not fully received this long after the "
         "request started is refused (408) and its buffered bytes freed (0: no limit).")
@@ -133,6 +154,12 @@ class Settings(BaseSettings):
             raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and "
                              "--tls-key-file")
         return self
+
+    @field_validator("model_repository", mode="after")
+    @classmethod
+    def _folder_or_url(cls, value: Path | str) -> Path | str:
+        # A URL stays a str (a Path would fold its "//"); anything else is a folder.
+        return check_url(value) if is_url(value) else Path(value)
 
     @field_validator("load_model", mode="before")
     @classmethod

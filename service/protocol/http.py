@@ -13,12 +13,11 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from service.auth import Tokens
+from service.auth import Access
 from service.errors import (
     Cancelled,
     InvalidInput,
     NotFound,
-    Overloaded,
     TapserveError,
     Unauthenticated,
     clip,
@@ -66,16 +65,19 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, INTERNAL_MESSAGE)
 
 
-def _bearer_token(tokens: Tokens, routes: _Routes) -> Callable[..., Any]:
-    """Every route but health needs a token, checked before the body is read. Refused
-    inference calls are counted under their model (read from the path)."""
+def _bearer_token(access: Access, routes: _Routes) -> Callable[..., Any]:
+    """Every route but health needs a token, checked before the body is read; the
+    repository API an admin token if there are any. Refused inference calls are counted
+    under their model (read from the path)."""
     open_routes = {routes.live, routes.ready, routes.model_ready}
+    repository = {routes.repository_index, routes.load, routes.unload}
     inference = {routes.infer: KSERVE, routes.tfs_predict: PROTOCOL_REST}
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.handler
-        if route in open_routes:
+        tokens = access.needed(route in repository)
+        if route in open_routes or tokens is None:
             return await handler(request)
         try:
             tokens.check(request.headers.get("Authorization"))
@@ -89,10 +91,12 @@ def _bearer_token(tokens: Tokens, routes: _Routes) -> Callable[..., Any]:
 
 
 def _body_limits(max_request_bytes: int, budget: int, timeout: float) -> Callable[..., Any]:
-    """Bodies being received share a byte budget: each reserves its Content-Length (a
-    chunked one, --max-request-bytes) before it is read, and is refused (429) if that does
-    not fit, so many stalled uploads cannot hold more than `budget` between them. A body
-    must arrive within `timeout` seconds (408). Both 0: off."""
+    """Bodies being received share a byte budget: each reserves its bytes as they arrive,
+    not the length it announces, so a client that sent 10 bytes holds 10 bytes, and many
+    stalled uploads cannot hold more than `budget` between them; a body whose next bytes do
+    not fit is refused (429). A body must arrive within `timeout` seconds (408). Both 0:
+    off. A body larger than `max_request_bytes` is refused (413), before it is read if it
+    says its length."""
     reserved = 0
 
     @web.middleware
@@ -100,35 +104,56 @@ def _body_limits(max_request_bytes: int, budget: int, timeout: float) -> Callabl
         nonlocal reserved
         if not request.body_exists:
             return await handler(request)
-        size = min(request.content_length or max_request_bytes, max_request_bytes)
-        if budget and reserved + size > budget:
-            raise Overloaded(f"the server is receiving {reserved} bytes of request bodies, "
-                             f"its limit is {budget} (--max-receiving-bytes): retry later")
-        reserved += size
+        if (request.content_length or 0) > max_request_bytes:
+            return _closing(_too_large(max_request_bytes))
+        held = 0  # bytes of the budget this request holds, until it is answered
         try:
+            body = bytearray()
             try:
                 async with asyncio.timeout(timeout or None):
-                    await request.read()  # the handler's read() returns these bytes
+                    while chunk := await request.content.readany():
+                        if held + len(chunk) > max_request_bytes:
+                            return _closing(_too_large(max_request_bytes))
+                        if budget and reserved + len(chunk) > budget:
+                            return _closing(error_response(429, (
+                                f"the server is receiving {reserved} bytes of request bodies, "
+                                f"its limit is {budget} (--max-receiving-bytes): retry later")))
+                        reserved += len(chunk)
+                        held += len(chunk)
+                        body += chunk
             except TimeoutError:
-                response = error_response(408, f"the request body did not arrive within "
-                                          f"{timeout:g} s (--request-read-timeout-secs)")
-                response.force_close()  # the rest of the body is not worth waiting for
-                return response
+                return _closing(error_response(408, f"the request body did not arrive within "
+                                               f"{timeout:g} s (--request-read-timeout-secs)"))
             except ConnectionResetError:  # the client went away: no traceback in the log
                 raise Cancelled("the client closed the connection during its body") from None
+            # What the handler's read() returns: aiohttp keeps a body it read there.
+            request._read_bytes = bytes(body)
+            del body
             return await handler(request)
         finally:
-            reserved -= size
+            reserved -= held
 
     return limit
 
 
-def build_app(dataplane: DataPlane, max_request_bytes: int, tokens: Tokens | None = None,
+def _too_large(max_request_bytes: int) -> web.Response:
+    return error_response(413, f"the request body is larger than {max_request_bytes} bytes "
+                          "(--max-request-bytes)")
+
+
+def _closing(response: web.Response) -> web.Response:
+    """`response`, closing the connection after it: the rest of the body is not worth
+    waiting for."""
+    response.force_close()
+    return response
+
+
+def build_app(dataplane: DataPlane, max_request_bytes: int, access: Access | None = None,
               body_budget: int = 0, read_timeout: float = 0) -> web.Application:
-    """The aiohttp application serving both REST APIs (with `tokens`: behind bearer tokens;
+    """The aiohttp application serving both REST APIs (with `access`: behind bearer tokens;
     `body_budget` and `read_timeout`: see _body_limits)."""
     routes = _Routes(dataplane)
-    middlewares = [_errors] + ([_bearer_token(tokens, routes)] if tokens else []) + [
+    middlewares = [_errors] + ([_bearer_token(access, routes)] if access else []) + [
         _body_limits(max_request_bytes, body_budget, read_timeout)]
     app = web.Application(client_max_size=max_request_bytes, middlewares=middlewares)
     model = "/v2/models/{model}"

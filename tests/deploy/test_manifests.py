@@ -641,3 +641,131 @@ def test_dashboard_panels_query_only_tapserve_metrics() -> None:
     concrete = [re.sub(r"\$\w+", ".*", e.replace("$__rate_interval", "5m")) for e in exprs]
     assert all("$" not in e for e in concrete), concrete
     assert parse_promql(concrete) == []
+
+
+# ---- KServe ------------------------------------------------------------------------------
+
+KSERVE = ROOT / "deploy" / "kserve"
+# KServe's own CRD schemas, brought in as data (their SOURCE.md says from where).
+KSERVE_SCHEMAS = ROOT / "tests" / "deploy" / "schemas" / "kserve-v0.20.0"
+KSERVE_KINDS = {
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): "servingruntime.json",
+    ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): "clusterservingruntime.json",
+    ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice.json",
+}
+
+
+def kserve_documents() -> dict[str, dict[str, Any]]:
+    """file name -> its one document, for every file of deploy/kserve."""
+    out = {}
+    for path in sorted(KSERVE.glob("*.yaml")):
+        (doc,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        out[path.name] = doc
+    return out
+
+
+def kserve_errors(docs: list[dict[str, Any]]) -> list[str]:
+    """Validate each custom resource against its KServe CRD schema, made strict, with the
+    jsonschema package kubernetes-validate uses (in .venv-deploy); return the errors."""
+    script = (
+        "import json, sys, jsonschema\n"
+        "def strict(s):\n"
+        "    if isinstance(s, dict):\n"
+        "        if ('properties' in s and 'additionalProperties' not in s\n"
+        "                and not s.get('x-kubernetes-preserve-unknown-fields')):\n"
+        "            s['additionalProperties'] = False\n"
+        "        for v in s.values():\n"
+        "            strict(v)\n"
+        "    elif isinstance(s, list):\n"
+        "        for v in s:\n"
+        "            strict(v)\n"
+        "    return s\n"
+        "errors = []\n"
+        "for schema_file, doc in json.load(sys.stdin):\n"
+        "    schema = strict(json.load(open(schema_file)))\n"
+        "    validator = jsonschema.validators.Draft202012Validator(schema)\n"
+        "    for e in validator.iter_errors(doc):\n"
+        "        errors.append(f\"{doc['kind']} {'/'.join(map(str, e.absolute_path))}: \"\n"
+        "                      f\"{e.message[:300]}\")\n"
+        "print(json.dumps(errors))\n"
+    )
+    pairs = [(str(KSERVE_SCHEMAS / KSERVE_KINDS[(d["apiVersion"], d["kind"])]), d)
+             for d in docs]
+    result = run(tool("python"), "-c", script, stdin=json.dumps(pairs))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_kserve_resources_validate_against_kserve_schemas() -> None:
+    docs = kserve_documents()
+    custom = [d for d in docs.values() if (d["apiVersion"], d["kind"]) in KSERVE_KINDS]
+    assert {d["kind"] for d in custom} == {k for _, k in KSERVE_KINDS}
+    assert kserve_errors(custom) == []
+    # The schemas do refuse what KServe would: a misspelt field, a wrong type.
+    runtime = json.loads(json.dumps(docs["servingruntime.yaml"]))
+    runtime["spec"]["containers"][0]["argz"] = []
+    runtime["spec"]["supportedModelFormats"][0]["autoSelect"] = "yes"
+    errors = kserve_errors([runtime])
+    assert len(errors) == 2 and any("argz" in e for e in errors), errors
+
+
+def test_kserve_core_resources_validate_against_kubernetes_schemas() -> None:
+    core = [KSERVE / f for f, d in kserve_documents().items()
+            if (d["apiVersion"], d["kind"]) not in KSERVE_KINDS]
+    assert core
+    result = run(tool("kubernetes-validate"), "--strict", "-k", K8S_VERSIONS[0], *core)
+    assert result.returncode == 0 and "WARN" not in result.stdout, result.stdout + result.stderr
+
+
+def test_kserve_runtime_serves_what_kserve_expects() -> None:
+    from service.cli import _parser
+    from service.settings import Settings
+
+    docs = kserve_documents()
+    runtime, cluster = docs["servingruntime.yaml"], docs["clusterservingruntime.yaml"]
+    assert runtime["spec"] == cluster["spec"], "one runtime, two scopes"
+    spec = runtime["spec"]
+    assert {f["name"] for f in spec["supportedModelFormats"]} == {"keras", "tensorflow"}
+    assert set(spec["protocolVersions"]) == {"v2", "grpc-v2"}
+    (c,) = spec["containers"]
+    assert c["name"] == "kserve-container"  # the name KServe merges an InferenceService into
+    assert c["image"] == container(document("deployment.yaml"))["image"]
+    # The args are a valid `tapserve serve` command line, on KServe's ports and folder.
+    assert c["args"][0] == "serve"
+    args = vars(_parser().parse_args(c["args"]))
+    settings = Settings(**{k: v for k, v in args.items() if k != "command" and v is not None})
+    assert settings.model_repository == Path("/mnt/models")  # the storage initializer's
+    assert (settings.http_port, settings.grpc_port) == (8080, 9000)
+    assert settings.model_control_mode == "none"
+    assert spec["annotations"]["prometheus.kserve.io/port"] == str(settings.metrics_port)
+    assert "ports" not in c, "Knative routes one port: the InferenceService names it"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == settings.http_port
+        assert c[probe]["httpGet"]["path"].startswith("/v2/health/")
+    # The same lock-down as deploy/k8s, and a writable /tmp for TensorFlow beside it.
+    assert c["securityContext"] == container(document("deployment.yaml"))["securityContext"]
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (tmp,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert "emptyDir" in volumes[tmp["name"]]
+
+
+@pytest.mark.parametrize("name", ["inferenceservice.yaml", "inferenceservice-grpc.yaml"])
+def test_kserve_inference_service_uses_the_runtime_and_s3(name: str) -> None:
+    docs = kserve_documents()
+    predictor = docs[name]["spec"]["predictor"]
+    model = predictor["model"]
+    runtime = docs["servingruntime.yaml"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["modelFormat"]["name"] in formats
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert model["storageUri"].startswith("s3://")
+    account = docs["serviceaccount.yaml"]
+    assert predictor["serviceAccountName"] == account["metadata"]["name"]
+    assert predictor["minReplicas"] >= 2 and predictor["maxReplicas"] > predictor["minReplicas"]
+    pod = document("deployment.yaml")["spec"]["template"]["spec"]["securityContext"]
+    assert predictor["securityContext"] == pod
+    if model["protocolVersion"] == "grpc-v2":  # Knative routes the gRPC port, as h2c
+        (port,) = model["ports"]
+        assert (port["name"], port["containerPort"]) == ("h2c", 9000)

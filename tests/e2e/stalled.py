@@ -4,6 +4,7 @@ HTTP/1.1 POST with a Content-Length it never reaches; and the server's resident 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -13,6 +14,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MIB = 1024 * 1024
@@ -114,6 +116,37 @@ def stalled_http_post(port: int, path: str, declared: int, send: int) -> socket.
     return sock
 
 
+def stalled_chunked_post(port: int, path: str, send: int) -> socket.socket:
+    """A chunked HTTP/1.1 POST (no Content-Length) whose first chunk of `send` bytes is
+    sent, and nothing more."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Transfer-Encoding: chunked\r\n\r\n{send:x}\r\n".encode()
+                 + b" " * send + b"\r\n")
+    return sock
+
+
+def half_a_header(port: int) -> socket.socket:
+    """An HTTP/1.1 request whose header block is never finished."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-")
+    return sock
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closes `sock` within `timeout` s (what it sends first is read
+    and dropped)."""
+    sock.settimeout(max(timeout, 0.01))
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def http_status(sock: socket.socket, timeout: float) -> int | None:
     """The status of the response the server sends on `sock` within `timeout` s."""
     sock.settimeout(max(timeout, 0.01))
@@ -122,3 +155,64 @@ def http_status(sock: socket.socket, timeout: float) -> int | None:
     except (TimeoutError, OSError):
         return None
     return int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else None
+
+
+WATCH = "/grpc.health.v1.Health/Watch"
+STREAMS_PER_CONNECTION = 100  # the server's --max-concurrent-streams default
+
+
+class RawWatches:
+    """`count` grpc.health.v1 Watch streams for `service`, on raw HTTP/2 connections of
+    100 streams each, whose initial stream window is `window` (0: the client never lets the
+    server send it a byte, and never reads). The streams stay open until close()."""
+
+    def __init__(self, port: int, count: int, service: str = "", window: int = 65535) -> None:
+        from grpc_health.v1 import health_pb2
+
+        message = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+        body = struct.pack(">BI", 0, len(message)) + message
+        self.connections: list[tuple[socket.socket, h2.connection.H2Connection]] = []
+        self.streams: list[tuple[int, int]] = []  # (connection index, stream id)
+        for first in range(0, count, STREAMS_PER_CONNECTION):
+            sock = socket.create_connection(("127.0.0.1", port))
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+            conn.initiate_connection()
+            for _ in range(min(STREAMS_PER_CONNECTION, count - first)):
+                stream = conn.get_next_available_stream_id()
+                conn.send_headers(stream, [
+                    (":method", "POST"), (":scheme", "http"), (":path", WATCH),
+                    (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
+                    ("te", "trailers")])
+                conn.send_data(stream, body, end_stream=True)
+                self.streams.append((len(self.connections), stream))
+            sock.sendall(conn.data_to_send())
+            self.connections.append((sock, conn))
+        self.statuses: dict[tuple[int, int], int] = {}  # grpc-status of the streams ended
+
+    def read(self, seconds: float) -> None:
+        """Read what the server sends for `seconds` (settings and pings are answered; data
+        is left unacknowledged), noting the grpc-status of each stream that ends."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            for index, (sock, conn) in enumerate(self.connections):
+                sock.settimeout(max(0.001, min(left, 0.05)))
+                try:
+                    data = sock.recv(65536)
+                except (TimeoutError, OSError):
+                    continue
+                if not data:
+                    continue
+                for event in conn.receive_data(data):
+                    if isinstance(event, (h2.events.ResponseReceived,
+                                          h2.events.TrailersReceived)):
+                        headers = dict(event.headers)
+                        if b"grpc-status" in headers:
+                            self.statuses[index, event.stream_id] = int(headers[b"grpc-status"])
+                with contextlib.suppress(OSError):
+                    sock.sendall(conn.data_to_send())
+
+    def close(self) -> None:
+        for sock, _ in self.connections:
+            sock.close()

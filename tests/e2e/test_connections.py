@@ -9,15 +9,29 @@ import shutil
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import yaml
 import zoo
-from stalled import MIB, StalledGrpcCall, http_status, rss_bytes, stalled_http_post
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from scrape import wait_for
+from stalled import (
+    MIB,
+    RawWatches,
+    StalledGrpcCall,
+    closed_by_server,
+    half_a_header,
+    http_status,
+    rss_bytes,
+    stalled_chunked_post,
+    stalled_http_post,
+)
 from stock import free_port, infer
 from tritonclient.utils import InferenceServerException
 
@@ -209,3 +223,146 @@ def test_half_sent_bodies_hold_bounded_memory_and_are_dropped_after_the_read_tim
             hog.close()
         for post in posts:
             post.close()
+
+
+def health_status(port: int, service: str = "") -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def test_a_watch_that_never_reads_holds_up_no_load_and_no_drain(start_process,
+                                                                repository: Path) -> None:
+    """Issue 18: a health Watch whose client opened no flow-control window held the
+    service's lock while writing to it, so every later status change waited on it: a
+    RepositoryModelLoad hung and SIGTERM's drain took over 60 s, until the connection aged
+    out."""
+    server = start_process(repository, "--model-control-mode", "explicit",
+                           "--load-model", "two_heads", "--drain-grace-seconds", "30")
+    stalled = [RawWatches(server.grpc_port, 3, service, window=0)
+               for service in ("", "two_heads")]
+    try:
+        for watches in stalled:
+            watches.read(0.3)  # the server is now writing to them
+        with server.client() as client:
+            client.unload_model("two_heads", client_timeout=10)
+            client.load_model("two_heads", client_timeout=10)
+            infer(client, "two_heads", X)
+        started = time.monotonic()
+        assert server.terminate(60) == 0
+        drained = time.monotonic() - started
+        assert drained < 5, f"the drain took {drained:.1f} s"
+    finally:
+        for watches in stalled:
+            watches.close()
+
+
+WATCHES = 1100  # more than --max-concurrent-rpcs (1024)
+
+
+def test_idle_watch_streams_take_no_call_inference_needs(start_process,
+                                                         repository: Path) -> None:
+    """Issue 18: idle Watch streams (no token needed) counted against
+    --max-concurrent-rpcs, so 1,024 of them made every ModelInfer and ServerLive
+    RESOURCE_EXHAUSTED while the health port still said SERVING. Watch streams have a cap of
+    their own, past which they are refused, and inference keeps its calls."""
+    health = free_port()
+    server = start_process(repository, "--health-port", str(health))
+    watches = RawWatches(server.grpc_port, WATCHES)
+    try:
+        watches.read(3)
+        with server.client() as client:
+            for _ in range(5):
+                infer(client, "two_heads", X)
+            assert client.is_server_live()
+        assert health_status(health) == health_pb2.HealthCheckResponse.SERVING
+        # The Watches past their cap were refused RESOURCE_EXHAUSTED, nothing else ended.
+        assert set(watches.statuses.values()) <= {8}, Counter(watches.statuses.values())
+        assert len(watches.statuses) == WATCHES - 1000, len(watches.statuses)
+    finally:
+        watches.close()
+
+
+def test_readiness_is_not_serving_while_the_main_port_refuses_every_call(
+        start_process, repository: Path) -> None:
+    """Issue 18: the health port said SERVING while --max-concurrent-rpcs refused every
+    call on the main port, so the pod stayed in rotation refusing everything."""
+    health = free_port()
+    server = start_process(repository, "--health-port", str(health),
+                           "--max-concurrent-rpcs", "8")
+    serving = health_pb2.HealthCheckResponse.SERVING
+    calls = [StalledGrpcCall(server.grpc_port, 1000, 10, timeout=1) for _ in range(8)]
+    try:
+        wait_for(lambda: health_status(health) != serving, "readiness to go NOT_SERVING", 10)
+        assert health_status(health, "two_heads") == serving  # the model itself serves
+        with server.client() as client, pytest.raises(InferenceServerException) as info:
+            infer(client, "two_heads", X)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert server.metric("tapserve_grpc_requests_total", code="RESOURCE_EXHAUSTED",
+                             method="/inference.GRPCInferenceService/ModelInfer") == 1
+    finally:
+        for call in calls:
+            call.close()
+    wait_for(lambda: health_status(health) == serving, "readiness to come back", 10)
+    with server.client() as client:
+        infer(client, "two_heads", X)
+
+
+INFER_BODY = (b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": ['
+              + b", ".join([b"0"] * 16) + b"]}]}")
+
+
+def http_infer_status(port: int) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/two_heads/infer",
+                                     method="POST", data=INFER_BODY)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_stalled_bodies_reserve_what_they_sent_not_what_they_announced(
+        start_process, repository: Path) -> None:
+    """Issue 18: a chunked body reserved --max-request-bytes (64 MiB) of the 1 GiB
+    --max-receiving-bytes, and a Content-Length body its length, before a byte arrived: 16
+    connections that sent 10 bytes each made every other HTTP inference 429 until their
+    read timeout, renewable at will."""
+    http_port = free_port()
+    server = start_process(repository, "--http-port", str(http_port))
+    path = "/v2/models/two_heads/infer"
+    hogs = ([stalled_chunked_post(http_port, path, 10) for _ in range(17)]
+            + [stalled_http_post(http_port, path, 64 * MIB, 10) for _ in range(17)])
+    try:
+        time.sleep(0.5)
+        assert [http_status(hog, 0.01) for hog in hogs] == [None] * len(hogs)  # still read
+        assert http_infer_status(http_port) == 200
+        assert server.process.poll() is None
+    finally:
+        for hog in hogs:
+            hog.close()
+
+
+def test_http_connections_are_capped_and_must_send_their_headers_in_time(
+        start_process, repository: Path) -> None:
+    """Issue 18: 1,000 sockets holding half a header block were held 60 s or more. New
+    connections past --max-http-connections are closed at once (with a 503), and one whose
+    first request's headers are not complete within --http-header-timeout-secs is closed."""
+    http_port = free_port()
+    server = start_process(repository, "--http-port", str(http_port),
+                           "--max-http-connections", "20", "--http-header-timeout-secs", "2")
+    assert http_infer_status(http_port) == 200
+    hogs = [half_a_header(http_port) for _ in range(25)]
+    try:
+        time.sleep(0.3)
+        refused = [hog for hog in hogs if closed_by_server(hog, 0.01)]
+        assert len(refused) == 5, len(refused)
+        assert http_infer_status(http_port) == 503  # the cap holds honest clients out too
+        started = time.monotonic()
+        assert all(closed_by_server(hog, 5) for hog in hogs)
+        assert time.monotonic() - started < 4
+        assert http_infer_status(http_port) == 200
+        assert server.process.poll() is None
+    finally:
+        for hog in hogs:
+            hog.close()

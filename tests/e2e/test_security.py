@@ -383,6 +383,82 @@ def test_a_rotated_certificate_is_served_to_new_connections_without_dropping_req
     assert "TLS certificate reloaded" in server.output()
 
 
+def test_readiness_errors_name_nothing_the_caller_did_not_send(server: ServerProcess,
+                                                               pki: Pki) -> None:
+    """Issue 18: ModelReady and /v2/models/<m>/ready answer without a token, and their
+    errors listed every model, endpoint, version and label the server has."""
+    asked = [("ghost", ""), (f"{MODEL}.nope", ""), (MODEL, "7"), (f"{MODEL}.nope", "7")]
+    with server.client() as client:
+        for name, version in asked:
+            with pytest.raises(InferenceServerException) as info:
+                client.is_model_ready(name, version)
+            assert info.value.status() == "StatusCode.NOT_FOUND"
+            message = info.value.message()
+            assert "no model" in message and name[:5] in message, message
+            for secret in ("serving_default", "versions", "labels", "endpoints", "1"):
+                assert secret not in message, message
+            if name == "ghost":
+                assert MODEL not in message, message
+    for name, version in asked:
+        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/ready"
+        status, answer, _ = rest(server, pki, path)
+        assert status == 404 and "served" in answer["error"], answer
+        assert "serving_default" not in answer["error"] and "labels" not in answer["error"]
+
+
+# ---- the repository API's own tokens ------------------------------------------------------
+
+ADMIN_TOKEN = "adm-51c0de"
+
+
+@pytest.fixture(scope="module")
+def admin_server(start_process, repository: Path, token_file: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    """Plaintext; inference tokens, and admin tokens for the repository API."""
+    admin = tmp_path_factory.mktemp("admin") / "admin-tokens"
+    admin.write_text(f"{ADMIN_TOKEN}\n")
+    http = free_port()
+    server = start_process(repository, "--http-port", str(http), "--auth-token-file",
+                           str(token_file), "--admin-token-file", str(admin),
+                           "--model-control-mode", "explicit", "--load-model", MODEL)
+    server.http = f"http://127.0.0.1:{http}"
+    return server
+
+
+def test_only_an_admin_token_loads_and_unloads(admin_server: ServerProcess) -> None:
+    """Issue 18: with --auth-token-file, any inference token could unload any model."""
+    def post(path: str, token: str) -> int:
+        request = urllib.request.Request(admin_server.http + path, method="POST", data=b"{}",
+                                         headers=bearer(token))
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with admin_server.client() as client:
+        for token in (TOKEN, WRONG):
+            assert grpc_status(lambda t=token: client.unload_model(
+                MODEL, headers=bearer(t))) == "StatusCode.UNAUTHENTICATED"
+            assert grpc_status(lambda t=token: client.get_model_repository_index(
+                headers=bearer(t))) == "StatusCode.UNAUTHENTICATED"
+            assert post(f"/v2/repository/models/{MODEL}/unload", token) == 401
+            assert post("/v2/repository/index", token) == 401
+        assert client.is_model_ready(MODEL)
+        infer(client, MODEL, {"image": IMAGES}, headers=bearer(TOKEN))
+        # The admin token opens the repository API, and nothing else.
+        assert grpc_status(lambda: infer(client, MODEL, {"image": IMAGES},
+                                         headers=bearer(ADMIN_TOKEN))) \
+            == "StatusCode.UNAUTHENTICATED"
+        client.unload_model(MODEL, headers=bearer(ADMIN_TOKEN))
+        assert not client.is_model_ready(MODEL)
+        assert post(f"/v2/repository/models/{MODEL}/load", ADMIN_TOKEN) == 200
+        assert client.is_model_ready(MODEL)
+        index = client.get_model_repository_index(headers=bearer(ADMIN_TOKEN))
+        assert [m.name for m in index.models] == [MODEL]
+    assert ADMIN_TOKEN not in admin_server.output()
+
+
 # ---- mutual TLS ------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.auth import Tokens, open_grpc_method
+from service.auth import Access, Tokens, open_grpc_method
 from service.errors import ConfigError, Unauthenticated
 from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.status import ErrorStatusInterceptor
@@ -55,9 +55,25 @@ def test_a_changed_file_replaces_the_tokens_and_a_broken_one_keeps_them(
     path.unlink()  # a file gone for a moment (a rotation) changes nothing either
     tokens.refresh()
     assert accepts(tokens, "Bearer beta")
-    write(path, "")  # an empty file: every call is refused
+    write(path, "# no token\n")  # no token at all: kept too (see the test below)
     tokens.refresh()
-    assert not accepts(tokens, "Bearer beta")
+    assert accepts(tokens, "Bearer beta")
+
+
+def test_a_file_rewritten_in_place_is_not_read_while_empty(tmp_path: Path) -> None:
+    """Issue 18: a token file rewritten in place (truncated, then written) was read between
+    the two, and every call was refused until the next read (44 refusals in ~0.6 s)."""
+    path = tmp_path / "tokens"
+    path.write_text("alpha\n")
+    tokens = Tokens(path)
+    with open(path, "w") as file:  # truncated: the rewrite has begun
+        file.flush()
+        os.utime(path, ns=(0, 0))  # a stamp of its own, whatever the clock's resolution
+        tokens.refresh()
+        assert accepts(tokens, "Bearer alpha")
+        file.write("beta\n")
+    tokens.refresh()
+    assert accepts(tokens, "Bearer beta") and not accepts(tokens, "Bearer alpha")
 
 
 def test_an_unusable_token_file_fails_at_start(tmp_path: Path) -> None:
@@ -88,7 +104,7 @@ async def test_every_call_shape_is_refused_without_a_token(tmp_path: Path) -> No
     refused = []
     server = grpc.aio.server(interceptors=[
         ErrorStatusInterceptor(),
-        BearerTokenInterceptor(Tokens(path), lambda m, r, e: refused.append((m, r)))])
+        BearerTokenInterceptor(Access(Tokens(path), None), lambda m, r, e: refused.append((m, r)))])
 
     async def unary(request: bytes, context: object) -> bytes:
         return b"u:" + request
