@@ -171,10 +171,10 @@ class InferCall:
         served = self._plane.registry.get(model, version)
         ep = served.endpoint(endpoint)
         self._served = (served, ep)  # a refusal from here on counts under its endpoint
-        inputs = ep.inputs_by_name
+        inputs, max_rows = ep.inputs_by_name, served.policy.max_queue_size
         if ep.explanation is None:  # every input is sent
-            return Target(served.name, served.version, ep.name, inputs)
-        return Target(served.name, served.version, ep.name, inputs,
+            return Target(served.name, served.version, ep.name, inputs, max_rows)
+        return Target(served.name, served.version, ep.name, inputs, max_rows,
                       {s.name: s for s in ep.inputs if s.name not in inputs})
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -208,12 +208,12 @@ class InferCall:
                 served.stats.succeeded(self._rows, seconds, self._queued)
         elif isinstance(error, TapserveError):
             code = error.code
-            if served is not None and self._computing:
+            if served is not None:  # refused before decoding or after: the version's failure
                 served.stats.failed(seconds)
             self._log(error, seconds)
         else:  # the server's fault (logged where it is answered) or the client went away
             code = "CANCELLED" if isinstance(error, asyncio.CancelledError) else "INTERNAL"
-        model, endpoint = self._labels()
+        model, endpoint = self._labels(seconds if isinstance(error, TapserveError) else None)
         metrics = self._plane.metrics
         metrics.requests.labels(model, endpoint, code, self.protocol).inc()
         metrics.request_duration.labels(model, endpoint).observe(seconds)
@@ -226,10 +226,11 @@ class InferCall:
         log.info("request failed: %s (%s)", error,
                  " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
 
-    def _labels(self) -> tuple[str, str]:
+    def _labels(self, failed: float | None) -> tuple[str, str]:
         """(model, endpoint) metric labels: only names the server knows, so unknown names
         add no time series. A request refused before it was resolved (no token, a bad
-        name) counts under its endpoint when its names find one."""
+        name) counts under its endpoint when its names find one, and in that version's
+        failures (`failed` seconds) as a refusal after resolving does."""
         if self._served is not None:
             return self._served[0].name, self._served[1].name
         registry = self._plane.registry
@@ -238,6 +239,10 @@ class InferCall:
         if self._resolving:
             return self.model, UNKNOWN
         try:
-            return self.model, registry.get(self.model).endpoint(self.endpoint).name
+            served = registry.get(self.model)
+            label = served.endpoint(self.endpoint).name
         except TapserveError:
             return self.model, UNKNOWN
+        if failed is not None:
+            served.stats.failed(failed)
+        return self.model, label

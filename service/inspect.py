@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.loading import build_keras_model, build_saved_model
-from service.model import LoadedModel
-from service.repository import source_for_path
+from service.config import load_config
+from service.errors import ConfigError
+from service.loading import FORMATS, BuildOptions, find_model_file, model_source
+from service.repository import ModelSource, scan
 from service.types import TensorSpec
 
 
@@ -21,13 +22,42 @@ def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
             for r in rows]
 
 
+def source_for_path(path: Path) -> ModelSource:
+    """What `tapserve inspect PATH` describes: a model file, version folder or model folder."""
+    path = path.resolve()
+    folder_format = next((f for f in FORMATS.values()
+                          if f.is_folder and (path / f.marker).exists()), None)
+    if path.is_file() or folder_format:
+        fmt = folder_format or next((f for f in FORMATS.values()
+                                     if f.marker == path.name and not f.is_folder), None)
+        if fmt is None:
+            raise ConfigError(f"{path}: not a model.keras, model.h5 or SavedModel folder")
+        folder = path if fmt.is_folder else path.parent
+        model_dir = folder.parent if folder.name.isdigit() else folder
+        config = load_config(model_dir / "config.yaml")
+        version = int(folder.name) if folder.name.isdigit() else 1
+        return ModelSource(model_dir.name, version, path, fmt.name, config)
+    if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
+        disk = scan(path.parent, path.name)
+        if disk is None or disk.config is None:
+            raise ConfigError(disk.config_error if disk else f"{path} does not exist")
+        served = disk.config.select(disk.versions)
+        if not served:
+            raise ConfigError(f"model {path.name!r}: config.yaml's version policy selects none "
+                              f"of the versions {sorted(disk.versions)}")
+        version = max(served)
+        return model_source(disk.name, version, disk.versions[version].folder, disk.config)
+    if path.is_dir():
+        file, fmt_name = find_model_file(path)
+        return ModelSource(path.name, 1, file, fmt_name, load_config(path / "config.yaml"))
+    raise ConfigError(f"{path} does not exist")
+
+
 def describe(path: Path) -> str:
     """A human-readable report of the model at `path` (not warmed up, nothing served)."""
     source = source_for_path(path)
-    if source.format == "saved_model":
-        model: LoadedModel = build_saved_model(source, ["/CPU:0"], 1)
-    else:
-        model = build_keras_model(source, ["/CPU:0"], 1, cache_size=1, max_batch_size=1)
+    fmt = FORMATS[source.format]
+    model = fmt.build(source, BuildOptions())
     lines = [f"model {model.name} (version {model.version}, {source.format}: {source.path})"]
     for ep in model.endpoints.values():
         default = " (default)" if ep.name == model.default_endpoint else ""
@@ -45,7 +75,7 @@ def describe(path: Path) -> str:
         lines.append(f"endpoint {model.name}.{name}: refused: {why}")
     graph = getattr(model.runtime, "graph", None)
     if graph is None:
-        lines.append("taps: none (a SavedModel has signatures only, no layer graph)")
+        lines.append(f"taps: none ({fmt.no_taps or 'the model has no layer graph'})")
     else:
         lines.append(f"taps ({len(graph.taps)}):")
         lines += _table([("name", "layer", "dtype", "shape")] + [

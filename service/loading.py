@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Hashable, Sequence
+import zipfile
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from service.explain import check as check_explanation
 from service.graph import TapGraph
 from service.model import DEFAULT_ENDPOINT, Endpoint, LoadedModel
 from service.modelcode import forget_model_code, import_model_code
-from service.repository import ModelSource, check_model_file
+from service.repository import ModelSource
 from service.runtime import KerasRuntime, SavedModelRuntime
 from service.settings import Settings
 
@@ -52,13 +54,11 @@ class Loader:
         """Load and warm up; raises ConfigError (or anything a broken file raises)."""
         policy = self.policy(source.config)
         gpu = self.devices[0].startswith("/GPU")
-        slots = self.settings.gpu_batches_in_flight if gpu else self.settings.cpu_batches_in_flight
-        if source.format == "saved_model":
-            model = build_saved_model(source, self.devices, slots)
-        else:
-            model = build_keras_model(source, self.devices, slots,
-                                      self.settings.compiled_cache_size, policy.max_batch_size,
-                                      self.settings.allow_model_code)
+        s = self.settings
+        options = BuildOptions(self.devices,
+                               s.gpu_batches_in_flight if gpu else s.cpu_batches_in_flight,
+                               s.compiled_cache_size, policy.max_batch_size, s.allow_model_code)
+        model = FORMATS[source.format].build(source, options)
         try:
             model.warm_up(policy.shared_passes)
         except BaseException:
@@ -67,6 +67,17 @@ class Loader:
         model.policy = policy
         model.max_response_bytes = self.settings.max_response_bytes
         return model
+
+
+def check_model_file(path: Path, fmt: str) -> None:
+    """Refuse a model file that is not what its name says, before a library reports it in
+    its own words (Keras calls a garbage .keras file "not found")."""
+    if fmt == "keras" and not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path.name} is not a valid .keras file (a zip archive saved by "
+                          "model.save): replace it", category="its model file is not valid")
+    if fmt == "h5" and not h5py.is_hdf5(path):
+        raise ConfigError(f"{path.name} is not a valid .h5 file (HDF5): replace it",
+                          category="its model file is not valid")
 
 
 def _uses_lambda(config: object) -> bool:
@@ -211,3 +222,58 @@ def _default(source: ModelSource, endpoints: dict[str, Endpoint], fallback: Hash
         raise ConfigError(f"model {source.name!r}: default_endpoint {default!r} is not "
                           f"one of its endpoints {list(endpoints)}")
     return str(default)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What building a model takes from the server (tapserve inspect: the least of each)."""
+
+    devices: Sequence[str] = ("/CPU:0",)
+    batches_per_device: int = 1
+    cache_size: int = 1
+    max_batch_size: int = 1
+    allow_model_code: bool = False
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """One kind of model a version folder may hold: how it is found, built, described."""
+
+    name: str  # ModelSource.format
+    marker: str  # the file in a version folder that says the folder holds this format
+    is_folder: bool  # the model is the version folder itself, not the marker file
+    build: Callable[[ModelSource, BuildOptions], LoadedModel]  # not yet warmed up
+    no_taps: str  # why it has no taps, when it has none ("": it has a layer graph)
+
+
+def _keras(source: ModelSource, o: BuildOptions) -> LoadedModel:
+    return build_keras_model(source, o.devices, o.batches_per_device, o.cache_size,
+                             o.max_batch_size, o.allow_model_code)
+
+
+def _saved_model(source: ModelSource, o: BuildOptions) -> LoadedModel:
+    return build_saved_model(source, o.devices, o.batches_per_device)
+
+
+# Looked for in this order inside a version folder.
+FORMATS = {f.name: f for f in (
+    ModelFormat("keras", "model.keras", False, _keras, ""),
+    ModelFormat("h5", "model.h5", False, _keras, ""),
+    ModelFormat("saved_model", "saved_model.pb", True, _saved_model,
+                "a SavedModel has signatures only, no layer graph"),
+)}
+
+
+def find_model_file(folder: Path) -> tuple[Path, str]:
+    """The model (file, or folder for a SavedModel) of one version folder, and its format."""
+    for f in FORMATS.values():
+        if (folder / f.marker).exists():
+            return (folder if f.is_folder else folder / f.marker), f.name
+    raise ConfigError(f"{folder} holds none of {', '.join(f.marker for f in FORMATS.values())}",
+                      category="its version folder holds no model file")
+
+
+def model_source(name: str, version: int, folder: Path, config: ModelConfig) -> ModelSource:
+    """What to load for one version folder of model `name`."""
+    path, fmt = find_model_file(folder)
+    return ModelSource(name, version, path, fmt, config)

@@ -79,6 +79,21 @@ class Metrics:
             "tapserve_gpu_memory_bytes", "Bytes TensorFlow holds on each GPU.",
             ["device"], registry=r)
 
+    def forget_version(self, model: str, version: int, keep_queue_depth: bool = False) -> None:
+        """A version left: its series go (the queue depth once it drained, if kept), so a
+        dashboard lists only versions that exist."""
+        for gauge in (self.model_ready, self.model_load) + (
+                () if keep_queue_depth else (self.queue_depth,)):
+            gauge.remove(model, str(version))
+
+    def forget_model(self, model: str) -> None:
+        """A model left the repository: every series labelled with it goes."""
+        for metric in (self.requests, self.request_duration, self.queue_duration,
+                       self.compute_duration, self.explain_compute_duration,
+                       self.batch_size, self.deduplicated_rows,
+                       self.model_ready, self.model_load, self.model_load_failures):
+            metric.remove_by_labels({"model": model})
+
     def serve(self, host: str, port: int) -> object:
         """Serve GET /metrics on its own thread; returns the HTTP server."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

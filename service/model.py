@@ -206,7 +206,7 @@ class LoadedModel:
         if unknown or missing:
             raise InvalidInput(
                 f"endpoint {self.name}.{ep.name} takes inputs "
-                + ", ".join(("" if s.name in expected else "optional ") + _describe(s)
+                + ", ".join(("" if s.name in expected else "optional ") + s.describe()
                             for s in ep.inputs)
                 + (f"; missing {missing}" if missing else "")
                 + (f"; unexpected {unknown}" if unknown else ""))
@@ -252,23 +252,16 @@ class LoadedModel:
         return self._row_bytes[key]
 
 
-def _describe(spec: TensorSpec) -> str:
-    dims = ",".join("-1" if d is None else str(d) for d in spec.shape)
-    return f"{spec.name} ({spec.dtype} [{dims}])"
-
-
 def _check_input(spec: TensorSpec, array: np.ndarray) -> int:
     """The rows of one input, after checking its dtype and shape against the spec."""
     dtype = STRING if array.dtype == object else array.dtype.name
     if dtype != spec.dtype:
         raise InvalidInput(f"input {spec.name!r} must be {spec.dtype}, got {dtype}; "
-                           f"expected {_describe(spec)}")
+                           f"expected {spec.describe()}")
     shape = array.shape
-    fits = len(shape) == len(spec.shape) and all(
-        want in (None, got) for want, got in zip(spec.shape, shape, strict=True))
-    if not fits:
+    if not spec.fits(shape):
         raise InvalidInput(f"input {spec.name!r} has shape {list(shape)}; "
-                           f"expected {_describe(spec)} (-1: any size)")
+                           f"expected {spec.describe()} (-1: any size)")
     if shape[0] == 0:
         raise InvalidInput(f"input {spec.name!r} has no rows: send at least one")
     return shape[0]

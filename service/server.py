@@ -20,7 +20,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 
 from service.auth import Access, Tokens
 from service.dataplane import DataPlane
-from service.errors import Unauthenticated
+from service.errors import InvalidInput, Unauthenticated
 from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
@@ -68,6 +68,9 @@ INFER_METHODS: dict[str, tuple[str, Callable[[Any], tuple[str, str | None]]]] = 
     "/tensorflow.serving.PredictionService/Predict":
         (TFS_GRPC, lambda r: (r.model_spec.name, endpoint_of(r.model_spec.signature_name))),
 }
+
+# Answers a request that does not parse in the stream, as it answers any failed request.
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def connection_options(s: Settings) -> list[tuple[str, int]]:
@@ -137,7 +140,9 @@ class TapServer:
                                         "HTTP")
             self._http_tls = HttpTls(http_tls)
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            self._limits, ErrorStatusInterceptor(on_done=self._count_rpc)]
+            self._limits, ErrorStatusInterceptor(
+                on_done=self._count_rpc, on_undecodable=self._undecodable,
+                answers_undecodable=frozenset({STREAM_INFER}))]
         if s.grpc_request_read_timeout_secs:
             interceptors.insert(1, RequestReadTimeout(s.grpc_request_read_timeout_secs,
                                                       on_done=self._count_rpc))
@@ -245,6 +250,11 @@ class TapServer:
             except Exception:  # the watch must outlive one bad read
                 log.exception("re-reading the token or certificate files failed")
 
+    def _undecodable(self, method: str, error: InvalidInput) -> None:
+        """An inference call whose bytes do not parse counts (and logs) under no model."""
+        if method in INFER_METHODS:
+            self.dataplane.refused(INFER_METHODS[method][0], "", None, error)
+
     def _refused(self, method: str, request: object, error: Unauthenticated) -> None:
         if method in INFER_METHODS:
             protocol, names = INFER_METHODS[method]
@@ -286,8 +296,8 @@ class TapServer:
             return  # enter_graceful_shutdown set every service NOT_SERVING for good
         ready = self.dataplane.ready() and not self._limits.full
         wanted = {"": SERVING if ready else NOT_SERVING}
-        for name, entry in self.registry.models.items():
-            wanted[name] = SERVING if entry.serving() else NOT_SERVING
+        for name in self.registry.names():
+            wanted[name] = SERVING if self.registry.serving_versions(name) else NOT_SERVING
         for name in set(self._health) - set(wanted):
             wanted[name] = NOT_SERVING  # a model removed from the repository
         for name, status in wanted.items():

@@ -9,7 +9,11 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.batcher import BatchPolicy
 from service.storage import check_url, is_url
+
+# The batching defaults are the batcher's own (BatchPolicy); config.yaml sets them per model.
+BATCHING = BatchPolicy()
 
 
 class Settings(BaseSettings):
@@ -121,16 +125,19 @@ class Settings(BaseSettings):
         "INFO", description="Least severe log lines written.")
 
     max_batch_size: int = Field(
-        32, ge=1, description="Default rows per batch; config.yaml may set it per model.")
+        BATCHING.max_batch_size, ge=1,
+        description="Default rows per batch; config.yaml may set it per model.")
     max_queue_delay_ms: float = Field(
-        4.0, ge=0, description="Default longest wait for a batch to fill after its first "
-        "request.")
+        BATCHING.max_queue_delay_ms, ge=0,
+        description="Default longest wait for a batch to fill after its first request.")
     eager_batching: bool = Field(
-        True, description="Default: a model with no batch computing starts one once as many "
+        BATCHING.eager,
+        description="Default: a model with no batch computing starts one once as many "
         "requests wait as were in the server at once last time, rather than waiting for "
         "max_queue_delay_ms (config.yaml: batching.eager).")
     max_queue_size: int = Field(
-        1024, ge=1, description="Rows a model may hold queued before RESOURCE_EXHAUSTED.")
+        BATCHING.max_queue_size, ge=1,
+        description="Rows a model may hold queued before RESOURCE_EXHAUSTED.")
     cpu_batches_in_flight: int = Field(
         2, ge=1, description="Batches computed at once per model on the CPU.")
     gpu_batches_in_flight: int = Field(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
@@ -28,6 +28,16 @@ class TensorSpec:
     dtype: str
     shape: tuple[int | None, ...]
 
+    def describe(self) -> str:
+        """How messages name it: "image (float32 [-1,8,8,1])"."""
+        dims = ",".join("-1" if d is None else str(d) for d in self.shape)
+        return f"{self.name} ({self.dtype} [{dims}])"
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Whether a tensor of `shape` fits: the same rank, and the fixed dimensions."""
+        return len(shape) == len(self.shape) and all(
+            want in (None, got) for want, got in zip(self.shape, shape, strict=True))
+
 
 @dataclass
 class InferRequest:
@@ -52,6 +62,7 @@ class Target:
     version: int
     endpoint: str
     inputs: Mapping[str, TensorSpec]  # what every request sends
+    max_rows: int | None = None  # the most rows one request may carry (its queue's size)
     optional: Mapping[str, TensorSpec] = field(default_factory=dict)  # explain's `target`
 
 

@@ -14,13 +14,21 @@ import numpy as np
 
 from service.config import LABEL_PATTERN
 from service.errors import InvalidInput, NotFound, clip
-from service.protocol.datatypes import element_count, numpy_dtype, to_internal, to_kserve
+from service.protocol.datatypes import (
+    check_declared,
+    element_count,
+    numpy_dtype,
+    to_internal,
+    to_kserve,
+)
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
+from service.protocol.repeated import to_array
 from service.statistics import Duration, VersionStatistics
 from service.types import STRING, EndpointMetadata, InferRequest, InferResponse, TensorSpec
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _VERSION = re.compile(r"[0-9]+")
+_MAX_VERSION_DIGITS = 19
 # Each raw BYTES element is prefixed by its length as a 4-byte little-endian unsigned int.
 _LENGTH = struct.Struct("<I")
 # Per request. A model with more inputs than MAX_INPUTS does not exist here; outputs are
@@ -30,6 +38,7 @@ MAX_OUTPUTS = 1024
 # Requests larger than this are decoded on a thread, not the event loop (service.protocol
 # .kserve.decoded): splitting millions of BYTES elements takes seconds.
 DECODE_INLINE_BYTES = 1 << 20
+DECODE_INLINE_ELEMENTS = 1 << 18  # as many as 1 MiB of FP32
 
 # KServe datatype -> (InferTensorContents field, numpy dtype that field holds). FP16 has none:
 # the protocol only carries it raw.
@@ -77,7 +86,9 @@ def parse_version(version: str) -> str | None:
     if version == "":
         return None
     if _VERSION.fullmatch(version):
-        if int(version) == 0:
+        # Versions are int64 (19 digits): longer digit strings are no version, and int()
+        # refuses 4,300+ digits (ValueError: INTERNAL).
+        if len(version) > _MAX_VERSION_DIGITS or int(version) == 0:
             raise NotFound(f"no version {clip(version)}: versions are positive integers")
         return str(int(version))
     if not re.fullmatch(LABEL_PATTERN, version):
@@ -109,6 +120,20 @@ def infer_target(msg: pb.ModelInferRequest) -> tuple[str, str | None, str | None
     return model, endpoint, parse_version(msg.model_version)
 
 
+def declared_elements(shapes: Iterable[Iterable[int]]) -> int:
+    """The elements a request's shapes declare, all inputs together (unchecked: a bad
+    shape counts as large, and its decoder refuses it)."""
+    total = 0
+    for shape in shapes:
+        count = 1
+        for dim in shape:
+            count *= max(dim, 1)
+        total += count
+        if total > DECODE_INLINE_ELEMENTS:  # enough to know
+            break
+    return total
+
+
 def check_counts(inputs: int, outputs: int) -> None:
     """Refuse more inputs or requested outputs than a request may carry."""
     if inputs > MAX_INPUTS:
@@ -129,13 +154,15 @@ def check_datatype(name: str, datatype: str, spec: TensorSpec | None) -> None:
 
 def decode_infer_request(
     msg: pb.ModelInferRequest, deadline: float | None = None,
-    specs: Mapping[str, TensorSpec] | None = None,
+    specs: Mapping[str, TensorSpec] | None = None, max_rows: int | None = None,
 ) -> InferRequest:
-    """A ModelInferRequest as an InferRequest; raises InvalidInput or NotFound.
+    """A ModelInferRequest as an InferRequest; raises InvalidInput, NotFound, or
+    Overloaded for more than `max_rows` rows.
 
-    `specs`, the endpoint's inputs by name when known, lets datatypes be checked before
-    any tensor is decoded; the full checks against the endpoint come after (model.py).
-    Cheap checks come first: counts, names, datatypes, shapes, then the data."""
+    `specs`, the endpoint's inputs by name when known, lets datatypes and declared
+    shapes be checked before any tensor is decoded; the full checks against the endpoint
+    come after (model.py). Cheap checks come first: counts, names, datatypes, shapes, then
+    the data."""
     model, endpoint, version = infer_target(msg)
     check_counts(len(msg.inputs), len(msg.outputs))
     raw = msg.raw_input_contents
@@ -144,7 +171,7 @@ def decode_infer_request(
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs: "
             "send one per input, in the order of `inputs`"
         )
-    shapes = check_inputs(msg.inputs, specs)
+    shapes = check_inputs(msg.inputs, specs, max_rows)
     outputs = requested_outputs(out.name for out in msg.outputs)
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(msg.inputs):
@@ -170,10 +197,12 @@ def decode_infer_request(
 
 
 def check_inputs(tensors: Iterable[pb.ModelInferRequest.InferInputTensor],
-                 specs: Mapping[str, TensorSpec] | None) -> dict[str, tuple[tuple[int, ...], int]]:
+                 specs: Mapping[str, TensorSpec] | None, max_rows: int | None = None
+                 ) -> dict[str, tuple[tuple[int, ...], int]]:
     """Each input's (shape, element count) by name, after the checks that need no data:
-    a name, given once, the endpoint's datatype, a shape numpy can make (both REST and
-    gRPC requests: service.protocol.kserve_rest builds the same headers)."""
+    a name, given once, the endpoint's datatype, a shape numpy can make that the endpoint
+    takes, at most `max_rows` rows (both REST and gRPC requests:
+    service.protocol.kserve_rest builds the same headers)."""
     shapes: dict[str, tuple[tuple[int, ...], int]] = {}
     for i, tensor in enumerate(tensors):
         if not tensor.name:
@@ -182,6 +211,7 @@ def check_inputs(tensors: Iterable[pb.ModelInferRequest.InferInputTensor],
             raise InvalidInput(f"input {clip(tensor.name)} is given more than once")
         check_datatype(tensor.name, tensor.datatype, (specs or {}).get(tensor.name))
         shapes[tensor.name] = _shape(tensor)
+        check_declared(tensor.name, shapes[tensor.name][0], specs, max_rows)
     return shapes
 
 
@@ -240,11 +270,10 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[in
             f"input {clip(tensor.name)}: shape {list(shape)} needs {count} elements "
             f"in contents.{field}, got {len(values)}"
         )
+    # held is "object" for BYTES: an array of the bytes themselves.
+    array = to_array(values, held, count)
     if internal == STRING:
-        array = np.empty(count, dtype=object)
-        array[:] = list(values)
         return array.reshape(shape)
-    array = np.fromiter(values, dtype=held, count=count)
     target = np.dtype(internal)
     # INT8/16 and UINT8/16 travel in 32-bit fields: refuse values that do not fit.
     if target != array.dtype and count:
@@ -278,30 +307,42 @@ def _split_bytes(name: str, raw: bytes, shape: tuple[int, ...], count: int) -> n
     if count * _LENGTH.size > len(raw):  # each element has its 4-byte length at least
         raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} BYTES "
                            f"elements, at least {count * _LENGTH.size} bytes; got {len(raw)}")
-    elements: list[bytes] = []
-    offset = 0
-    while offset < len(raw):
-        if offset + _LENGTH.size > len(raw):
-            raise InvalidInput(
-                f"input {clip(name)}: BYTES element {len(elements)} is cut inside its 4-byte length"
-            )
-        (length,) = _LENGTH.unpack_from(raw, offset)
-        offset += _LENGTH.size
-        if offset + length > len(raw):
-            raise InvalidInput(
-                f"input {clip(name)}: BYTES element {len(elements)} declares {length} bytes, "
-                f"only {len(raw) - offset} remain"
-            )
-        elements.append(raw[offset : offset + length])
-        offset += length
-    if len(elements) != count:
-        raise InvalidInput(
-            f"input {clip(name)}: shape {list(shape)} needs {count} BYTES elements, "
-            f"got {len(elements)}"
-        )
+    # Read exactly the declared count (however many the bytes hold), with as little per
+    # element as Python allows: this loop is most of a large BYTES request's decode.
+    elements: list[bytes] = [b""] * count
+    unpack, end = _LENGTH.unpack_from, len(raw)
+    offset = start = length = 0
+    i = -1
+    try:
+        for i in range(count):
+            (length,) = unpack(raw, offset)
+            start = offset + _LENGTH.size
+            offset = start + length
+            elements[i] = raw[start:offset]
+    except struct.error:  # element i's length is not all there (or not there at all)
+        _refuse_split(name, shape, count, i, end, offset, start, length)
+    if offset != end:
+        _refuse_split(name, shape, count, count, end, offset, start, length)
     array = np.empty(count, dtype=object)
     array[:] = elements
     return array.reshape(shape)
+
+
+def _refuse_split(name: str, shape: tuple[int, ...], count: int, i: int, end: int,
+                  offset: int, start: int, length: int) -> None:
+    """Why splitting stopped at element i (at byte `offset`); the one before it started
+    at `start` with `length` bytes."""
+    if offset > end:
+        raise InvalidInput(f"input {clip(name)}: BYTES element {i - 1} declares {length} "
+                           f"bytes, only {end - start} remain")
+    if offset == end:
+        raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} BYTES "
+                           f"elements, got {i}")
+    if i < count:
+        raise InvalidInput(f"input {clip(name)}: BYTES element {i} is cut inside its 4-byte "
+                           "length")
+    raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} BYTES "
+                       f"elements; {end - offset} bytes follow the last of them")
 
 
 def encode_raw(array: np.ndarray, datatype: str) -> bytes:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from service.errors import InvalidInput, clip
-from service.types import STRING
+from service.errors import InvalidInput, Overloaded, clip
+from service.types import STRING, TensorSpec
 
 # Beyond these numpy cannot make the array at all (it raises, which would be INTERNAL): a
 # shape like [0, 2**62, 8, 1] holds no element, yet numpy refuses it.
@@ -90,3 +90,23 @@ def element_count(name: str, shape: Sequence[int]) -> int:
         raise InvalidInput(f"input {clip(name)}: shape {dims} is too large: its dimensions "
                            f"(0 counted as 1) multiply past 2**40")
     return math.prod(dims)
+
+
+def check_declared(name: str, shape: Sequence[int], specs: Mapping[str, TensorSpec] | None,
+                   max_rows: int | None = None) -> None:
+    """Refuse a declared tensor before its data is decoded, for what its shape already
+    tells: a shape the endpoint's input cannot take (the check model.py makes again on
+    the array), or more rows than the model's queue holds
+    (the batcher's limit). 60 MiB of BYTES declaring 15.7 M rows once took 18 s to split
+    before the queue refused it."""
+    spec = (specs or {}).get(name)
+    if spec is None:  # not an input it takes (or an optional one): model.py says so
+        return
+    if not spec.fits(shape):
+        raise InvalidInput(f"input {spec.name!r} has shape {list(shape)}; "
+                           f"expected {spec.describe()} (-1: any size)")
+    rows = shape[0] if shape else 1
+    if max_rows is not None and rows > max_rows:
+        raise Overloaded(f"the request has {rows} rows, more than the model's queue holds "
+                         f"(max_queue_size {max_rows}): send at most {max_rows} rows per "
+                         "request")

@@ -236,7 +236,7 @@ class _Routes:
             infer_request, binary_outputs = await _off_loop_if_large(
                 len(body), kserve_rest.decode_request, body,
                 request.headers.get(kserve_rest.HEADER_LENGTH), model, endpoint, version,
-                target.inputs)
+                target.inputs, target.max_rows)
             infer_request.json = binary_outputs is not None and not (
                 infer_request.outputs and set(infer_request.outputs) <= binary_outputs)
             response = await call.infer(infer_request)

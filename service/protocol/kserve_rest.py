@@ -51,19 +51,22 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 
 def decode_request(body: bytes, header_length: str | None, model: str, endpoint: str | None,
-                   version: str | None, specs: Mapping[str, TensorSpec] | None = None
-                   ) -> tuple[InferRequest, set[str] | None]:
+                   version: str | None, specs: Mapping[str, TensorSpec] | None = None,
+                   max_rows: int | None = None) -> tuple[InferRequest, set[str] | None]:
     """An HTTP infer request as an InferRequest, and which outputs go back as binary."""
     document, binary = decode_body(body, header_length)
-    return decode_infer(document, binary, model, endpoint, version, specs)
+    return decode_infer(document, binary, model, endpoint, version, specs, max_rows)
 
 
 def decode_infer(document: dict[str, Any], binary: bytes, model: str, endpoint: str | None,
-                 version: str | None, specs: Mapping[str, TensorSpec] | None = None
-                 ) -> tuple[InferRequest, set[str] | None]:
+                 version: str | None, specs: Mapping[str, TensorSpec] | None = None,
+                 max_rows: int | None = None) -> tuple[InferRequest, set[str] | None]:
     """The request's tensors straight to numpy, through the checks a gRPC request passes
     (service.protocol.convert), and which outputs go back as binary (None: all, as the
     request's `binary_data_output` asks)."""
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):  # str() of a list 1,000 deep: RecursionError
+        raise InvalidInput(f"`id` must be a string, got {type(request_id).__name__}")
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("the request needs `inputs`: a list of {name, shape, datatype, "
@@ -74,7 +77,7 @@ def decode_infer(document: dict[str, Any], binary: bytes, model: str, endpoint: 
     convert.check_counts(len(inputs), len(outputs))
     # The cheap checks first, for every input: names, datatypes, shapes; then the data.
     headers = [_header(i, tensor) for i, tensor in enumerate(inputs)]
-    shapes = convert.check_inputs(headers, specs)
+    shapes = convert.check_inputs(headers, specs, max_rows)
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for header, tensor in zip(headers, inputs, strict=True):
@@ -107,7 +110,7 @@ def decode_infer(document: dict[str, Any], binary: bytes, model: str, endpoint: 
                                                       ).get("binary_data"):
             binary_outputs.add(out["name"])
     request = InferRequest(model, arrays, endpoint, version,
-                           convert.requested_outputs(names), str(document.get("id", "")))
+                           convert.requested_outputs(names), request_id)
     return request, binary_outputs
 
 

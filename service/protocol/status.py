@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from service.errors import TapserveError
+from service.errors import InvalidInput, TapserveError
 
 _log = logging.getLogger(__name__)
 
@@ -35,6 +35,36 @@ def status_code(error: BaseException) -> grpc.StatusCode | None:
 # Called once per RPC with its full method name and final status code name ("OK",
 # "NOT_FOUND", ...), a stream's when it ends: the hook request metrics hang on.
 OnDone = Callable[[str, str], None]
+# Called with the method and the error when a call's request is bytes that do not parse
+# (so inference calls can count under a model too).
+OnUndecodable = Callable[[str, InvalidInput], None]
+
+
+class Undecodable:
+    """What a request message that does not parse is handed on as. grpc.aio deserializes
+    before any handler or interceptor code runs, and a deserializer that raises ends the
+    call UNKNOWN with an ERROR traceback (a stream: the whole stream); this marker lets
+    the handler's wrapper refuse it as the client's error instead."""
+
+    def __init__(self, error: InvalidInput) -> None:
+        self.error = error
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None, method: str
+             ) -> Callable[[bytes], Any] | None:
+    """`deserializer`, answering bytes it cannot parse with an Undecodable."""
+    if deserializer is None:
+        return None
+    kind = method.rsplit("/", 1)[-1]
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError; anything a parser raises is the bytes' fault
+            return Undecodable(InvalidInput(f"the request is not a valid {kind} message: "
+                                            f"{type(exc).__name__}"))
+
+    return deserialize
 
 
 class HandlerInterceptor(grpc.aio.ServerInterceptor):
@@ -74,38 +104,75 @@ class ErrorStatusInterceptor(HandlerInterceptor):
 
     streams = True
 
-    def __init__(self, on_done: OnDone | None = None) -> None:
+    def __init__(self, on_done: OnDone | None = None,
+                 on_undecodable: OnUndecodable | None = None,
+                 answers_undecodable: frozenset[str] = frozenset()) -> None:
+        """`answers_undecodable`: streaming methods whose handler answers an Undecodable
+        request itself (ModelStreamInfer fails that one request); any other call with
+        one ends INVALID_ARGUMENT."""
         super().__init__()
         self._on_done = on_done
+        self._on_undecodable = on_undecodable
+        self._answers_undecodable = answers_undecodable
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        serializers = {"request_deserializer": handler.request_deserializer,
-                       "response_serializer": handler.response_serializer}
+        serializers = {
+            "request_deserializer": tolerant(handler.request_deserializer, method),
+            "response_serializer": handler.response_serializer}
+        streamed = handler.stream_unary is not None or handler.stream_stream is not None
+        refuse = (None if method in self._answers_undecodable
+                  else self._refusing(method, streamed))
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _mapping_errors(handler.unary_unary, method, self._on_done), **serializers)
+            return grpc.unary_unary_rpc_method_handler(_mapping_errors(
+                handler.unary_unary, method, self._on_done, refuse), **serializers)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _mapping_errors(handler.stream_unary, method, self._on_done), **serializers)
+            return grpc.stream_unary_rpc_method_handler(_mapping_errors(
+                handler.stream_unary, method, self._on_done, refuse), **serializers)
         behavior = handler.unary_stream or handler.stream_stream
         if inspect.isasyncgenfunction(behavior):  # yields its responses
-            wrapped = _mapping_stream_errors(behavior, method, self._on_done)
+            wrapped = _mapping_stream_errors(behavior, method, self._on_done, refuse)
         elif inspect.iscoroutinefunction(behavior):  # writes them with context.write
-            wrapped = _mapping_errors(behavior, method, self._on_done)
+            wrapped = _mapping_errors(behavior, method, self._on_done, refuse)
         else:  # a sync generator: gRPC runs it on a thread of its own; left as it is
             return handler
         make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
                 else grpc.stream_stream_rpc_method_handler)
         return make(wrapped, **serializers)
 
+    def _refusing(self, method: str, streamed: bool) -> Refuse:
+        """What a call's request goes through: an Undecodable message raises its error
+        (for a client-streaming call, when the handler reaches it)."""
+        def refuse(request: Any) -> Any:
+            if isinstance(request, Undecodable):
+                if self._on_undecodable is not None:
+                    self._on_undecodable(method, request.error)
+                raise request.error
+            return request
+
+        async def refuse_each(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                yield refuse(request)
+
+        return refuse_each if streamed else refuse
+
+
+# The request (or a client stream's messages) as the handler gets it.
+Refuse = Callable[[Any], Any]
+
+
+def _checked(request: Any, refuse: Refuse | None) -> Any:
+    return request if refuse is None else refuse(request)
+
 
 def _mapping_errors(
     behavior: Callable[[Any, grpc.aio.ServicerContext], Any],
     method: str,
     on_done: OnDone | None,
+    refuse: Refuse | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _Outcome(context, method, on_done):
+            request = _checked(request, refuse)
             if inspect.iscoroutinefunction(behavior):
                 return await behavior(request, context)
             # A sync handler (e.g. a sync health servicer) must not block the event loop.
@@ -119,11 +186,12 @@ def _mapping_stream_errors(
     behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
     method: str,
     on_done: OnDone | None,
+    refuse: Refuse | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     """_mapping_errors for a handler that yields its responses."""
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _Outcome(context, method, on_done):
-            async for response in behavior(request, context):
+            async for response in behavior(_checked(request, refuse), context):
                 yield response
 
     return wrapper

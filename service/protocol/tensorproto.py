@@ -7,11 +7,14 @@ Both of TensorProto's encodings are read: `tensor_content` (raw little-endian by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
 from service.errors import InvalidInput, clip
-from service.protocol.datatypes import element_count
+from service.protocol.datatypes import check_declared, element_count
+from service.protocol.repeated import to_array
 from service.types import STRING, TensorSpec
 
 # numpy dtype name (or "string") -> (DataType, the typed field that can hold it)
@@ -32,7 +35,8 @@ _TYPES: dict[str, tuple[int, str]] = {
 }
 _NAMES = {enum: name for name, (enum, _) in _TYPES.items()}
 # What a typed field holds, where narrower types travel in it (checked for range).
-_HELD = {"int_val": np.dtype(np.int64), "uint32_val": np.dtype(np.uint64)}
+_HELD = {"int_val": np.dtype(np.int64), "uint32_val": np.dtype(np.uint64),
+         "half_val": np.dtype(np.int64)}
 
 
 def data_type(dtype: str) -> int:
@@ -51,10 +55,13 @@ def shape_proto(shape: tuple[int | None, ...]) -> tensor_shape_pb2.TensorShapePr
         dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=-1 if d is None else d) for d in shape])
 
 
-def to_numpy(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec | None = None
+def to_numpy(name: str, proto: tensor_pb2.TensorProto,
+             specs: Mapping[str, TensorSpec] | None = None, max_rows: int | None = None
              ) -> np.ndarray:
-    """One request tensor as numpy; InvalidInput says what does not add up. With `spec`
-    (the endpoint's input), its dtype is checked before any value is read."""
+    """One request tensor as numpy; InvalidInput says what does not add up. With `specs`
+    (the endpoint's inputs by name), its name, dtype and shape are checked before any
+    value is read, and with `max_rows` its rows (Overloaded)."""
+    spec = (specs or {}).get(name)
     if proto.dtype not in _NAMES:
         raise InvalidInput(f"input {clip(name)}: dtype {dtype_name(proto.dtype)} is not "
                            f"served; use one of {', '.join(dtype_name(e) for e in _NAMES)}")
@@ -67,13 +74,12 @@ def to_numpy(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec | None =
         raise InvalidInput(f"input {clip(name)}: the tensor has no shape (unknown_rank)")
     shape = tuple(d.size for d in proto.tensor_shape.dim)
     count = element_count(name, shape)
+    check_declared(name, shape, specs, max_rows)
     if internal == STRING:
         if len(proto.string_val) != count:
             raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} strings in "
                                f"string_val, got {len(proto.string_val)}")
-        array = np.empty(count, dtype=object)
-        array[:] = list(proto.string_val)
-        return array.reshape(shape)
+        return to_array(proto.string_val, "object", count).reshape(shape)
     dtype = np.dtype(internal)
     if proto.tensor_content:
         expected = count * dtype.itemsize
@@ -88,15 +94,22 @@ def to_numpy(name: str, proto: tensor_pb2.TensorProto, spec: TensorSpec | None =
     if len(values) != count:
         raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} values in "
                            f"{field} (or tensor_content), got {len(values)}")
-    if internal == "float16":  # half_val holds the bit patterns
-        return np.array(values, dtype=np.uint16).view(np.float16).reshape(shape)
-    held = np.fromiter(values, dtype=_HELD.get(field, dtype), count=count)
-    if dtype.kind in "iu" and count:
+    held = to_array(values, _HELD.get(field, dtype), count)
+    if internal == "float16":  # half_val holds the bit patterns, in int32s
+        bits = np.dtype(np.uint16)
+        _check_range(name, proto.dtype, held, bits)
+        return held.astype(bits).view(np.float16).reshape(shape)
+    _check_range(name, proto.dtype, held, dtype)
+    return held.astype(dtype).reshape(shape)
+
+
+def _check_range(name: str, enum: int, held: np.ndarray, dtype: np.dtype) -> None:
+    """Refuse values a narrower integer type (or half_val's 16 bits) cannot hold."""
+    if dtype.kind in "iu" and held.dtype != dtype and held.size:
         info = np.iinfo(dtype)
         if held.min() < info.min or held.max() > info.max:
             raise InvalidInput(f"input {clip(name)}: values out of range for "
-                               f"{dtype_name(proto.dtype)} [{info.min}, {info.max}]")
-    return held.astype(dtype).reshape(shape)
+                               f"{dtype_name(enum)} [{info.min}, {info.max}]")
 
 
 def from_numpy(array: np.ndarray) -> tensor_pb2.TensorProto:

@@ -64,16 +64,18 @@ def predict_target(msg: predict_pb2.PredictRequest) -> tuple[str, str | None, st
 
 
 def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = None,
-                   specs: Mapping[str, TensorSpec] | None = None) -> InferRequest:
+                   specs: Mapping[str, TensorSpec] | None = None,
+                   max_rows: int | None = None) -> InferRequest:
     """A PredictRequest as an InferRequest; with `specs` (the endpoint's inputs by name)
-    the dtypes are checked before any tensor is read."""
+    the dtypes and shapes are checked before any tensor is read, and with
+    `max_rows` the rows."""
     model, endpoint, version = predict_target(msg)
     convert.check_counts(len(msg.inputs), len(msg.output_filter))
     outputs = list(msg.output_filter)
     if len(set(outputs)) != len(outputs):
         raise InvalidInput(f"output_filter names an output more than once: {clip(outputs)}")
-    specs = specs or {}
-    inputs = {name: to_numpy(name, tensor, specs.get(name)) for name, tensor in msg.inputs.items()}
+    inputs = {name: to_numpy(name, tensor, specs, max_rows)
+              for name, tensor in msg.inputs.items()}
     return InferRequest(model, inputs, endpoint, version, outputs, deadline=deadline)
 
 
@@ -99,8 +101,10 @@ class PredictionServicer(PredictionServiceServicer):
                                   ) as call:
             # The endpoint first: its dtypes are checked before any tensor is read.
             target = call.resolve(*predict_target(request))
-            infer_request = await decoded(decode_predict, request, deadline_of(context),
-                                          target.inputs)
+            infer_request = await decoded(
+                decode_predict, request, deadline_of(context), target.inputs, target.max_rows,
+                elements=convert.declared_elements(
+                    [d.size for d in t.tensor_shape.dim] for t in request.inputs.values()))
             response = await call.infer(infer_request)
         spec = model_pb2.ModelSpec(
             name=response.model, version=wrappers_pb2.Int64Value(value=response.version),

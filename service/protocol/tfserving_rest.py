@@ -17,12 +17,17 @@ from google.protobuf import json_format
 
 from service.errors import InvalidInput, clip
 from service.protocol.convert import check_counts
+from service.protocol.datatypes import MAX_RANK
 from service.protocol.tfserving import signature_def
 from service.types import STRING, EndpointMetadata, InferRequest, Target, TensorSpec
 
 
-def _bytes_in(value: Any) -> Any:
-    """Nested JSON with {"b64": ...} objects and strings as bytes."""
+def _bytes_in(value: Any, depth: int = 0) -> Any:
+    """Nested JSON with {"b64": ...} objects and strings as bytes. Nesting deeper than a
+    tensor's rank can be is refused before it exhausts Python's recursion limit."""
+    if depth > MAX_RANK:
+        raise InvalidInput(f"the values are nested deeper than {MAX_RANK} levels: a tensor "
+                           f"has at most {MAX_RANK} dimensions")
     if isinstance(value, dict):
         if set(value) != {"b64"} or not isinstance(value["b64"], str):
             raise InvalidInput(f"a JSON object inside a tensor must be {{\"b64\": ...}}, got "
@@ -32,7 +37,7 @@ def _bytes_in(value: Any) -> Any:
         except binascii.Error as exc:
             raise InvalidInput(f"b64 value is not base64: {exc}") from None
     if isinstance(value, list):
-        return [_bytes_in(v) for v in value]
+        return [_bytes_in(v, depth + 1) for v in value]
     return value.encode() if isinstance(value, str) else value
 
 

@@ -52,6 +52,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     zoo.save(zoo.ZOO["autoencoder"](), repo / "small_queue")
     (repo / "small_queue" / "config.yaml").write_text(
         yaml.safe_dump({"batching": {"max_queue_size": 4}}))
+    zoo.save(zoo.ZOO["string_input"](), repo / "wide_queue")  # takes millions of rows
+    (repo / "wide_queue" / "config.yaml").write_text(
+        yaml.safe_dump({"batching": {"max_queue_size": 10_000_000}}))
     (repo / "garbage" / "1").mkdir(parents=True)
     (repo / "garbage" / "1" / "model.keras").write_bytes(GARBAGE)
     zoo.save(zoo.ZOO["autoencoder"](), repo / "bad_config")
@@ -162,9 +165,10 @@ def test_a_large_bytes_tensor_to_an_fp32_input_is_refused_on_its_datatype_at_onc
 
 def test_a_large_bytes_tensor_for_a_bytes_input_is_decoded_off_the_event_loop(
         server, stub) -> None:
-    # The datatype is right, so the elements must be split: on a thread, not the loop.
+    # The datatype is right and the queue takes the rows, so the elements must be split:
+    # on a thread, not the loop.
     count = 2_000_000
-    request = service_pb2.ModelInferRequest(model_name="string_input")
+    request = service_pb2.ModelInferRequest(model_name="wide_queue")
     request.inputs.add(name="text", datatype="BYTES", shape=[count])
     request.raw_input_contents.append(bytes(4 * count))  # every element empty
     (error, _), latencies = health_while(lambda: refused(stub.ModelInfer, request), server)
@@ -407,3 +411,119 @@ def test_http_infer_refuses_a_bytes_tensor_to_an_fp32_input_on_its_datatype(serv
         urllib.request.urlopen(request, timeout=30)
     assert err.value.code == 400
     assert "must be float32, got string (BYTES)" in json.loads(err.value.read())["error"]
+
+
+# 7. Huge declared tensors (issue 18, item 6).
+
+def test_a_declared_shape_past_the_queue_is_refused_before_its_bytes_are_split(
+        server, stub) -> None:
+    # Regression: 60 MiB of BYTES declaring 15.7 M rows was split for 17.9 s before the
+    # row limit refused it. The rows are now checked against the declared shape: the
+    # refusal names the queue's limit, whatever (here: too little) data came with it.
+    request = service_pb2.ModelInferRequest(model_name="string_input")
+    request.inputs.add(name="text", datatype="BYTES", shape=[15_728_640])
+    request.raw_input_contents.append(bytes(64))
+    error, _ = refused(stub.ModelInfer, request)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert ("the request has 15728640 rows, more than the model's queue holds "
+            "(max_queue_size 1024)") in error.details(), error.details()
+
+
+def test_a_declared_shape_the_endpoint_cannot_take_is_refused_before_decoding(stub) -> None:
+    # The rank and fixed dimensions too: [1, 8, 8, 1] images, declared as [2, 64].
+    request = service_pb2.ModelInferRequest(model_name="autoencoder")
+    request.inputs.add(name="image", datatype="FP32", shape=[2, 64])
+    request.raw_input_contents.append(bytes(4))
+    error, _ = refused(stub.ModelInfer, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "input 'image' has shape [2, 64]; expected image (float32 [-1,8,8,1])" in \
+        error.details(), error.details()
+
+
+# 8. Client errors answered INTERNAL, UNKNOWN or 500 (issue 18, item 7).
+
+NOT_PROTOBUF = b"\xff this is not a protobuf message"
+
+
+def grpc_count(server: ServerProcess, method: str, code: str) -> float:
+    return server.metric("tapserve_grpc_requests_total", method=method, code=code) or 0
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def errors_logged(server: ServerProcess, start: int) -> list[str]:
+    return [line for line in server.output()[start:].splitlines()
+            if " ERROR " in line or line.startswith("Traceback")]
+
+
+@pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelInfer",
+                                    "/inference.GRPCInferenceService/ModelReady",
+                                    "/tensorflow.serving.PredictionService/Predict"])
+def test_bytes_that_are_not_a_protobuf_message_are_invalid_argument(server, method) -> None:
+    # Regression: gRPC's own UNKNOWN "Unexpected <class 'DecodeError'>", an ERROR
+    # traceback each, and no count.
+    start, before = len(server.output()), grpc_count(server, method, "INVALID_ARGUMENT")
+    with grpc.insecure_channel(server.url) as channel:
+        error, _ = refused(channel.unary_unary(method), NOT_PROTOBUF)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "the request is not a valid" in error.details(), error.details()
+    wait_for(lambda: grpc_count(server, method, "INVALID_ARGUMENT") == before + 1,
+             "the refusal counted")
+    assert not errors_logged(server, start)
+
+
+def test_a_stream_message_that_is_not_protobuf_fails_only_itself(server) -> None:
+    # Regression: one such message ended the whole ModelStreamInfer INTERNAL.
+    good = service_pb2.ModelInferRequest(model_name="autoencoder", id="good")
+    good.inputs.add(name="image", datatype="FP32", shape=[1, 8, 8, 1])
+    good.raw_input_contents.append(images(1).tobytes())
+    start = len(server.output())
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        answers = list(call(iter([good.SerializeToString(), NOT_PROTOBUF,
+                                  good.SerializeToString()]), timeout=60))
+    served = [a for a in answers if not a.error_message]
+    failed = [a.error_message for a in answers if a.error_message]
+    assert [a.infer_response.id for a in served] == ["good", "good"]
+    assert len(failed) == 1 and "the request is not a valid" in failed[0], failed
+    assert not errors_logged(server, start)
+
+
+def test_a_version_of_5000_digits_is_not_found(stub) -> None:
+    # Regression: Python's int() refuses 4,300+ digits: INTERNAL.
+    error, _ = refused(stub.ModelReady, service_pb2.ModelReadyRequest(
+        name="autoencoder", version="1" * 5000))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error
+    assert "versions are positive integers" in error.details(), error.details()
+
+
+def test_a_kserve_rest_id_that_is_not_a_string_is_400(server) -> None:
+    # Regression: an "id" nested 1,000 deep was 500 (RecursionError in str()).
+    inputs = json.dumps([{"name": "image", "datatype": "FP32", "shape": [1, 8, 8, 1],
+                          "data": [0.0] * 64}])
+    body = f'{{"id": {"[" * 1000}{"]" * 1000}, "inputs": {inputs}}}'.encode()
+    start = len(server.output())
+    status, answer = post(f"{server.http}/v2/models/autoencoder/infer", body)
+    assert status == 400, answer
+    assert "`id` must be a string" in answer["error"], answer
+    assert not errors_logged(server, start)
+
+
+def test_tfserving_rest_strings_nested_deeper_than_a_tensor_are_400(server) -> None:
+    # Regression: string instances nested 500 deep were 500, with 150 KB of traceback.
+    body = f'{{"instances": {"[" * 500}"red"{"]" * 500}}}'.encode()
+    start = len(server.output())
+    status, answer = post(f"{server.http}/v1/models/string_input:predict", body)
+    assert status == 400, answer
+    assert "nested deeper than" in answer["error"], answer
+    assert not errors_logged(server, start)
+    assert len(server.output()) - start < 2000  # one log line, not a traceback

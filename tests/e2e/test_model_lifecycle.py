@@ -230,10 +230,45 @@ def test_removing_a_model_folder_drains_and_unloads_it(
     assert err.value.status() == "StatusCode.NOT_FOUND"
     assert ask(polling) == 1.0
     assert "model other version 7 unloaded" in polling.output()
+    # Defect 5: every series of a removed model goes (a dashboard lists what exists).
+    for name in ("tapserve_model_ready", "tapserve_model_load_duration_seconds",
+                 "tapserve_requests_total", "tapserve_queue_depth"):
+        assert polling.metric(name, model="other") is None, name
+    add_version(repository / "broken", 1, content=b"not a keras file")
+    until(lambda: polling.metric("tapserve_model_ready", model="broken") == 0, timeout=30)
+    shutil.rmtree(repository / "broken")
+    until(lambda: polling.metric("tapserve_model_ready", model="broken") is None, timeout=30)
+    assert polling.metric("tapserve_model_load_failures_total", model="broken") is None
     with polling.client() as client:  # poll mode: the API refuses, saying why (as Triton)
         with pytest.raises(InferenceServerException, match="model-control-mode poll") as err:
             client.load_model("m")
         assert err.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_a_dangling_symlink_in_a_version_folder_stops_neither_start_up_nor_polls(
+        start_process, repository: Path) -> None:
+    """Issue 18.3: an editor's lock file (a symlink to nowhere) in a version folder sent
+    the repository scan into endless recursion: never ready, nothing logged; in poll mode
+    a traceback every poll. Now it is no problem, and a model file that is such a link
+    fails its version only, said once, in one line."""
+    (repository / "m" / "1" / ".#model.keras").symlink_to("user@host.4242:1700000000")
+    add_version(repository / "other", 3)
+    server = start_process(repository, "--repository-poll-secs", str(POLL))  # waits: ready
+    assert ask(server) == 1.0 and ask(server, "other") == 3.0
+    add_version(repository / "m", 2)
+    (repository / "m" / "2" / ".#model.keras").symlink_to("user@host.4242:1700000001")
+    until(lambda: ask(server) == 2.0, timeout=60)
+    broken = repository / "other" / "4"
+    broken.mkdir()
+    (broken / "model.keras").symlink_to(repository / "gone.keras")
+    until(lambda: index(server).get(("other", "4"), ("",))[0] == "UNAVAILABLE", timeout=30)
+    time.sleep(4 * POLL)
+    assert ask(server, "other") == 3.0
+    with server.client() as client:
+        assert client.is_server_ready()
+    log = server.output()
+    assert "Traceback" not in log and "RecursionError" not in log
+    assert log.count("model other version 4 failed to load") == 1
 
 
 def test_explicit_mode_loads_and_unloads_through_tritonclient(

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, Overloaded
 from service.protocol.convert import (
     decode_infer_request,
     encode_infer_response,
@@ -15,7 +15,8 @@ from service.protocol.convert import (
     parse_version,
 )
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
-from service.types import EndpointMetadata, InferResponse, TensorSpec
+from service.protocol.repeated import CHUNK
+from service.types import STRING, EndpointMetadata, InferResponse, TensorSpec
 
 
 def _bytes_array(*items: bytes, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -261,7 +262,8 @@ def test_parse_version_gives_a_number_or_a_label(text: str, expected: str | None
     assert parse_version(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "1.5", " 3", "+3", "00", "a b", "é"])
+@pytest.mark.parametrize("text", ["0", "-1", "1.5", " 3", "+3", "00", "a b", "é",
+                                  "1" * 5000])  # past Python's int() limit: was INTERNAL
 def test_bad_versions_are_not_found(text: str) -> None:
     with pytest.raises(NotFound, match="positive integer"):
         parse_version(text)
@@ -400,3 +402,58 @@ def test_duplicate_requested_outputs() -> None:
     msg.outputs.add(name="y")
     with pytest.raises(InvalidInput, match="output 'y' is requested more than once"):
         decode_infer_request(msg)
+
+
+def test_raw_bytes_past_the_declared_elements_are_refused() -> None:
+    # The split stops at the declared count: what follows is not split too.
+    msg = pb.ModelInferRequest(model_name="m", raw_input_contents=[
+        _serialize_bytes(_bytes_array(b"a", b"b", b"c"))])
+    _input(msg, "s", "BYTES", [2])
+    with pytest.raises(InvalidInput, match=r"needs 2 BYTES elements; 5 bytes follow the last"):
+        decode_infer_request(msg)
+
+
+# Declared shapes, checked before any data is decoded ------------------------------------
+
+SPECS = {"s": TensorSpec("s", STRING, (None,)), "x": TensorSpec("x", "float32", (None, 3))}
+
+
+def test_rows_past_max_rows_are_overloaded_before_decoding() -> None:
+    # Regression: 15.7 M declared rows of 60 MiB of BYTES were split (18 s) before the
+    # queue's row limit refused them; here the data could not even be split.
+    msg = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * 8, b"\0" * 12])
+    _input(msg, "s", "BYTES", [15_728_640])
+    _input(msg, "x", "FP32", [1, 3])
+    with pytest.raises(Overloaded, match=r"has 15728640 rows, more than the model's queue "
+                                         r"holds \(max_queue_size 1024\)"):
+        decode_infer_request(msg, specs=SPECS, max_rows=1024)
+
+
+@pytest.mark.parametrize(("name", "shape", "words"), [
+    ("x", [2, 4], r"input 'x' has shape \[2, 4\]; expected x \(float32 \[-1,3\]\)"),
+    ("x", [6], r"input 'x' has shape \[6\]; expected x \(float32 \[-1,3\]\)"),
+])
+def test_shapes_the_endpoint_cannot_take_are_refused_before_decoding(
+        name: str, shape: list[int], words: str) -> None:
+    msg = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"", b""])
+    _input(msg, "s", "BYTES", [0])
+    _input(msg, name, "FP32", shape)  # no bytes: decoding would refuse the byte count
+    with pytest.raises(InvalidInput, match=words):
+        decode_infer_request(msg, specs=SPECS, max_rows=1024)
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "INT8", "BYTES"])
+def test_typed_contents_of_several_chunks_decode_whole(datatype: str) -> None:
+    # Typed contents are copied a chunk at a time (service/protocol/repeated.py).
+    count = 2 * CHUNK + 5
+    values = np.arange(count) % 100
+    msg = pb.ModelInferRequest(model_name="m")
+    tensor = _input(msg, "x", datatype, [count])
+    if datatype == "BYTES":
+        tensor.contents.bytes_contents.extend(str(v).encode() for v in values)
+        expected = [str(v).encode() for v in values]
+    else:
+        getattr(tensor.contents, "fp32_contents" if datatype == "FP32" else "int_contents"
+                ).extend(values.tolist())
+        expected = values.tolist()
+    assert decode_infer_request(msg).inputs["x"].tolist() == expected

@@ -73,6 +73,18 @@ async def _stream_write(request: bytes, context: grpc.aio.ServicerContext) -> No
         await context.write(bytes([i]))
 
 
+def _parse(data: bytes) -> bytes:
+    """A request deserializer: b"bad" does not parse, as bytes that are no protobuf."""
+    if data == b"bad":
+        raise ValueError("Error parsing message")
+    return data
+
+
+async def _count_messages(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    async for request in requests:
+        yield request
+
+
 HANDLERS = {
     "Abort": grpc.unary_unary_rpc_method_handler(_abort),
     "Subclass": grpc.unary_unary_rpc_method_handler(_raise_subclass),
@@ -84,6 +96,9 @@ HANDLERS = {
     "Stream": grpc.unary_stream_rpc_method_handler(_stream),
     "StreamRaise": grpc.unary_stream_rpc_method_handler(_stream_raise),
     "StreamWrite": grpc.unary_stream_rpc_method_handler(_stream_write),
+    "Parsed": grpc.unary_unary_rpc_method_handler(_echo, request_deserializer=_parse),
+    "ParsedStream": grpc.stream_stream_rpc_method_handler(_count_messages,
+                                                          request_deserializer=_parse),
 }
 
 
@@ -197,3 +212,37 @@ def test_a_stream_that_raises_ends_with_the_mapped_status(channel: grpc.Channel)
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.NOT_FOUND, "x")
     assert reported.wait(timeout=10)
     assert reports == [("/test.Probe/StreamRaise", "NOT_FOUND")]
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument_not_unknown(
+        channel: grpc.Channel, caplog: pytest.LogCaptureFixture) -> None:
+    # Regression: grpc.aio answered a deserializer's error UNKNOWN, with an ERROR traceback
+    # (grpc's own logger), and the interceptor never saw the call to count it.
+    reports.clear()
+    reported.clear()
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(grpc.RpcError) as info:
+            _call(channel, "Parsed", b"bad")
+        assert reported.wait(timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert info.value.details() == "the request is not a valid Parsed message: ValueError"
+    assert reports == [("/test.Probe/Parsed", "INVALID_ARGUMENT")]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert _call(channel, "Parsed", b"good") == b"good"
+
+
+def test_a_client_stream_message_that_does_not_parse_ends_it_invalid_argument(
+        channel: grpc.Channel) -> None:
+    # A stream whose handler does not answer undecodable messages itself (reflection):
+    # what came before is answered, then the stream ends INVALID_ARGUMENT, not UNKNOWN.
+    reports.clear()
+    reported.clear()
+    got = []
+    with pytest.raises(grpc.RpcError) as info:
+        for item in channel.stream_stream("/test.Probe/ParsedStream")(
+                iter([b"one", b"bad", b"three"]), timeout=10):
+            got.append(item)
+    assert got == [b"one"]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert reported.wait(timeout=10)
+    assert reports == [("/test.Probe/ParsedStream", "INVALID_ARGUMENT")]

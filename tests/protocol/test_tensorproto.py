@@ -60,6 +60,11 @@ def test_strings_round_trip() -> None:
     (tf.make_tensor_proto(np.zeros((2, 3), np.float32)), None),
     (tensor_pb2.TensorProto(dtype=types_pb2.DT_INT8, int_val=[300],
                             tensor_shape=tf.TensorShape([1]).as_proto()), "out of range"),
+    # half_val holds 16-bit patterns: 70000 was an OverflowError (INTERNAL).
+    (tensor_pb2.TensorProto(dtype=types_pb2.DT_HALF, half_val=[70000],
+                            tensor_shape=tf.TensorShape([1]).as_proto()), "out of range"),
+    (tensor_pb2.TensorProto(dtype=types_pb2.DT_HALF, half_val=[-1],
+                            tensor_shape=tf.TensorShape([1]).as_proto()), "out of range"),
     (tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1, 2],
                             tensor_shape=tf.TensorShape([3]).as_proto()), "needs 3 values"),
 ])
