@@ -4,6 +4,8 @@
     .venv/bin/python bench/ab.py --scenario 2 --a "--cpu-batches-in-flight 2" \
         --b "--cpu-batches-in-flight 1" --rounds 6
     .venv/bin/python bench/ab.py --scenario 4 --a-models s4_separate --b-models s4_dedup
+    .venv/bin/python bench/ab.py --scenario 2 --door kserve_http \
+        --a-env PYTHONPATH=/path/to/old/checkout --b-env PYTHONPATH=$PWD   # code A/B
 
 Single windows on a shared machine swing by tens of percent; a change worth a few
 percent is only visible when both sides see the same background. Both servers start
@@ -25,6 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from load import DOORS
 from run import (
     BENCH,
     HEADLINE,
@@ -72,6 +75,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="open loop at this many requests per second (Poisson) instead "
                         "of --concurrency clients: then compare latencies, not req/s")
+    parser.add_argument("--door", choices=DOORS, default="kserve_grpc",
+                        help="the front door the load goes through (bench/load.py's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds/window")
     parser.add_argument("--warmup", type=float, default=1.0, help="load seconds before each")
@@ -86,12 +91,16 @@ def main() -> None:
         build_models(out / "models")
     repo, model = repository(args.scenario, out / "models", args.delay_ms), MODEL[args.scenario]
     concurrency = args.concurrency or HEADLINE[args.scenario]
-    sides = {}
+    sides, targets = {}, {}
     for side, flags, env, models in (("A", args.a, args.a_env, args.a_models),
                                      ("B", args.b, args.b_env, args.b_models)):
         port = free_port()
         folder = out / "models" / models if models else repo
         command = serve_command(folder, port, free_port()) + shlex.split(flags)
+        targets[side] = f"127.0.0.1:{port}"
+        if "_http" in args.door:  # the last --http-port wins
+            targets[side] = f"127.0.0.1:{free_port()}"
+            command += ["--http-port", targets[side].rpartition(":")[2]]
         sides[side] = ServerProcess(side, command, out / "ab" / f"{side}.log", port, [model],
                                     env=dict(kv.split("=", 1) for kv in env.split(",") if kv))
     results: dict[str, list[dict]] = {"A": [], "B": []}
@@ -101,7 +110,7 @@ def main() -> None:
             for side in order:
                 load = measure(sides[side], request_mix(args.scenario), concurrency, out, args,
                                f"ab_{side}{r}", mix=MIX.get(args.scenario, "random"),
-                               rate=args.rate).load
+                               rate=args.rate, door=args.door, target=targets[side]).load
                 results[side].append({k: load[k] for k in ("req_per_s", "p50_ms", "p99_ms")}
                                      | {"server_cores": load.get("server_cpu_cores")})
     summary = {side: {k: statistics.median(w[k] for w in windows)
@@ -116,7 +125,8 @@ def main() -> None:
     latency = {q: statistics.median(b[q] / a[q] for a, b in
                                     zip(results["A"], results["B"], strict=True))
                for q in ("p50_ms", "p99_ms")}
-    report = {"scenario": args.scenario, "concurrency": concurrency, "a": args.a,
+    report = {"scenario": args.scenario, "door": args.door, "concurrency": concurrency,
+              "a": args.a,
               "b": args.b, "a_env": args.a_env, "b_env": args.b_env,
               "a_models": args.a_models, "b_models": args.b_models, "windows": results,
               "median": summary, "b_over_a_per_round": paired,

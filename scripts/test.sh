@@ -20,6 +20,8 @@ if ! command -v prometheus >/dev/null 2>&1; then
 fi
 echo "lint: ruff"
 .venv/bin/ruff check .
+echo "types: mypy --strict (service/, and the protocol tests' fake data plane)"
+.venv/bin/mypy
 # Two sessions: tritonclient's generated protobufs and ours cannot share a process.
 echo "test: pytest (in-process)"
 .venv/bin/python -m pytest "$@"

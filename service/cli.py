@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -24,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the model repository over gRPC")
     for name, field in Settings.model_fields.items():
         env = f"TAPSERVE_{name.upper()}"
-        default = field.default if field.default_factory is None else field.default_factory()
-        kind = {}
+        default = field.get_default(call_default_factory=True, validated_data={})
+        kind: dict[str, Any] = {}
         if field.annotation is bool:  # --allow-model-code / --no-allow-model-code
             kind = {"action": argparse.BooleanOptionalAction}
         elif isinstance(default, list):  # repeatable

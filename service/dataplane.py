@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from importlib.metadata import version as package_version
+from types import TracebackType
 
 from service.errors import SHUTTING_DOWN, NotFound, NotReady, TapserveError, clip
 from service.metrics import UNKNOWN, Metrics
+from service.model import Endpoint, LoadedModel
 from service.registry import ModelRegistry
 from service.statistics import VersionStatistics
-from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
+from service.types import EndpointMetadata, InferRequest, InferResponse, Target
 
 log = logging.getLogger(__name__)
 
@@ -88,94 +89,29 @@ class DataPlane:
                      ) -> list[tuple[int, str, str]]:
         """(version, state, reason) of every version of `model` the server knows, or of
         the one `version` (a number or a label) names."""
-        rows = [(int(v), state, reason) for name, v, state, reason in self.registry.index()
-                if name == model and v]
-        if rows and version is not None:
+        statuses = [(int(v), state, reason)
+                    for name, v, state, reason in self.registry.index() if name == model and v]
+        if statuses and version is not None:
             number = self.registry.version_number(model, version)
-            rows = [r for r in rows if r[0] == number]
-            if not rows:
+            statuses = [s for s in statuses if s[0] == number]
+            if not statuses:
                 raise NotFound(f"model {model!r} has no version {number}")
-        if not rows:
+        if not statuses:
             if model not in self.registry.models:
                 self.registry.get(model)  # raises NotFound (or NotReady), saying why
             raise NotReady(f"model {model!r} has no version loaded or loading: "
                            f"{self.registry.models[model].error or 'not loaded'}")
-        return rows
+        return statuses
 
-    def input_specs(self, model: str, endpoint: str | None, version: str | None
-                    ) -> Mapping[str, TensorSpec]:
-        """The endpoint's inputs by name, so a request's datatypes are checked before its
-        tensors are decoded; raises NotFound or NotReady as `infer` would."""
-        if self.draining:
-            raise NotReady(SHUTTING_DOWN)
-        return self.registry.get(model, version).endpoint(endpoint).inputs_by_name
+    def call(self, protocol: str, model: str, endpoint: str | None = None,
+             request_id: str = "") -> InferCall:
+        """One inference request through door `protocol` (see service.types.Call)."""
+        return InferCall(self, protocol, model, endpoint, request_id)
 
-    def max_rows(self, model: str, version: str | None) -> int:
-        """The most rows one request to that version may carry (its queue's size), so a
-        declared shape past it is refused before it is decoded."""
-        return self.registry.get(model, version).policy.max_queue_size
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        started = time.monotonic()
-        endpoint = UNKNOWN
-        model = None
-        try:
-            if self.draining:
-                raise NotReady(SHUTTING_DOWN)
-            model = self.registry.get(request.model, request.version)
-            ep = model.endpoint(request.endpoint)
-            endpoint = ep.name  # errors below count under it
-            outputs, queued = await model.infer(ep, request.inputs, request.outputs,
-                                                request.deadline, request.json)
-            self.metrics.queue_duration.labels(request.model, endpoint).observe(queued)
-        except TapserveError as exc:
-            if model is not None:
-                model.stats.failed(time.monotonic() - started)
-            self.rejected(request, exc, started, endpoint)
-            raise
-        except BaseException as exc:
-            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
-            self._count(request, endpoint, code, started)
-            raise
-        self._count(request, endpoint, "OK", started)
-        rows = len(next(iter(request.inputs.values())))
-        model.stats.succeeded(rows, time.monotonic() - started, queued)
-        return InferResponse(model.name, endpoint, model.version, outputs, request.id)
-
-    def rejected(self, request: InferRequest, error: TapserveError,
-                 started: float | None = None, endpoint_label: str | None = None) -> None:
-        """Count and log a failed request, also one refused before it reached `infer`
-        (then `request` holds what could be read of it, with no inputs)."""
-        started = time.monotonic() if started is None else started
-        if endpoint_label is None:  # refused before `infer`: counted as `infer` counts
-            endpoint_label = self._endpoint_label(request, started)
-        # Client strings, cut: a log line must stay a line's length (logs.py escapes them).
-        fields = {"model": request.model[:LOGGED], "endpoint": (request.endpoint or "")[:LOGGED],
-                  "request_id": request.id[:LOGGED], "status": error.code,
-                  "latency_s": round(time.monotonic() - started, 6)}
-        log.info("request failed: %s (%s)", error,
-                 " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
-        self._count(request, endpoint_label, error.code, started)
-
-    def _endpoint_label(self, request: InferRequest, started: float) -> str:
-        """The endpoint a request refused before `infer` was for, when its names are
-        known, so its refusal counts under it, and in its version's failures (inputs
-        are checked before they are decoded, as `infer` would check them after)."""
-        if request.model not in self.registry.models:  # never a path from a client string
-            return UNKNOWN
-        try:
-            served = self.registry.get(request.model, request.version)
-            label = served.endpoint(request.endpoint).name
-        except TapserveError:
-            return UNKNOWN
-        served.stats.failed(time.monotonic() - started)
-        return label
-
-    def _count(self, request: InferRequest, endpoint: str, code: str, started: float) -> None:
-        # Label values only from names the server knows: bounded time series.
-        model = request.model if request.model in self.registry.models else UNKNOWN
-        self.metrics.requests.labels(model, endpoint, code, request.protocol).inc()
-        self.metrics.request_duration.labels(model, endpoint).observe(time.monotonic() - started)
+    def refused(self, protocol: str, model: str, endpoint: str | None,
+                error: TapserveError) -> None:
+        """Count and log a request refused before its door read it (no token)."""
+        InferCall(self, protocol, model, endpoint).finish(error)
 
     def model_statistics(self, model: str, version: str | None
                          ) -> list[tuple[str, int, VersionStatistics]]:
@@ -193,12 +129,120 @@ class DataPlane:
     # The model repository (Triton's extension)
 
     def repository_index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
-        """(model, version, state, reason) rows; `ready_only` keeps the READY ones."""
-        rows = self.registry.index()
-        return [r for r in rows if r[2] == "READY"] if ready_only else rows
+        """(model, version, state, reason) entries; `ready_only` keeps the READY ones."""
+        entries = self.registry.index()
+        return [e for e in entries if e[2] == "READY"] if ready_only else entries
 
     async def load_model(self, name: str) -> None:
         await self.registry.load(name)
 
     async def unload_model(self, name: str) -> None:
         await self.registry.unload(name)
+
+
+class InferCall:
+    """One inference request through the data plane (service.types.Call): resolved once,
+    and its outcome, a refusal before it was decoded included, counted in the metrics and
+    its version's statistics and (a failure) logged, once, when its `with` block ends."""
+
+    __slots__ = ("_plane", "protocol", "model", "endpoint", "request_id", "started",
+                 "_served", "_resolving", "_computing", "_rows", "_queued", "_done")
+
+    def __init__(self, plane: DataPlane, protocol: str, model: str, endpoint: str | None,
+                 request_id: str = "") -> None:
+        self._plane = plane
+        self.protocol = protocol
+        self.model = model  # the names as the client sent them, until `resolve` parses them
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self.started = time.monotonic()
+        self._served: tuple[LoadedModel, Endpoint] | None = None
+        self._resolving = False  # resolve was tried: a failure is not retried for labels
+        self._computing = False  # inside the version's infer: its statistics count it
+        self._rows = 0
+        self._queued = 0.0
+        self._done = False
+
+    def resolve(self, model: str, endpoint: str | None, version: str | None) -> Target:
+        self.model, self.endpoint = model, endpoint
+        if self._plane.draining:
+            raise NotReady(SHUTTING_DOWN)
+        self._resolving = True
+        served = self._plane.registry.get(model, version)
+        ep = served.endpoint(endpoint)
+        self._served = (served, ep)  # a refusal from here on counts under its endpoint
+        inputs, max_rows = ep.inputs_by_name, served.policy.max_queue_size
+        if ep.explanation is None:  # every input is sent
+            return Target(served.name, served.version, ep.name, inputs, max_rows)
+        return Target(served.name, served.version, ep.name, inputs, max_rows,
+                      {s.name: s for s in ep.inputs if s.name not in inputs})
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if self._served is None:
+            raise RuntimeError("InferCall.infer before resolve")
+        served, ep = self._served
+        self._computing = True
+        outputs, self._queued = await served.infer(ep, request.inputs, request.outputs,
+                                                   request.deadline, request.json)
+        self._plane.metrics.queue_duration.labels(served.name, ep.name).observe(self._queued)
+        self._rows = len(next(iter(request.inputs.values())))
+        return InferResponse(served.name, ep.name, served.version, outputs, request.id)
+
+    def __enter__(self) -> InferCall:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.finish(error)
+
+    def finish(self, error: BaseException | None) -> None:
+        """Count the outcome (once); log a domain error."""
+        if self._done:
+            return
+        self._done = True
+        seconds = time.monotonic() - self.started
+        served = self._served[0] if self._served else None
+        if error is None:
+            code = "OK"
+            if served is not None and self._computing:
+                served.stats.succeeded(self._rows, seconds, self._queued)
+        elif isinstance(error, TapserveError):
+            code = error.code
+            if served is not None:  # refused before decoding or after: the version's failure
+                served.stats.failed(seconds)
+            self._log(error, seconds)
+        else:  # the server's fault (logged where it is answered) or the client went away
+            code = "CANCELLED" if isinstance(error, asyncio.CancelledError) else "INTERNAL"
+        model, endpoint = self._labels(seconds if isinstance(error, TapserveError) else None)
+        metrics = self._plane.metrics
+        metrics.requests.labels(model, endpoint, code, self.protocol).inc()
+        metrics.request_duration.labels(model, endpoint).observe(seconds)
+
+    def _log(self, error: TapserveError, seconds: float) -> None:
+        # Client strings, cut: a log line must stay a line's length (logs.py escapes them).
+        fields = {"model": self.model[:LOGGED], "endpoint": (self.endpoint or "")[:LOGGED],
+                  "request_id": self.request_id[:LOGGED], "status": error.code,
+                  "latency_s": round(seconds, 6)}
+        log.info("request failed: %s (%s)", error,
+                 " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+
+    def _labels(self, failed: float | None) -> tuple[str, str]:
+        """(model, endpoint) metric labels: only names the server knows, so unknown names
+        add no time series. A request refused before it was resolved (no token, a bad
+        name) counts under its endpoint when its names find one, and in that version's
+        failures (`failed` seconds) as a refusal after resolving does."""
+        if self._served is not None:
+            return self._served[0].name, self._served[1].name
+        registry = self._plane.registry
+        if self.model not in registry.models:  # never a path from a client string
+            return UNKNOWN, UNKNOWN
+        if self._resolving:
+            return self.model, UNKNOWN
+        try:
+            served = registry.get(self.model)
+            label = served.endpoint(self.endpoint).name
+        except TapserveError:
+            return self.model, UNKNOWN
+        if failed is not None:
+            served.stats.failed(failed)
+        return self.model, label

@@ -8,7 +8,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -24,11 +26,13 @@ from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
 from service.protocol.call_limits import CallLimits
+from service.protocol.convert import client_names
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.http import build_app
 from service.protocol.http_connections import GuardedSite
+from service.protocol.kserve import PROTOCOL as KSERVE_GRPC
 from service.protocol.kserve import InferenceServicer
 from service.protocol.read_timeout import RequestReadTimeout
 from service.protocol.status import ErrorStatusInterceptor
@@ -40,7 +44,6 @@ from service.runtime import configure_tensorflow, gpu_memory_in_use
 from service.settings import Settings, inter_op_threads, intra_op_threads
 from service.storage import Mirror
 from service.tls import CertificateFiles, HttpTls, grpc_credentials
-from service.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +63,9 @@ WATCH_S = 1.0
 FULL_LOG_S = 60.0
 # Refused inference calls count in tapserve_requests_total under their model: the method,
 # the front door, and how to read (model, endpoint) from the request gRPC already parsed.
-INFER_METHODS = {
+INFER_METHODS: dict[str, tuple[str, Callable[[Any], tuple[str, str | None]]]] = {
     "/inference.GRPCInferenceService/ModelInfer":
-        ("kserve_grpc", lambda r: r.model_name.partition(".")[::2]),
+        (KSERVE_GRPC, lambda r: client_names(r.model_name)),
     "/tensorflow.serving.PredictionService/Predict":
         (TFS_GRPC, lambda r: (r.model_spec.name, endpoint_of(r.model_spec.signature_name))),
 }
@@ -253,15 +256,13 @@ class TapServer:
     def _undecodable(self, method: str, error: InvalidInput) -> None:
         """An inference call whose bytes do not parse counts (and logs) under no model."""
         if method in INFER_METHODS:
-            self.dataplane.rejected(InferRequest("", {}, protocol=INFER_METHODS[method][0]),
-                                    error)
+            self.dataplane.refused(INFER_METHODS[method][0], "", None, error)
 
     def _refused(self, method: str, request: object, error: Unauthenticated) -> None:
         if method in INFER_METHODS:
             protocol, names = INFER_METHODS[method]
             model, endpoint = names(request)
-            self.dataplane.rejected(InferRequest(model, {}, endpoint or None,
-                                                 protocol=protocol), error)
+            self.dataplane.refused(protocol, model, endpoint, error)
 
     async def _load(self) -> None:
         # A bucket is read whole once before the start-up load; until then (an unreachable

@@ -72,6 +72,15 @@ def parse_model_name(name: str) -> tuple[str, str | None]:
     return model, endpoint if dot else None
 
 
+def client_names(name: str) -> tuple[str, str | None]:
+    """(model, endpoint) of a KServe model name for the log and labels of a request refused
+    before it was read: parsed, or the name as it is when it cannot be one."""
+    try:
+        return parse_model_name(name)
+    except NotFound:
+        return name, None
+
+
 def parse_version(version: str) -> str | None:
     """A KServe model_version: a positive number or a label; "" (the highest) is None."""
     if version == "":
@@ -162,16 +171,8 @@ def decode_infer_request(
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs: "
             "send one per input, in the order of `inputs`"
         )
-    shapes: dict[str, tuple[tuple[int, ...], int]] = {}  # name -> (shape, element count)
-    for i, tensor in enumerate(msg.inputs):
-        if not tensor.name:
-            raise InvalidInput(f"input #{i} has no name")
-        if tensor.name in shapes:
-            raise InvalidInput(f"input {clip(tensor.name)} is given more than once")
-        check_datatype(tensor.name, tensor.datatype, (specs or {}).get(tensor.name))
-        shapes[tensor.name] = _shape(tensor)
-        check_declared(tensor.name, shapes[tensor.name][0], specs, max_rows)
-    outputs = _requested_outputs(msg.outputs)
+    shapes = check_inputs(msg.inputs, specs, max_rows)
+    outputs = requested_outputs(out.name for out in msg.outputs)
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(msg.inputs):
         if raw:
@@ -181,7 +182,7 @@ def decode_infer_request(
                     "raw_input_contents: use one or the other for all inputs"
                 )
             # Index once: each access of a repeated bytes field copies the bytes.
-            inputs[tensor.name] = _decode_raw(tensor, raw[i], *shapes[tensor.name])
+            inputs[tensor.name] = decode_raw(tensor, raw[i], *shapes[tensor.name])
         else:
             inputs[tensor.name] = _decode_typed(tensor, *shapes[tensor.name])
     return InferRequest(
@@ -195,6 +196,25 @@ def decode_infer_request(
     )
 
 
+def check_inputs(tensors: Iterable[pb.ModelInferRequest.InferInputTensor],
+                 specs: Mapping[str, TensorSpec] | None, max_rows: int | None = None
+                 ) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Each input's (shape, element count) by name, after the checks that need no data:
+    a name, given once, the endpoint's datatype, a shape numpy can make that the endpoint
+    takes, at most `max_rows` rows (both REST and gRPC requests:
+    service.protocol.kserve_rest builds the same headers)."""
+    shapes: dict[str, tuple[tuple[int, ...], int]] = {}
+    for i, tensor in enumerate(tensors):
+        if not tensor.name:
+            raise InvalidInput(f"input #{i} has no name")
+        if tensor.name in shapes:
+            raise InvalidInput(f"input {clip(tensor.name)} is given more than once")
+        check_datatype(tensor.name, tensor.datatype, (specs or {}).get(tensor.name))
+        shapes[tensor.name] = _shape(tensor)
+        check_declared(tensor.name, shapes[tensor.name][0], specs, max_rows)
+    return shapes
+
+
 def encode_infer_response(resp: InferResponse, model_name: str) -> pb.ModelInferResponse:
     """An InferResponse as a ModelInferResponse carrying raw_output_contents.
 
@@ -206,7 +226,7 @@ def encode_infer_response(resp: InferResponse, model_name: str) -> pb.ModelInfer
         array = np.asarray(value)
         datatype = to_kserve(array.dtype)
         msg.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        msg.raw_output_contents.append(_encode_raw(array, datatype))
+        msg.raw_output_contents.append(encode_raw(array, datatype))
     return msg
 
 
@@ -266,7 +286,7 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[in
     return array.astype(target, copy=False).reshape(shape)
 
 
-def _decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes,
+def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes,
                 shape: tuple[int, ...], count: int) -> np.ndarray:
     dtype = numpy_dtype(tensor.datatype)
     if dtype.kind == "O":  # BYTES
@@ -325,7 +345,7 @@ def _refuse_split(name: str, shape: tuple[int, ...], count: int, i: int, end: in
                        f"elements; {end - offset} bytes follow the last of them")
 
 
-def _encode_raw(array: np.ndarray, datatype: str) -> bytes:
+def encode_raw(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return _join_bytes(array.ravel())
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -345,20 +365,19 @@ def _join_bytes(items: Iterable[object]) -> bytes:
     return b"".join(parts)
 
 
-def _requested_outputs(
-    outputs: Iterable[pb.ModelInferRequest.InferRequestedOutputTensor],
-) -> list[str]:
+def requested_outputs(outputs: Iterable[str]) -> list[str]:
+    """The output names a request asks for, each once."""
     names: list[str] = []
     seen: set[str] = set()  # a set: 60,000 names checked against a list took 21 s
-    for out in outputs:
-        if out.name in seen:
-            raise InvalidInput(f"output {clip(out.name)} is requested more than once")
-        seen.add(out.name)
-        names.append(out.name)
+    for name in outputs:
+        if name in seen:
+            raise InvalidInput(f"output {clip(name)} is requested more than once")
+        seen.add(name)
+        names.append(name)
     return names
 
 
-def statistics_document(rows: list[tuple[str, int, VersionStatistics]]) -> dict[str, Any]:
+def statistics_document(versions: list[tuple[str, int, VersionStatistics]]) -> dict[str, Any]:
     """Triton's statistics layout (its HTTP JSON; ParseDict makes the gRPC message of it)."""
     def duration(d: Duration) -> dict[str, int]:
         return {"count": d.count, "ns": d.ns}
@@ -375,4 +394,4 @@ def statistics_document(rows: list[tuple[str, int, VersionStatistics]]) -> dict[
         "batch_stats": [{"batch_size": size, "compute_input": empty,
                          "compute_infer": duration(d), "compute_output": empty}
                         for size, d in sorted(s.batches.items())],
-    } for name, version, s in rows]}
+    } for name, version, s in versions]}

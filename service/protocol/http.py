@@ -22,13 +22,11 @@ from service.errors import (
     Unauthenticated,
     clip,
 )
-from service.metrics import UNKNOWN
 from service.protocol import convert, kserve_rest, tfserving_rest
-from service.protocol.kserve import DataPlane
 from service.protocol.status import INTERNAL_MESSAGE
-from service.protocol.tfserving import endpoint_of
+from service.protocol.tfserving import PROTOCOL_REST, endpoint_of
 from service.tracing import NO_TRACING, RequestTrace, Tracing
-from service.types import InferRequest
+from service.types import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ def _bearer_token(access: Access, routes: _Routes) -> Callable[..., Any]:
     under their model (read from the path)."""
     open_routes = {routes.live, routes.ready, routes.model_ready}
     repository = {routes.repository_index, routes.load, routes.unload}
-    inference = {routes.infer: KSERVE, routes.tfs_predict: tfserving_rest.PROTOCOL_REST}
+    inference = {routes.infer: KSERVE, routes.tfs_predict: PROTOCOL_REST}
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -86,8 +84,7 @@ def _bearer_token(access: Access, routes: _Routes) -> Callable[..., Any]:
             tokens.check(request.headers.get("Authorization"))
         except Unauthenticated as exc:
             if route in inference:
-                model, endpoint = request.match_info["model"].partition(".")[::2]
-                routes.rejected(model, endpoint or None, inference[route], exc)
+                routes.refused(inference[route], request, exc)
             raise
         return await handler(request)
 
@@ -191,9 +188,14 @@ class _Routes:
         self._dataplane = dataplane
         self._tracing = tracing
 
-    def rejected(self, model: str, endpoint: str | None, protocol: str,
-                 error: TapserveError) -> None:
-        self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), error)
+    def refused(self, protocol: str, request: web.Request, error: TapserveError) -> None:
+        """Count and log an inference request refused before it was read (no token)."""
+        name = request.match_info["model"]
+        if protocol == KSERVE:
+            model, endpoint = convert.client_names(name)
+        else:
+            model, endpoint = name, None  # its signature_name is in the body, not read
+        self._dataplane.refused(protocol, model, endpoint, error)
 
     # KServe v2
 
@@ -233,30 +235,22 @@ class _Routes:
 
     async def _infer(self, request: web.Request, name: str, trace: RequestTrace
                      ) -> web.Response:
-        version = request.match_info.get("version", "")
-        try:
+        with self._dataplane.call(KSERVE, name) as call:
             body = await request.read()
             model, endpoint = convert.parse_model_name(name)
-            # The endpoint first: its inputs are checked before any tensor is decoded.
-            parsed = convert.parse_version(version)
-            specs = self._dataplane.input_specs(model, endpoint, parsed)
+            version = convert.parse_version(request.match_info.get("version", ""))
+            # The endpoint first: its datatypes are checked before any tensor is decoded.
+            target = call.resolve(model, endpoint, version)
             infer_request, binary_outputs = await _off_loop_if_large(
                 len(body), kserve_rest.decode_request, body,
-                request.headers.get(kserve_rest.HEADER_LENGTH), name, version, specs,
-                self._dataplane.max_rows(model, parsed))
-        except TapserveError as exc:
-            model, endpoint = name.partition(".")[::2]
-            self._dataplane.rejected(InferRequest(model, {}, endpoint or None,
-                                                  protocol=KSERVE), exc)
-            raise
-        infer_request.protocol = KSERVE
-        infer_request.json = binary_outputs is not None and not (
-            infer_request.outputs and set(infer_request.outputs) <= binary_outputs)
-        response = await self._dataplane.infer(infer_request)
-        trace.answered(response)
+                request.headers.get(kserve_rest.HEADER_LENGTH), model, endpoint, version,
+                target.inputs, target.max_rows)
+            infer_request.json = binary_outputs is not None and not (
+                infer_request.outputs and set(infer_request.outputs) <= binary_outputs)
+            response = await call.infer(infer_request)
+            trace.answered(response)
         body, json_length = await _off_loop_if_large(
-            _nbytes(response.outputs), lambda: kserve_rest.encode_infer(
-                convert.encode_infer_response(response, name), binary_outputs))
+            _nbytes(response.outputs), kserve_rest.encode_infer, response, name, binary_outputs)
         if json_length is None:
             return web.Response(body=body, content_type="application/json")
         return web.Response(body=body, content_type="application/octet-stream",
@@ -271,9 +265,9 @@ class _Routes:
 
     async def repository_index(self, request: web.Request) -> web.Response:
         document = await _json(request) if request.can_read_body else {}
-        rows = self._dataplane.repository_index(bool(document.get("ready", False)))
+        entries = self._dataplane.repository_index(bool(document.get("ready", False)))
         return json_response([
-            {"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in rows])
+            {"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in entries])
 
     async def load(self, request: web.Request) -> web.Response:
         await self._dataplane.load_model(self._repository_model(request))
@@ -314,34 +308,27 @@ class _Routes:
                                                                endpoints))
 
     async def tfs_predict(self, request: web.Request) -> web.Response:
-        with self._tracing.request(tfserving_rest.PROTOCOL_REST, request.match_info["model"],
+        with self._tracing.request(PROTOCOL_REST, request.match_info["model"],
                                    request.headers) as trace:
             return await self._tfs_predict(request, trace)
 
     async def _tfs_predict(self, request: web.Request, trace: RequestTrace) -> web.Response:
-        model, version = self._tfs_model(request)
-        protocol = tfserving_rest.PROTOCOL_REST
-        endpoint, label = None, UNKNOWN
-        try:
+        with self._dataplane.call(PROTOCOL_REST,
+                                  request.match_info["model"]) as call:
+            model, version = self._tfs_model(request)
             body = await request.read()
             document = await _off_loop_if_large(len(body), kserve_rest.json_object, body)
             signature = document.get("signature_name", "")
             if not isinstance(signature, str):
                 raise InvalidInput("signature_name must be a string")
-            endpoint = endpoint_of(signature)
-            meta = self._dataplane.model_metadata(model, endpoint, version)
-            label = meta.endpoint  # a refusal from here on counts under its endpoint
-            infer_request, rows = await _off_loop_if_large(
-                len(body), tfserving_rest.decode_predict, document, model, version, meta)
-        except TapserveError as exc:
-            self._dataplane.rejected(InferRequest(model, {}, endpoint, protocol=protocol), exc,
-                                     endpoint_label=label)
-            raise
-        infer_request.json = True
-        response = await self._dataplane.infer(infer_request)
-        trace.answered(response)
+            target = call.resolve(model, endpoint_of(signature), version)
+            infer_request, row_format = await _off_loop_if_large(
+                len(body), tfserving_rest.decode_predict, document, model, version, target)
+            infer_request.json = True
+            response = await call.infer(infer_request)
+            trace.answered(response)
         body = await _off_loop_if_large(_nbytes(response.outputs), lambda: orjson.dumps(
-            tfserving_rest.encode_predict(response.outputs, rows),
+            tfserving_rest.encode_predict(response.outputs, row_format),
             option=orjson.OPT_SERIALIZE_NUMPY))
         return web.Response(body=body, content_type="application/json")
 

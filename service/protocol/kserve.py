@@ -8,86 +8,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
-from service.errors import SHUTTING_DOWN, TapserveError
+from service.errors import SHUTTING_DOWN
 from service.protocol import convert
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
 from service.protocol.status import INTERNAL_MESSAGE, Undecodable, status_code
 from service.protocol.streams import answered_concurrently
-from service.statistics import VersionStatistics
 from service.tracing import NO_TRACE, NO_TRACING, RequestTrace, Tracing
-from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
+from service.types import DataPlane
 
 T = TypeVar("T")
-PROTOCOL = "kserve_grpc"
 log = logging.getLogger(__name__)
-
-
-class DataPlane(Protocol):
-    """The protocol-independent core every transport calls."""
-
-    def live(self) -> bool: ...
-
-    def ready(self) -> bool: ...
-
-    def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
-        """Whether that endpoint can serve now; raises NotFound if it is unknown."""
-        ...
-
-    def server_metadata(self) -> tuple[str, str, list[str]]:
-        """The server's (name, version, protocol extensions)."""
-        ...
-
-    def model_metadata(
-        self, model: str, endpoint: str | None, version: str | None
-    ) -> EndpointMetadata:
-        """Raises NotFound if the endpoint is unknown."""
-        ...
-
-    def input_specs(self, model: str, endpoint: str | None, version: str | None
-                    ) -> Mapping[str, TensorSpec]:
-        """The endpoint's inputs by name; raises NotFound or NotReady."""
-        ...
-
-    def max_rows(self, model: str, version: str | None) -> int:
-        """The most rows one request may carry; raises NotFound or NotReady."""
-        ...
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Raises TapserveError subclasses."""
-        ...
-
-    @property
-    def draining(self) -> bool: ...
-
-    async def until_draining(self) -> None:
-        """Return once the server drains."""
-        ...
-
-    def rejected(self, request: InferRequest, error: TapserveError,
-                 started: float | None = None, endpoint_label: str = "_unknown") -> None:
-        """Count and log a request refused before it reached `infer` (e.g. bad bytes),
-        under its endpoint once that is known."""
-        ...
-
-    def repository_index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
-        """(model, version, state, reason) for every model and version known."""
-        ...
-
-    async def load_model(self, name: str) -> None: ...
-
-    def model_statistics(self, model: str, version: str | None
-                         ) -> list[tuple[str, int, VersionStatistics]]:
-        """(model, version, statistics) of the versions that serve ("" model: all)."""
-        ...
-
-    async def unload_model(self, name: str) -> None: ...
+PROTOCOL = "kserve_grpc"
+# A servicer method's context (its request and response types are the method's own).
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -100,30 +41,30 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self._tracing = tracing
 
     async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ServerLiveRequest, context: Context
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._dataplane.live())
 
     async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._dataplane.ready())
 
     async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
         model, endpoint = convert.parse_model_name(request.name)
         version = convert.parse_version(request.version)
         return pb.ModelReadyResponse(ready=self._dataplane.model_ready(model, endpoint, version))
 
     async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
         name, version, extensions = self._dataplane.server_metadata()
         return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
 
     async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         model, endpoint = convert.parse_model_name(request.name)
         version = convert.parse_version(request.version)
@@ -131,13 +72,13 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return convert.encode_model_metadata(meta, request.name)
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
         with self._tracing.request(PROTOCOL, request.model_name, context) as trace:
             return await self._infer(request, deadline_of(context), trace)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Every request read runs at once (so one stream's requests batch together) and is
         # answered when done, in any order; errors are per request and the stream goes on.
@@ -157,27 +98,21 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                      trace: RequestTrace = NO_TRACE) -> pb.ModelInferResponse:
         """One ModelInfer, unary or streamed; raises TapserveError (counted and logged)."""
         if isinstance(request, Undecodable):  # a streamed message that does not parse
-            self._dataplane.rejected(InferRequest("", {}), request.error)
+            self._dataplane.refused(PROTOCOL, "", None, request.error)
             raise request.error
-        try:
+        with self._dataplane.call(PROTOCOL, request.model_name, None, request.id) as call:
             # The endpoint first: its inputs are checked before any tensor is decoded.
-            model, endpoint, version = convert.infer_target(request)
-            specs = self._dataplane.input_specs(model, endpoint, version)
+            target = call.resolve(*convert.infer_target(request))
             infer_request = await decoded(
-                convert.decode_infer_request, request, deadline, specs,
-                self._dataplane.max_rows(model, version),
+                convert.decode_infer_request, request, deadline, target.inputs,
+                target.max_rows,
                 elements=convert.declared_elements(t.shape for t in request.inputs))
-        except TapserveError as exc:  # counted and logged like every failed request
-            model, endpoint = request.model_name.partition(".")[::2]
-            self._dataplane.rejected(
-                InferRequest(model, {}, endpoint or None, id=request.id), exc)
-            raise
-        response = await self._dataplane.infer(infer_request)
-        trace.answered(response)
+            response = await call.infer(infer_request)
+            trace.answered(response)
         return convert.encode_infer_response(response, request.model_name)
 
     async def _stream_answer(self, request: pb.ModelInferRequest | Undecodable,
-                             deadline: float | None, context: grpc.aio.ServicerContext
+                             deadline: float | None, context: Context
                              ) -> pb.ModelStreamInferResponse:
         """The stream's answer to one request: its response, or the message the unary call
         would have failed with, under the request's id and model (as Triton answers)."""
@@ -199,43 +134,44 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                                   model_version=request.model_version, id=request.id)))
 
     async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
         model = convert.parse_model_name(request.name)[0] if request.name else ""
-        rows = self._dataplane.model_statistics(model, convert.parse_version(request.version))
-        return json_format.ParseDict(convert.statistics_document(rows),
+        versions = self._dataplane.model_statistics(model,
+                                                    convert.parse_version(request.version))
+        return json_format.ParseDict(convert.statistics_document(versions),
                                      pb.ModelStatisticsResponse())
 
     async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        rows = self._dataplane.repository_index(request.ready)
+        entries = self._dataplane.repository_index(request.ready)
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
-            for n, v, s, r in rows])
+            for n, v, s, r in entries])
 
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
         convert.check_repository_request(request)
         await self._dataplane.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         convert.check_repository_request(request)
         await self._dataplane.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: Context) -> float | None:
     """The client's deadline on the time.monotonic() clock, or None when it set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def decoded(decode: Callable[..., T], msg: object, *args: object,
+async def decoded(decode: Callable[..., T], msg: Message, *args: object,
                   elements: int) -> T:
     """decode(msg, *args), on the event loop for a small message, on a thread for a
     large one: splitting millions of BYTES elements must not stall every other RPC.

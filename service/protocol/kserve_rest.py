@@ -1,13 +1,13 @@
 """Pure conversions for KServe v2 over HTTP: JSON tensors and Triton's binary tensor data
-extension, to and from the gRPC messages, so every check lives once (service.protocol.convert).
+extension, straight to and from numpy, through the checks and raw decoding the gRPC door
+uses (service.protocol.convert), so every check lives once and runs once.
 
-A request's tensors become raw contents of a ModelInferRequest: JSON `data` is packed with
-numpy as the datatype says, binary data is sliced from the body as it is.
+JSON `data` becomes an array of the datatype's dtype; binary data is decoded from the body
+as raw contents are.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,9 +16,9 @@ import orjson
 
 from service.errors import InvalidInput, clip
 from service.protocol import convert
-from service.protocol.datatypes import check_declared, element_count, numpy_dtype
+from service.protocol.datatypes import numpy_dtype, to_kserve
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
-from service.types import EndpointMetadata, InferRequest, TensorSpec
+from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -50,45 +50,23 @@ def json_object(body: bytes) -> dict[str, Any]:
     return document
 
 
-def _pack(name: str, datatype: str, shape: list[int], data: Any) -> bytes:
-    """JSON `data` (nested or flat, row-major) as the raw bytes of that datatype."""
-    if datatype == "BYTES":
-        flat = np.asarray(data, dtype=object).ravel()
-        items = [item.encode() if isinstance(item, str) else item for item in flat]
-        if not all(isinstance(i, bytes) for i in items):
-            raise InvalidInput(f"input {clip(name)}: BYTES data must be strings")
-        return b"".join(len(i).to_bytes(4, "little") + i for i in items)
-    dtype = numpy_dtype(datatype)  # NotFound-free: an unknown datatype is InvalidInput
-    try:
-        array = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"input {clip(name)}: data is not {datatype}: {exc}") from None
-    if array.size != math.prod(shape):
-        raise InvalidInput(f"input {clip(name)}: shape {shape} needs {math.prod(shape)} "
-                           f"values, data has {array.size}")
-    return array.astype(dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def decode_request(body: bytes, header_length: str | None, model_name: str, version: str,
-                   specs: Mapping[str, TensorSpec] | None = None, max_rows: int | None = None
-                   ) -> tuple[InferRequest, set[str] | None]:
+def decode_request(body: bytes, header_length: str | None, model: str, endpoint: str | None,
+                   version: str | None, specs: Mapping[str, TensorSpec] | None = None,
+                   max_rows: int | None = None) -> tuple[InferRequest, set[str] | None]:
     """An HTTP infer request as an InferRequest, and which outputs go back as binary."""
     document, binary = decode_body(body, header_length)
-    msg, binary_outputs = decode_infer(document, binary, model_name, version, specs, max_rows)
-    return (convert.decode_infer_request(msg, specs=specs, max_rows=max_rows),
-            binary_outputs)
+    return decode_infer(document, binary, model, endpoint, version, specs, max_rows)
 
 
-def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, version: str,
-                 specs: Mapping[str, TensorSpec] | None = None, max_rows: int | None = None
-                 ) -> tuple[pb.ModelInferRequest, set[str] | None]:
-    """The gRPC twin of an HTTP infer request, and which outputs go back as binary
-    (None: all, as the request's `binary_data_output` asks)."""
-    msg = pb.ModelInferRequest(model_name=model_name, model_version=version)
+def decode_infer(document: dict[str, Any], binary: bytes, model: str, endpoint: str | None,
+                 version: str | None, specs: Mapping[str, TensorSpec] | None = None,
+                 max_rows: int | None = None) -> tuple[InferRequest, set[str] | None]:
+    """The request's tensors straight to numpy, through the checks a gRPC request passes
+    (service.protocol.convert), and which outputs go back as binary (None: all, as the
+    request's `binary_data_output` asks)."""
     request_id = document.get("id", "")
     if not isinstance(request_id, str):  # str() of a list 1,000 deep: RecursionError
         raise InvalidInput(f"`id` must be a string, got {type(request_id).__name__}")
-    msg.id = request_id
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("the request needs `inputs`: a list of {name, shape, datatype, "
@@ -97,19 +75,13 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, versi
     if not isinstance(outputs, list):
         raise InvalidInput("`outputs` must be a list of objects with a string `name`")
     convert.check_counts(len(inputs), len(outputs))
+    # The cheap checks first, for every input: names, datatypes, shapes; then the data.
+    headers = [_header(i, tensor) for i, tensor in enumerate(inputs)]
+    shapes = convert.check_inputs(headers, specs, max_rows)
+    arrays: dict[str, np.ndarray] = {}
     offset = 0
-    for i, tensor in enumerate(inputs):
-        if not isinstance(tensor, dict):
-            raise InvalidInput(f"input #{i} must be a JSON object")
-        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-        if not isinstance(name, str) or not isinstance(datatype, str) or not (
-                isinstance(shape, list) and all(isinstance(d, int) for d in shape)):
-            raise InvalidInput(f"input #{i} needs a string `name` and `datatype` and an "
-                               "integer list `shape`")
-        # Cheap checks before any data is packed: the datatype, the shape's size.
-        convert.check_datatype(name, datatype, (specs or {}).get(name))
-        element_count(name, shape)
-        check_declared(name, shape, specs, max_rows)
+    for header, tensor in zip(headers, inputs, strict=True):
+        name = header.name
         size = _parameters(tensor, f"input {clip(name)}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -117,27 +89,74 @@ def decode_infer(document: dict[str, Any], binary: bytes, model_name: str, versi
                                    f"past the {len(binary) - offset} binary bytes left")
             raw = binary[offset:offset + size]
             offset += size
+            arrays[name] = convert.decode_raw(header, raw, *shapes[name])
         elif "data" in tensor:
-            raw = _pack(name, datatype, shape, tensor["data"])
+            arrays[name] = _from_json(header, tensor["data"], *shapes[name])
         else:
             raise InvalidInput(f"input {clip(name)} has neither `data` nor "
                                "parameters.binary_data_size")
-        msg.inputs.add(name=name, datatype=datatype, shape=shape)
-        msg.raw_input_contents.append(raw)
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the inputs "
                            "that no input claims")
     binary_outputs: set[str] | None = set()
     if _parameters(document, "the request").get("binary_data_output"):
         binary_outputs = None
+    names: list[str] = []
     for out in outputs:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput("each of `outputs` must be an object with a string `name`")
-        msg.outputs.add(name=out["name"])
+        names.append(out["name"])
         if binary_outputs is not None and _parameters(out, f"output {clip(out['name'])}"
                                                       ).get("binary_data"):
             binary_outputs.add(out["name"])
-    return msg, binary_outputs
+    request = InferRequest(model, arrays, endpoint, version,
+                           convert.requested_outputs(names), request_id)
+    return request, binary_outputs
+
+
+def _header(i: int, tensor: Any) -> pb.ModelInferRequest.InferInputTensor:
+    """An input's name, datatype and shape, as the gRPC request carries them."""
+    if not isinstance(tensor, dict):
+        raise InvalidInput(f"input #{i} must be a JSON object")
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str) or not (
+            isinstance(shape, list) and all(isinstance(d, int) for d in shape)):
+        raise InvalidInput(f"input #{i} needs a string `name` and `datatype` and an "
+                           "integer list `shape`")
+    try:
+        return pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype,
+                                                      shape=shape)
+    except ValueError:  # a dimension past int64
+        raise InvalidInput(f"input {clip(name)}: shape {clip(shape)} has a dimension "
+                           "past int64") from None
+
+
+def _from_json(header: pb.ModelInferRequest.InferInputTensor, data: Any,
+               shape: tuple[int, ...], count: int) -> np.ndarray:
+    """JSON `data` (nested or flat, row-major) as an array of the input's datatype."""
+    name, datatype = header.name, header.datatype
+    if datatype == "BYTES":
+        try:
+            flat = np.asarray(data, dtype=object).ravel()
+        except ValueError as exc:  # ragged lists
+            raise InvalidInput(f"input {clip(name)}: data is not BYTES: {exc}") from None
+        if not all(isinstance(item, str) for item in flat):
+            raise InvalidInput(f"input {clip(name)}: BYTES data must be strings")
+        if flat.size != count:
+            raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} BYTES "
+                               f"elements, got {flat.size}")
+        array = np.empty(count, dtype=object)
+        array[:] = [item.encode() for item in flat]
+        return array.reshape(shape)
+    dtype = numpy_dtype(datatype)
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input {clip(name)}: data is not {datatype}: {exc}") from None
+    if array.size != count:
+        raise InvalidInput(f"input {clip(name)}: shape {list(shape)} needs {count} "
+                           f"values, data has {array.size}")
+    return array.reshape(shape)
 
 
 def _parameters(obj: dict[str, Any], what: str) -> dict[str, Any]:
@@ -148,36 +167,40 @@ def _parameters(obj: dict[str, Any], what: str) -> dict[str, Any]:
     return parameters
 
 
-def encode_infer(msg: pb.ModelInferResponse, binary_outputs: set[str] | None
+def encode_infer(response: InferResponse, model_name: str, binary_outputs: set[str] | None
                  ) -> tuple[bytes, int | None]:
-    """An HTTP infer answer: the body, and the JSON part's length when binary data follows."""
+    """An HTTP infer answer under the name the client asked for: the body, and the JSON
+    part's length when binary data follows."""
     outputs, chunks = [], []
-    for tensor, raw in zip(msg.outputs, msg.raw_output_contents, strict=True):
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
-                                 "shape": list(tensor.shape)}
-        if binary_outputs is None or tensor.name in binary_outputs:
+    for name, value in response.outputs.items():
+        array = np.asarray(value)
+        datatype = to_kserve(array.dtype)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype,
+                                 "shape": list(array.shape)}
+        if binary_outputs is None or name in binary_outputs:
+            raw = convert.encode_raw(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [_text(item) for item in array.ravel()]
         else:
-            entry["data"] = _unpack(tensor, raw)
+            entry["data"] = np.ascontiguousarray(array).ravel()  # orjson writes it natively
         outputs.append(entry)
-    document = {"model_name": msg.model_name, "model_version": msg.model_version,
-                "outputs": outputs}
-    if msg.id:
-        document["id"] = msg.id
+    document: dict[str, Any] = {"model_name": model_name,
+                                "model_version": str(response.version), "outputs": outputs}
+    if response.id:
+        document["id"] = response.id
     head = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     return (head + b"".join(chunks), len(head)) if chunks else (head, None)
 
 
-def _unpack(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> Any:
-    # The gRPC decoder reads our own raw contents back: one implementation of the layout.
-    twin = pb.ModelInferRequest(model_name="m")
-    twin.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-    twin.raw_input_contents.append(raw)
-    array = convert.decode_infer_request(twin).inputs[tensor.name].ravel()
-    if tensor.datatype == "BYTES":
-        return [b.decode("utf-8", "backslashreplace") for b in array]
-    return np.ascontiguousarray(array)  # orjson writes numpy arrays natively
+def _text(item: object) -> str:
+    """A BYTES output element as JSON text (bytes that are not UTF-8 escaped)."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item).decode("utf-8", "backslashreplace")
+    raise TypeError(f"a BYTES output holds {type(item).__name__}, not bytes or str")
 
 
 def model_metadata(meta: EndpointMetadata, model_name: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -33,7 +33,7 @@ async def answered_concurrently(
     """
     slots = asyncio.Semaphore(limit)
     ready: asyncio.Queue[object] = asyncio.Queue()
-    tasks: set[asyncio.Task] = set()
+    tasks: set[asyncio.Task[None]] = set()
     unanswered = 0
 
     async def one(request: Req) -> None:
@@ -58,12 +58,12 @@ async def answered_concurrently(
         finally:
             ready.put_nowait(_END)
 
-    async def watch() -> None:
-        await stop()
+    async def watch(until: Callable[[], Awaitable[object]]) -> None:
+        await until()
         ready.put_nowait(_STOP)
 
     reader = asyncio.create_task(read())
-    watcher = asyncio.create_task(watch()) if stop is not None else None
+    watcher = asyncio.create_task(watch(stop)) if stop is not None else None
     reading = True
     try:
         while reading or unanswered:
@@ -77,7 +77,7 @@ async def answered_concurrently(
             unanswered -= 1
             if isinstance(item, Exception):
                 raise item
-            yield item
+            yield cast(Resp, item)  # the queue holds answers, exceptions and the sentinels
             slots.release()
     finally:
         for task in (reader, watcher, *tasks):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import grpc
 from google.protobuf import wrappers_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import (
@@ -21,12 +20,12 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.apis.model_service_pb2_grpc import ModelServiceServicer
 from tensorflow_serving.apis.prediction_service_pb2_grpc import PredictionServiceServicer
 
-from service.errors import InvalidInput, NotFound, TapserveError, Unsupported, clip
+from service.errors import InvalidInput, NotFound, Unsupported, clip
 from service.protocol import convert
-from service.protocol.kserve import DataPlane, deadline_of, decoded
+from service.protocol.kserve import Context, deadline_of, decoded
 from service.protocol.tensorproto import data_type, from_numpy, shape_proto, to_numpy
 from service.tracing import NO_TRACING, RequestTrace, Tracing
-from service.types import EndpointMetadata, InferRequest, TensorSpec
+from service.types import DataPlane, EndpointMetadata, InferRequest, TensorSpec
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -78,12 +77,11 @@ def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = Non
         raise InvalidInput(f"output_filter names an output more than once: {clip(outputs)}")
     inputs = {name: to_numpy(name, tensor, specs, max_rows)
               for name, tensor in msg.inputs.items()}
-    return InferRequest(model, inputs, endpoint, version, outputs, deadline=deadline,
-                        protocol=PROTOCOL)
+    return InferRequest(model, inputs, endpoint, version, outputs, deadline=deadline)
 
 
 def signature_def(meta: EndpointMetadata) -> meta_graph_pb2.SignatureDef:
-    def info(spec: object) -> meta_graph_pb2.TensorInfo:
+    def info(spec: TensorSpec) -> meta_graph_pb2.TensorInfo:
         return meta_graph_pb2.TensorInfo(name=spec.name, dtype=data_type(spec.dtype),
                                          tensor_shape=shape_proto(spec.shape))
     return meta_graph_pb2.SignatureDef(
@@ -99,29 +97,24 @@ class PredictionServicer(PredictionServiceServicer):
         self._tracing = tracing
 
     async def Predict(self, request: predict_pb2.PredictRequest,
-                      context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+                      context: Context) -> predict_pb2.PredictResponse:
         with self._tracing.request(PROTOCOL, request.model_spec.name, context) as trace:
             return await self._predict(request, context, trace)
 
     async def _predict(self, request: predict_pb2.PredictRequest,
-                       context: grpc.aio.ServicerContext, trace: RequestTrace
+                       context: Context, trace: RequestTrace
                        ) -> predict_pb2.PredictResponse:
-        try:
-            # The endpoint first: its inputs are checked before any tensor is read.
-            model, endpoint, version = predict_target(request)
-            specs = self._dataplane.input_specs(model, endpoint, version)
+        names = request.model_spec
+        with self._dataplane.call(PROTOCOL, names.name, endpoint_of(names.signature_name)
+                                  ) as call:
+            # The endpoint first: its dtypes are checked before any tensor is read.
+            target = call.resolve(*predict_target(request))
             infer_request = await decoded(
-                decode_predict, request, deadline_of(context), specs,
-                self._dataplane.max_rows(model, version),
+                decode_predict, request, deadline_of(context), target.inputs, target.max_rows,
                 elements=convert.declared_elements(
                     [d.size for d in t.tensor_shape.dim] for t in request.inputs.values()))
-        except TapserveError as exc:  # counted and logged like every failed request
-            self._dataplane.rejected(InferRequest(
-                request.model_spec.name, {}, endpoint_of(request.model_spec.signature_name),
-                protocol=PROTOCOL), exc)
-            raise
-        response = await self._dataplane.infer(infer_request)
-        trace.answered(response)
+            response = await call.infer(infer_request)
+            trace.answered(response)
         spec = model_pb2.ModelSpec(
             name=response.model, version=wrappers_pb2.Int64Value(value=response.version),
             signature_name=request.model_spec.signature_name or DEFAULT_SIGNATURE)
@@ -130,7 +123,7 @@ class PredictionServicer(PredictionServiceServicer):
 
     async def GetModelMetadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         unsupported = [f for f in request.metadata_field if f != "signature_def"]
         if unsupported or not request.metadata_field:
@@ -147,14 +140,14 @@ class PredictionServicer(PredictionServiceServicer):
             get_model_metadata_pb2.SignatureDefMap(signature_def=signatures))
         return response
 
-    async def Classify(self, request: object, context: grpc.aio.ServicerContext) -> None:
+    async def Classify(self, request: object, context: Context) -> None:
         raise Unsupported("Classify is not served: Tapserve serves Predict (a classifier's "
                           "scores are an output or a tap of Predict)")
 
-    async def Regress(self, request: object, context: grpc.aio.ServicerContext) -> None:
+    async def Regress(self, request: object, context: Context) -> None:
         raise Unsupported("Regress is not served: Tapserve serves Predict")
 
-    async def MultiInference(self, request: object, context: grpc.aio.ServicerContext) -> None:
+    async def MultiInference(self, request: object, context: Context) -> None:
         raise Unsupported("MultiInference is not served: Tapserve serves Predict; several "
                           "outputs or taps of one model come from one Predict's output_filter")
 
@@ -167,18 +160,18 @@ class ModelStatusServicer(ModelServiceServicer):
 
     async def GetModelStatus(
         self, request: get_model_status_pb2.GetModelStatusRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> get_model_status_pb2.GetModelStatusResponse:
         model, version = model_and_version(request.model_spec)
-        rows = self._dataplane.model_status(model, version)
+        statuses = self._dataplane.model_status(model, version)
         return get_model_status_pb2.GetModelStatusResponse(model_version_status=[
             get_model_status_pb2.ModelVersionStatus(
                 version=number, state=_STATES[state],
                 status=_status(reason if state != "READY" else ""))
-            for number, state, reason in rows])
+            for number, state, reason in statuses])
 
     async def HandleReloadConfigRequest(self, request: object,
-                                        context: grpc.aio.ServicerContext) -> None:
+                                        context: Context) -> None:
         raise Unsupported("HandleReloadConfigRequest is not served: Tapserve follows its model "
                           "repository (--model-control-mode poll) or the repository API")
 

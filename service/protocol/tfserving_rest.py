@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,8 +18,8 @@ from google.protobuf import json_format
 from service.errors import InvalidInput, clip
 from service.protocol.convert import check_counts
 from service.protocol.datatypes import MAX_RANK
-from service.protocol.tfserving import PROTOCOL_REST, signature_def
-from service.types import STRING, EndpointMetadata, InferRequest, TensorSpec
+from service.protocol.tfserving import signature_def
+from service.types import STRING, EndpointMetadata, InferRequest, Target, TensorSpec
 
 
 def _bytes_in(value: Any, depth: int = 0) -> Any:
@@ -55,8 +56,9 @@ def _array(spec: TensorSpec, values: Any) -> np.ndarray:
 
 
 def decode_predict(document: Any, model: str, version: str | None,
-                   meta: EndpointMetadata) -> tuple[InferRequest, bool]:
-    """The request, and whether it came in row format (so answers go back as rows)."""
+                   target: Target) -> tuple[InferRequest, bool]:
+    """The request, decoded against the endpoint it resolved to, and whether it came in
+    row format (so answers go back as rows)."""
     if not isinstance(document, dict):
         raise InvalidInput("the request body must be a JSON object")
     unknown = set(document) - {"signature_name", "instances", "inputs", "output_filter"}
@@ -64,10 +66,10 @@ def decode_predict(document: Any, model: str, version: str | None,
         raise InvalidInput("the request needs exactly one of `instances` (rows) or `inputs` "
                            "(columns), plus optional `signature_name` and `output_filter`"
                            + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
-    specs = {s.name: s for s in meta.inputs}
-    required = {n: s for n, s in specs.items() if n not in meta.optional}
-    rows = "instances" in document
-    if rows:
+    specs = {**target.inputs, **target.optional}
+    required = target.inputs
+    row_format = "instances" in document
+    if row_format:
         instances = document["instances"]
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("`instances` must be a non-empty list of rows")
@@ -95,9 +97,9 @@ def decode_predict(document: Any, model: str, version: str | None,
         else:
             raise InvalidInput(f"the endpoint takes inputs {sorted(specs)}: `inputs` must be "
                                "an object naming them")
-    unknown = sorted(set(columns) - set(specs))
-    if unknown:
-        raise InvalidInput(f"unexpected inputs {clip(unknown)}; the endpoint takes "
+    extra = sorted(set(columns) - set(specs))
+    if extra:
+        raise InvalidInput(f"unexpected inputs {clip(extra)}; the endpoint takes "
                            f"{sorted(specs)}")
     outputs = document.get("output_filter") or []
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
@@ -106,11 +108,10 @@ def decode_predict(document: Any, model: str, version: str | None,
     if len(set(outputs)) != len(outputs):
         raise InvalidInput(f"output_filter names an output more than once: {clip(outputs)}")
     inputs = {name: _array(specs[name], value) for name, value in columns.items()}
-    return InferRequest(model, inputs, meta.endpoint, version, outputs,
-                        protocol=PROTOCOL_REST), rows
+    return InferRequest(model, inputs, target.endpoint, version, outputs), row_format
 
 
-def spec_takes_objects(specs: dict[str, TensorSpec], instances: list[Any]) -> bool:
+def spec_takes_objects(specs: Mapping[str, TensorSpec], instances: list[Any]) -> bool:
     """A single string input whose rows are {"b64": ...} objects, not named inputs."""
     (spec,) = specs.values()
     return spec.dtype == STRING and all(set(r) == {"b64"} for r in instances)
@@ -134,10 +135,10 @@ def _bytes_out(value: Any) -> Any:
     return value
 
 
-def encode_predict(outputs: dict[str, np.ndarray], rows: bool) -> dict[str, Any]:
+def encode_predict(outputs: dict[str, np.ndarray], row_format: bool) -> dict[str, Any]:
     """`predictions` (rows) or `outputs` (columns); one output stands alone, several are
     named."""
-    if rows:
+    if row_format:
         if len(outputs) == 1:
             return {"predictions": _json_values(next(iter(outputs.values())))}
         columns = {name: _json_values(a) for name, a in outputs.items()}
@@ -148,14 +149,14 @@ def encode_predict(outputs: dict[str, np.ndarray], rows: bool) -> dict[str, Any]
     return {"outputs": {name: _json_values(a) for name, a in outputs.items()}}
 
 
-def model_status(rows: list[tuple[int, str, str]]) -> dict[str, Any]:
+def model_status(statuses: list[tuple[int, str, str]]) -> dict[str, Any]:
     states = {"READY": "AVAILABLE", "LOADING": "LOADING", "UNLOADING": "UNLOADING",
               "UNAVAILABLE": "END"}
     return {"model_version_status": [
         {"version": str(version), "state": states[state],
          "status": {"error_code": "UNKNOWN" if reason and state != "READY" else "OK",
                     "error_message": reason if state != "READY" else ""}}
-        for version, state, reason in rows]}
+        for version, state, reason in statuses]}
 
 
 def model_metadata(model: str, version: int, default: str,

@@ -11,108 +11,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from echo_dataplane import ERRORS, SECRET, EchoDataPlane
 
-from service.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    InvalidInput,
-    NotFound,
-    NotReady,
-    Overloaded,
-)
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated.grpc_predict_v2_pb2_grpc import (
     GRPCInferenceServiceStub,
     add_GRPCInferenceServiceServicer_to_server,
 )
-from service.protocol.kserve import DataPlane, InferenceServicer
-from service.types import EndpointMetadata, InferRequest, InferResponse, TensorSpec
-
-# model name -> what the fake core raises, and the status the client must see
-ERRORS: dict[str, tuple[Exception, str]] = {
-    "missing": (NotFound("model 'missing' is not served; served: echo"), "NOT_FOUND"),
-    "bad": (InvalidInput("input 'x' must be FP32, got INT64"), "INVALID_ARGUMENT"),
-    "busy": (Overloaded("queue of 'busy' is full: 8 waiting"), "RESOURCE_EXHAUSTED"),
-    "warming": (NotReady("model 'warming' is still loading"), "UNAVAILABLE"),
-    "late": (DeadlineExceeded("deadline passed before compute"), "DEADLINE_EXCEEDED"),
-    "gone": (Cancelled("the client went away"), "CANCELLED"),
-}
-SECRET = "secret detail from deep inside"
-
-
-class EchoDataPlane:
-    """Test double for the core: model "echo" (endpoints default and "twin", version 1)
-    returns its inputs as outputs; the models in ERRORS raise."""
-
-    def __init__(self) -> None:
-        self.requests: list[InferRequest] = []
-        self.rejections: list[tuple[str, str | None, str, str]] = []
-
-    def live(self) -> bool:
-        return True
-
-    def ready(self) -> bool:
-        return True
-
-    def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
-        if model == "warming":
-            return False
-        self._check(model, endpoint, version)
-        return True
-
-    def server_metadata(self) -> tuple[str, str, list[str]]:
-        return "tapserve", "0.1.0", ["model_repository"]
-
-    def model_metadata(
-        self, model: str, endpoint: str | None, version: str | None
-    ) -> EndpointMetadata:
-        self._check(model, endpoint, version)
-        spec = TensorSpec("x", "float32", (None, 3))
-        return EndpointMetadata(model, endpoint or "echo", (1,), "test_echo", (spec,), (spec,))
-
-    def input_specs(self, model: str, endpoint: str | None, version: str | None
-                    ) -> dict[str, TensorSpec]:
-        return {}  # echo takes any input: nothing to check before decoding
-
-    def max_rows(self, model: str, version: str | None) -> int:
-        return 1024
-
-    def rejected(self, request: InferRequest, error: Exception) -> None:
-        self.rejections.append(
-            (request.model, request.endpoint, request.id, type(error).__name__))
-
-    def repository_index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
-        rows = [("echo", "1", "READY", ""), ("broken", "2", "UNAVAILABLE", "bad file")]
-        return [r for r in rows if r[2] == "READY"] if ready_only else rows
-
-    async def load_model(self, name: str) -> None:
-        self._check(name, None, None)
-
-    async def unload_model(self, name: str) -> None:
-        self._check(name, None, None)
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        self.requests.append(request)
-        if request.model in ERRORS:
-            raise ERRORS[request.model][0]
-        if request.model == "boom":
-            raise RuntimeError(SECRET)
-        self._check(request.model, request.endpoint, request.version)
-        names = request.outputs or list(request.inputs)
-        unknown = [n for n in names if n not in request.inputs]
-        if unknown:
-            raise NotFound(f"no output {unknown[0]!r}")
-        outputs = {n: request.inputs[n] for n in names}
-        return InferResponse(request.model, request.endpoint or "echo", 1, outputs, request.id)
-
-    def _check(self, model: str, endpoint: str | None, version: str | None) -> None:
-        if model != "echo" or endpoint not in (None, "twin") or version not in (None, "1"):
-            raise NotFound(f"no model {model!r} endpoint {endpoint!r} version {version!r}")
-
-
-def test_fake_satisfies_the_protocol() -> None:
-    dataplane: DataPlane = EchoDataPlane()  # the type checker's view of the contract
-    assert dataplane.live()
+from service.protocol.kserve import InferenceServicer
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +103,7 @@ def test_infer_round_trips_every_input_datatype(
         assert (got["datatype"], got["shape"]) == (sent["datatype"], sent["shape"])
         assert _same_data(sent, got), sent["name"]
     request = server[1].requests[-1]
-    assert (request.model, request.endpoint, request.version) == ("echo", "twin", None)
+    assert server[1].resolved[-1] == ("echo", "twin", None)
     # the client's 30 s timeout arrives as a monotonic deadline
     assert request.deadline is not None
     assert before + 25 < request.deadline < time.monotonic() + 31
