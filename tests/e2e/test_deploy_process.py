@@ -140,8 +140,8 @@ def servers(start_process, repository: Path) -> list[ServerProcess]:
 
 
 def test_round_robin_spreads_one_client_over_two_servers(servers: list[ServerProcess]) -> None:
-    """The README's client-side balancing, with two servers standing for two pods behind a
-    headless Service (there, `dns:///tapserve-headless.<ns>.svc.cluster.local:8001`)."""
+    """The client-side balancing of docs/kubernetes.md, with two servers standing for two
+    pods behind a headless Service (there, `dns:///tapserve-headless.<ns>.svc.cluster.local:8001`)."""
     target = "ipv4:" + ",".join(server.url for server in servers)
 
     def served() -> list[float]:

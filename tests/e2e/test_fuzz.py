@@ -8,7 +8,7 @@ INTERNAL/UNKNOWN or HTTP 500, never a hang (each call has a 20 s deadline), neve
 afterwards a known request is answered correctly.
 
 The default run is short; TAPSERVE_FUZZ_EXAMPLES=10000 (and TAPSERVE_FUZZ_SEED) for the
-long one (README, "Fuzzing").
+long one (docs/protocols.md, "Fuzzing").
 """
 
 from __future__ import annotations
