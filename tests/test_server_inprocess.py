@@ -18,6 +18,7 @@ import zoo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import RunningServer
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import loading as loading_module
@@ -239,9 +240,7 @@ def test_http_readiness_names_the_model_that_does_not_serve(tokens: bool, tmp_pa
     if tokens:
         (tmp_path / "tokens").write_text("s3cret\n")
         settings["auth_token_file"] = tmp_path / "tokens"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = RunningServer(repo, http_port=port, **settings)
     try:
         with pytest.raises(urllib.error.HTTPError) as answer:
