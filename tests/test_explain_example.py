@@ -11,7 +11,6 @@ To refresh the picture: serve models/ and run `.venv/bin/python examples/gradcam
 from __future__ import annotations
 
 import importlib.util
-import socket
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +22,7 @@ import pytest
 import tensorflow as tf
 import zoo
 from harness import RunningServer
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "gradcam.py"
@@ -41,11 +41,6 @@ def _script() -> ModuleType:
     spec.loader.exec_module(module)
     return module
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

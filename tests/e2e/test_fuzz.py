@@ -28,7 +28,8 @@ import tensorflow as tf
 import zoo
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from stock import ServerProcess, free_port, infer
+from ports import free_port
+from stock import ServerProcess, infer
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 

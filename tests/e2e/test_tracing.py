@@ -27,7 +27,8 @@ import yaml
 import zoo
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from stock import TAPSERVE, ServerProcess, free_port, infer, infer_inputs
+from ports import free_port
+from stock import TAPSERVE, ServerProcess, infer, infer_inputs
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
