@@ -2,7 +2,7 @@
 served classifier sees, and where its `cam` endpoint says it looked.
 
     .venv/bin/tapserve serve &                 # the example models of models/
-    .venv/bin/python examples/gradcam.py       # writes examples/gradcam.png
+    .venv/bin/python examples/gradcam.py       # writes docs/images/gradcam.png
 
 Plain HTTP (KServe v2 REST, JSON tensors): no client library needed. Needs the
 `examples` extra (scikit-learn for the digits, matplotlib for the picture).
@@ -79,7 +79,7 @@ def draw(images: np.ndarray, predicted: np.ndarray, cams: np.ndarray, out: Path)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="127.0.0.1:8000", help="Tapserve's HTTP host:port")
-    parser.add_argument("--out", type=Path, default=HERE / "gradcam.png")
+    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "images" / "gradcam.png")
     args = parser.parse_args(argv)
     draw(*heat_maps(args.url), args.out)
     print(f"wrote {args.out}")

@@ -54,6 +54,13 @@ class DataPlane:
     def ready(self) -> bool:
         return self.registry.ready(self.strict_readiness) and not self.draining
 
+    def not_ready(self) -> list[tuple[str | None, str]]:
+        """Why the server is not ready (empty when it is): (the model it is about, or
+        None; a few words), what readiness probes are told."""
+        why: list[tuple[str | None, str]] = [(None, "the server is draining")] \
+            if self.draining else []
+        return why + self.registry.not_ready(self.strict_readiness)
+
     def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
         """Whether that endpoint (of that version) answers now; NotFound if it is unknown,
         naming only what the client sent: readiness needs no token, so its errors must not

@@ -70,6 +70,12 @@ class ModelRegistry:
         """Start-up is done and (strict) every model the server should serve serves."""
         return self.settled and self._routing.ready(strict)
 
+    def not_ready(self, strict: bool) -> list[tuple[str | None, str]]:
+        """Why `ready(strict)` is false: (the model it is about, or None; a few words)."""
+        why: list[tuple[str | None, str]] = (
+            [] if self.settled else [(None, "the start-up load is running")])
+        return why + list(self._routing.not_serving() if strict else [])
+
     def index(self) -> list[tuple[str, str, str, str]]:
         """(model, version, state, reason) for every version known, and every model folder
         of the repository ("" for a model with no version known)."""

@@ -127,7 +127,22 @@ class Routing:
 
     def ready(self, strict: bool) -> bool:
         """(Start-up being done:) every model the server should serve serves, if strict."""
-        return not strict or all(e.serving() for e in self.models.values() if e.wanted)
+        return not strict or not self.not_serving()
+
+    def not_serving(self) -> list[tuple[str, str]]:
+        """(model, its state in a few words) for each model the server should serve and
+        does not (no paths or details: readiness is asked without a token)."""
+        found = []
+        for name, entry in sorted(self.models.items()):
+            if not entry.wanted or entry.serving():
+                continue
+            if not entry.synced or any(s.loading for s in entry.versions.values()):
+                found.append((name, "loading"))
+                continue
+            failed = [s.category for _, s in sorted(entry.versions.items()) if s.error]
+            found.append((name, "cannot serve: " + (
+                failed[-1] if failed else entry.category or "it failed to load")))
+        return found
 
     def index(self, on_disk: Iterable[str]) -> list[tuple[str, str, str, str]]:
         """(model, version, state, reason) for every version known, and every model folder

@@ -145,6 +145,10 @@ class DataPlane(Protocol):
 
     def ready(self) -> bool: ...
 
+    def not_ready(self) -> list[tuple[str | None, str]]:
+        """Why the server is not ready: (the model it is about, or None; a few words)."""
+        ...
+
     def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
         """Whether that endpoint can serve now; raises NotFound if it is unknown."""
         ...

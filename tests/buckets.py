@@ -11,13 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ports import free_port
+
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalServer:

@@ -1,4 +1,4 @@
-"""The digits example's explain endpoints and the README's picture (examples/gradcam.png).
+"""The digits example's explain endpoints and the picture (docs/images/gradcam.png).
 
 The picture cannot go stale: this test trains the example models, serves them, runs
 examples/gradcam.py against the server, checks that what it drew is the served Grad-CAM
@@ -11,7 +11,6 @@ To refresh the picture: serve models/ and run `.venv/bin/python examples/gradcam
 from __future__ import annotations
 
 import importlib.util
-import socket
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -23,10 +22,11 @@ import pytest
 import tensorflow as tf
 import zoo
 from harness import RunningServer
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "gradcam.py"
-PICTURE = ROOT / "examples" / "gradcam.png"
+PICTURE = ROOT / "docs" / "images" / "gradcam.png"
 # Mean absolute difference per channel (0..1) allowed between the committed picture and
 # the regenerated one. Measured: 1% noise on every map moves it by 0.0008, 5% by 0.0035;
 # one digit's map drawn for another class by 0.009, every digit's by 0.067.
@@ -41,11 +41,6 @@ def _script() -> ModuleType:
     spec.loader.exec_module(module)
     return module
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -98,5 +93,5 @@ def test_the_readme_picture_is_regenerated_from_a_served_grad_cam(
     assert fresh.shape == committed.shape == (script.SIZE[1], script.SIZE[0], 4)
     difference = float(np.abs(fresh - committed).mean())
     assert difference < TOLERANCE, (
-        f"examples/gradcam.png differs from what the served model draws now (mean "
+        f"docs/images/gradcam.png differs from what the served model draws now (mean "
         f"{difference:.4f}): regenerate it (serve models/, run examples/gradcam.py)")

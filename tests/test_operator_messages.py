@@ -1,5 +1,5 @@
 """What an operator reads: --help of every command, flag and config.yaml errors that say
-what to fix, and a README that lists every setting."""
+what to fix, and docs that list every setting."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from service.config import load_config
 from service.errors import ConfigError
 from service.settings import Settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIGURATION = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["inspect", "--help"]])
@@ -33,11 +33,11 @@ def test_serve_help_lists_every_setting(capsys: pytest.CaptureFixture) -> None:
         assert f"TAPSERVE_{name.upper()}" in text.replace("\n", "").replace(" ", ""), name
 
 
-def test_readme_settings_table_lists_every_setting() -> None:
-    section = README.read_text().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+def test_docs_settings_table_lists_every_setting() -> None:
+    section = CONFIGURATION.read_text().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`--([a-z0-9-]+)", section))
     missing = [n for n in Settings.model_fields if n.replace("_", "-") not in listed]
-    assert not missing, f"README's Settings table lacks {missing}"
+    assert not missing, f"docs/configuration.md's Settings table lacks {missing}"
 
 
 def test_a_bad_flag_names_the_flag_and_not_pydantic(capsys: pytest.CaptureFixture) -> None:

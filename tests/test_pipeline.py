@@ -4,7 +4,6 @@ resolves its model version once, served or refused, and is counted once."""
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import zoo
 from harness import RunningServer
+from ports import free_port
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -20,11 +20,6 @@ from service.model import LoadedModel
 
 MODEL = "autoencoder"  # its default endpoint has its name
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,11 @@ readiness while a model loads, model metadata, and the metrics the server export
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import zoo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import RunningServer
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import loading as loading_module
@@ -223,3 +226,32 @@ def test_a_taken_port_is_named_in_the_error(which: str, tmp_path: Path) -> None:
         ports = {"grpc_port": 0, "http_port": 0, "metrics_port": 0, which: port}
         with pytest.raises(OSError, match=rf"cannot bind \w+ to 127\.0\.0\.1:{port}\b"):
             RunningServer(tmp_path, **ports)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_http_readiness_names_the_model_that_does_not_serve(tokens: bool, tmp_path: Path) -> None:
+    """Regression: a 503 from /v2/health/ready named no model. With tokens on it is still
+    asked without one, so it counts them instead of naming them."""
+    repo = tmp_path / "models"
+    zoo.write_model("autoencoder", repo)
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.keras").write_bytes(b"not a model")
+    settings: dict[str, object] = {}
+    if tokens:
+        (tmp_path / "tokens").write_text("s3cret\n")
+        settings["auth_token_file"] = tmp_path / "tokens"
+    port = free_port()
+    server = RunningServer(repo, http_port=port, **settings)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10)
+        assert answer.value.code == 503
+        error = json.loads(answer.value.read())["error"]
+        if tokens:
+            assert error == ("the server is not ready: 1 model(s) loading or unable to serve "
+                             "(the repository index names them)")
+        else:
+            assert error.startswith("the server is not ready: broken (cannot serve: "), error
+            assert "autoencoder" not in error and str(repo) not in error
+    finally:
+        server.stop(grace=1.0)

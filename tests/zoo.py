@@ -240,13 +240,19 @@ def save(model: keras.Model, directory: Path, fmt: str = "keras") -> Path:
     return path
 
 
-def write_model(name: str, repository: Path, with_config: bool = True) -> Path:
-    """Build zoo model ``name`` into ``<repository>/<name>/`` (model file and, if it has
-    one, config.yaml); return the model file's path."""
-    model_dir = Path(repository) / name
+def write_model(name: str, repository: Path, with_config: bool = True, *,
+                folder: str | None = None, config: dict[str, Any] | str | None = None) -> Path:
+    """Build zoo model ``name`` into ``<repository>/<folder or name>/``: its model file and
+    a config.yaml, `config` (a dict, or YAML text) if given, else the zoo's own for `name`
+    if it has one and `with_config`; return the model file's path. One model under many
+    folders (a slow queue, a small one) is how tests keep their metrics apart."""
+    model_dir = Path(repository) / (folder or name)
     path = save(ZOO[name](), model_dir, FORMATS.get(name, "keras"))
-    if with_config and name in CONFIGS:
-        (model_dir / "config.yaml").write_text(yaml.safe_dump(CONFIGS[name], sort_keys=False))
+    if config is None and with_config:
+        config = CONFIGS.get(name)
+    if config is not None:
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        (model_dir / "config.yaml").write_text(text)
     return path
 
 

@@ -152,7 +152,7 @@ def build_app(dataplane: DataPlane, max_request_bytes: int, access: Access | Non
               body_budget: int = 0, read_timeout: float = 0) -> web.Application:
     """The aiohttp application serving both REST APIs (with `access`: behind bearer tokens;
     `body_budget` and `read_timeout`: see _body_limits)."""
-    routes = _Routes(dataplane)
+    routes = _Routes(dataplane, access)
     middlewares = [_errors] + ([_bearer_token(access, routes)] if access else []) + [
         _body_limits(max_request_bytes, body_budget, read_timeout)]
     app = web.Application(client_max_size=max_request_bytes, middlewares=middlewares)
@@ -182,8 +182,9 @@ def build_app(dataplane: DataPlane, max_request_bytes: int, access: Access | Non
 
 
 class _Routes:
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, access: Access | None = None) -> None:
         self._dataplane = dataplane
+        self._access = access
 
     def refused(self, protocol: str, request: web.Request, error: TapserveError) -> None:
         """Count and log an inference request refused before it was read (no token)."""
@@ -201,9 +202,15 @@ class _Routes:
             error_response(503, "the server is not live")
 
     async def ready(self, request: web.Request) -> web.Response:
-        return json_response({"ready": True}) if self._dataplane.ready() else \
-            error_response(503, "the server is not ready: a model is loading or cannot serve, "
-                           "or the server is draining")
+        if self._dataplane.ready():
+            return json_response({"ready": True})
+        why = self._dataplane.not_ready()
+        models = [f"{model} ({state})" for model, state in why if model]
+        if models and self._access is not None:  # asked without a token: no model names
+            models = [f"{len(models)} model(s) loading or unable to serve (the repository "
+                      "index names them)"]
+        said = [state for model, state in why if not model] + models
+        return error_response(503, "the server is not ready: " + "; ".join(said or ["starting"]))
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         name, version, extensions = self._dataplane.server_metadata()

@@ -51,7 +51,7 @@ NOT_IN_KUSTOMIZATION = {"deployment-gpu.yaml", "prometheus-adapter-rules.yaml",
 
 DEPLOYMENTS = ("deployment.yaml", "deployment-gpu.yaml")
 
-# The metric names the server exports (see the README's metrics table).
+# The metric names the server exports (see docs/operations.md's metrics table).
 COUNTERS = {"tapserve_requests_total", "tapserve_grpc_requests_total",
             "tapserve_model_load_failures_total", "tapserve_deduplicated_rows_total"}
 HISTOGRAMS = {
@@ -365,15 +365,12 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
                 assert (ROOT / source).exists() or source == "README.md", source
 
 
-def test_dockerfile_matches_the_readme_install() -> None:
-    readme = ROOT / "README.md"
-    if not readme.exists():
-        pytest.skip("README.md is not written yet")
-    text = readme.read_text()
+def test_dockerfile_matches_the_docs_install() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()  # "The container image"
     assert re.search(r"pip install (-e |--no-deps )?['\"]?\.(\[[\w,-]+\])?['\"]?", text), (
-        "the README installs the project with `pip install .`, as the Dockerfile does"
+        "the docs install the project with `pip install .`, as the Dockerfile does"
     )
-    assert "pip install --no-deps ." in text, "the README says how the image installs it"
+    assert "pip install --no-deps ." in text, "the docs say how the image installs it"
     assert "tapserve serve" in text
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import pytest
 from stock import ServerProcess
 
@@ -29,3 +30,9 @@ def start_process(tmp_path_factory: pytest.TempPathFactory):
             process.process.kill()
             process.process.wait(10)
 
+
+
+@pytest.fixture(scope="module")
+def autoencoder(repository: Path) -> keras.Model:
+    """The zoo autoencoder the module's `repository` serves, as Keras computes it."""
+    return keras.models.load_model(repository / "autoencoder" / "1" / "model.keras")

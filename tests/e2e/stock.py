@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,11 +18,6 @@ from tritonclient.utils import np_to_triton_dtype
 TAPSERVE = Path(sys.executable).parent / "tapserve"
 
 
-def free_port() -> int:
-    """A port nothing listens on now (for a server told which port to take)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 BOUND = re.compile(r"serving gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)")
 
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 import zoo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ports import free_port
 from scrape import wait_for
 from stalled import (
     MIB,
@@ -32,7 +33,7 @@ from stalled import (
     stalled_chunked_post,
     stalled_http_post,
 )
-from stock import free_port, infer
+from stock import infer
 from tritonclient.utils import InferenceServerException
 
 X = {"x": np.zeros((1, 16), np.float32)}

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import scrape
 import tritonclient.grpc as triton
-import yaml
 import zoo
 from scrape import wait_for
 from stock import infer
@@ -51,9 +50,8 @@ def models() -> Iterator[Path]:
     repo = Path(tempfile.mkdtemp(prefix="tapserve-image-models-", dir="/var/tmp"))
     zoo.write_model("autoencoder", repo)
     # One request holds its batch open 3 s, and with it the drain.
-    zoo.save(zoo.ZOO["autoencoder"](), repo / "slow")
-    (repo / "slow" / "config.yaml").write_text(yaml.safe_dump(
-        {"batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64, "eager": False}}))
+    zoo.write_model("autoencoder", repo, folder="slow", config={
+        "batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64, "eager": False}})
     for path in [repo, *repo.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     yield repo

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-import yaml
 import zoo
+from ports import free_port
 from scrape import wait_for
-from stock import ServerProcess, free_port, infer
+from stock import ServerProcess, infer
 from tritonclient.utils import InferenceServerException
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,9 +28,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("models")
     zoo.write_model("autoencoder", repo)
     # One request holds its batch open 3 s, and with it the drain (NOT_SERVING meanwhile).
-    zoo.save(zoo.ZOO["autoencoder"](), repo / "slow")
-    (repo / "slow" / "config.yaml").write_text(yaml.safe_dump(
-        {"batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64, "eager": False}}))
+    zoo.write_model("autoencoder", repo, folder="slow", config={
+        "batching": {"max_queue_delay_ms": 3000, "max_batch_size": 64, "eager": False}})
     return repo
 
 
@@ -140,8 +139,8 @@ def servers(start_process, repository: Path) -> list[ServerProcess]:
 
 
 def test_round_robin_spreads_one_client_over_two_servers(servers: list[ServerProcess]) -> None:
-    """The README's client-side balancing, with two servers standing for two pods behind a
-    headless Service (there, `dns:///tapserve-headless.<ns>.svc.cluster.local:8001`)."""
+    """The client-side balancing of docs/kubernetes.md, with two servers standing for two
+    pods behind a headless Service (there, `dns:///tapserve-headless.<ns>.svc.cluster.local:8001`)."""
     target = "ipv4:" + ",".join(server.url for server in servers)
 
     def served() -> list[float]:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from stock import free_port
+from ports import free_port
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 BLOCK = re.compile(r"^```(bash|python|console)\n(.*?)^```", re.S | re.M)

@@ -2,7 +2,7 @@
 sending at its first UNAVAILABLE is answered right or refused UNAVAILABLE, never
 CANCELLED, and the server exits 0. (A client that keeps sending on its connection can
 still have a call land as gRPC stops, 2 s after the work is done, and see CANCELLED: the
-README's "Graceful drain" says so.)
+docs/operations.md's "Graceful drain" says so.)
 
 Regression: in about 1 drain in 7, a few clients got CANCELLED with no server log line.
 gRPC core cancels the calls it holds unmatched when the server stops (grpc/grpc#41785),

@@ -12,7 +12,6 @@ import keras
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-import yaml
 import zoo
 from scrape import wait_for
 from stock import ServerProcess, infer
@@ -29,14 +28,13 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("models")
     zoo.write_model("autoencoder", repo)  # batching.max_batch_size 8
     zoo.write_model("siamese", repo)  # two inputs: one can go missing
-    zoo.save(zoo.ZOO["multi_dtype"](), repo / "tokens")  # int64 tokens into an Embedding
-    (repo / "tokens" / "config.yaml").write_text(yaml.safe_dump(
-        {"batching": {"max_batch_size": 9, "max_queue_delay_ms": 60_000, "eager": False}}))
+    zoo.write_model("multi_dtype", repo, folder="tokens",  # int64 tokens into an Embedding
+                    config={"batching": {"max_batch_size": 9, "max_queue_delay_ms": 60_000,
+                                         "eager": False}})
     # Same weights as the autoencoder, slow queues; one model per test that reads its
     # metrics, so their counts do not mix.
     for name in ("queued", "delayed", "draining"):
-        zoo.save(zoo.ZOO["autoencoder"](), repo / name)
-        (repo / name / "config.yaml").write_text(yaml.safe_dump({"batching": SLOW_BATCHING}))
+        zoo.write_model("autoencoder", repo, folder=name, config={"batching": SLOW_BATCHING})
     return repo
 
 
@@ -48,11 +46,6 @@ def server(start_process, repository: Path) -> ServerProcess:
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> triton.InferenceServerClient:
     return server.client()
-
-
-@pytest.fixture(scope="module")
-def autoencoder(repository: Path) -> keras.Model:
-    return keras.models.load_model(repository / "autoencoder" / "1" / "model.keras")
 
 
 def images(rows: int, seed: int = 0) -> np.ndarray:

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tritonclient.http as httpclient
-from stock import TAPSERVE, ServerProcess, free_port, infer
+from ports import free_port
+from stock import TAPSERVE, ServerProcess, infer
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     predict_pb2,

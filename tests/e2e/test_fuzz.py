@@ -8,7 +8,7 @@ INTERNAL/UNKNOWN or HTTP 500, never a hang (each call has a 20 s deadline), neve
 afterwards a known request is answered correctly.
 
 The default run is short; TAPSERVE_FUZZ_EXAMPLES=10000 (and TAPSERVE_FUZZ_SEED) for the
-long one (README, "Fuzzing").
+long one (docs/protocols.md, "Fuzzing").
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import tensorflow as tf
 import zoo
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from stock import ServerProcess, free_port, infer
+from ports import free_port
+from stock import ServerProcess, infer
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 

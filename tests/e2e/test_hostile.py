@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tritonclient.grpc as triton
-import yaml
 import zoo
+from ports import free_port
 from savedmodels import HOSTILE
 from scrape import wait_for
-from stock import ServerProcess, free_port, infer
+from stock import ServerProcess, infer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -48,18 +48,14 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("hostile")
     zoo.write_model("autoencoder", repo)
     zoo.write_model("string_input", repo)
-    (repo / "small_queue").mkdir()
-    zoo.save(zoo.ZOO["autoencoder"](), repo / "small_queue")
-    (repo / "small_queue" / "config.yaml").write_text(
-        yaml.safe_dump({"batching": {"max_queue_size": 4}}))
-    zoo.save(zoo.ZOO["string_input"](), repo / "wide_queue")  # takes millions of rows
-    (repo / "wide_queue" / "config.yaml").write_text(
-        yaml.safe_dump({"batching": {"max_queue_size": 10_000_000}}))
+    zoo.write_model("autoencoder", repo, folder="small_queue",
+                    config={"batching": {"max_queue_size": 4}})
+    zoo.write_model("string_input", repo, folder="wide_queue",  # takes millions of rows
+                    config={"batching": {"max_queue_size": 10_000_000}})
     (repo / "garbage" / "1").mkdir(parents=True)
     (repo / "garbage" / "1" / "model.keras").write_bytes(GARBAGE)
-    zoo.save(zoo.ZOO["autoencoder"](), repo / "bad_config")
-    (repo / "bad_config" / "config.yaml").write_text("batching: {max_batch_size: 0}\n"
-                                                     "secret_key: hunter2\n")
+    zoo.write_model("autoencoder", repo, folder="bad_config",
+                    config="batching: {max_batch_size: 0}\nsecret_key: hunter2\n")
     write_reader(repo / "reader")
     write_reader(repo / "reader_allowed")
     (repo / "reader_allowed" / "config.yaml").write_text("allow_file_ops: true\n")
@@ -68,7 +64,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, (write, _) in HOSTILE.items():
         write(repo / name / "1", target)
     for bad in ("bad name!", "trailing\n"):  # not model names: skipped, with a warning
-        zoo.save(zoo.ZOO["autoencoder"](), repo / bad)
+        zoo.write_model("autoencoder", repo, with_config=False, folder=bad)
     return repo
 
 
@@ -86,11 +82,6 @@ def stub(server: ServerProcess) -> service_pb2_grpc.GRPCInferenceServiceStub:
     channel = grpc.insecure_channel(server.url, options=[
         ("grpc.max_send_message_length", 64 * 1024 * 1024)])
     return service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def autoencoder(repository: Path) -> keras.Model:
-    return keras.models.load_model(repository / "autoencoder" / "1" / "model.keras")
 
 
 def images(rows: int) -> np.ndarray:

@@ -19,7 +19,8 @@ import pytest
 import tritonclient.http as httpclient
 import yaml
 import zoo
-from stock import ServerProcess, free_port, infer
+from ports import free_port
+from stock import ServerProcess, infer
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 MODELS = ["autoencoder", "two_heads", "siamese", "nested", "multi_dtype", "string_input"]
@@ -45,10 +46,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config["labels"] = {"stable": 1}
     (repo / "autoencoder" / "config.yaml").write_text(yaml.safe_dump(config))
     # A queue that holds one 4-row request for 2 s and nothing more: back-pressure.
-    zoo.save(zoo.ZOO["two_heads"](), repo / "slow")
-    (repo / "slow" / "config.yaml").write_text(yaml.safe_dump({"batching": {
+    zoo.write_model("two_heads", repo, folder="slow", config={"batching": {
         "max_queue_delay_ms": 2000, "max_batch_size": 64, "max_queue_size": 4,
-        "eager": False}}))
+        "eager": False}})
     return repo
 
 

@@ -16,11 +16,11 @@ import grpc
 import keras
 import numpy as np
 import pytest
-import yaml
 import zoo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ports import free_port
 from scrape import wait_for
-from stock import TAPSERVE, ServerProcess, free_port, infer
+from stock import TAPSERVE, ServerProcess, infer
 from tritonclient.utils import InferenceServerException
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -33,15 +33,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("models")
     zoo.write_model("autoencoder", repo)
     # One request holds its batch open 1.5 s, and with it the drain.
-    zoo.save(zoo.ZOO["autoencoder"](), repo / "slow")
-    (repo / "slow" / "config.yaml").write_text(yaml.safe_dump(
-        {"batching": {"max_queue_delay_ms": 1500, "max_batch_size": 64, "eager": False}}))
+    zoo.write_model("autoencoder", repo, folder="slow", config={
+        "batching": {"max_queue_delay_ms": 1500, "max_batch_size": 64, "eager": False}})
     return repo
-
-
-@pytest.fixture(scope="module")
-def autoencoder(repository: Path) -> keras.Model:
-    return keras.models.load_model(repository / "autoencoder" / "1" / "model.keras")
 
 
 # SIGTERM

@@ -30,7 +30,8 @@ import trustme
 import zoo
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stock import TAPSERVE, ServerProcess, free_port, infer
+from ports import free_port
+from stock import TAPSERVE, ServerProcess, infer
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 

@@ -9,7 +9,6 @@ import grpc
 import keras
 import numpy as np
 import pytest
-import yaml
 import zoo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -30,14 +29,12 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         exported, verbose=False)
     # Lambda: refused by default, served where config allows it.
     zoo.write_model("lambda_layer", repo)
-    zoo.save(zoo.ZOO["lambda_layer"](), repo / "lambda_allowed")
-    (repo / "lambda_allowed" / "config.yaml").write_text("allow_lambda: true\n")
+    zoo.write_model("lambda_layer", repo, folder="lambda_allowed", config="allow_lambda: true\n")
     # Broken neighbours must not stop the others.
     (repo / "garbage" / "1").mkdir(parents=True)
     (repo / "garbage" / "1" / "model.keras").write_bytes(b"not a model")
-    zoo.save(zoo.ZOO["autoencoder"](), repo / "bad_config")
-    (repo / "bad_config" / "config.yaml").write_text(yaml.safe_dump(
-        {"endpoints": {"enc": {"inputs": ["image"], "outputs": ["no_such_layer"]}}}))
+    zoo.write_model("autoencoder", repo, folder="bad_config", config={
+        "endpoints": {"enc": {"inputs": ["image"], "outputs": ["no_such_layer"]}}})
     return repo
 
 

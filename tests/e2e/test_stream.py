@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-import yaml
 import zoo
 from scrape import wait_for
 from stock import ServerProcess, infer, infer_inputs, requested
@@ -40,19 +39,13 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Same weights as the autoencoder; one model per test that reads its metrics.
     for name, batching in (("batched", {"max_batch_size": 64, "max_queue_delay_ms": 20}),
                            ("counted", {}), ("slow", SLOW), ("cancelled", SLOW)):
-        zoo.save(zoo.ZOO["autoencoder"](), repo / name)
-        (repo / name / "config.yaml").write_text(yaml.safe_dump({"batching": batching}))
+        zoo.write_model("autoencoder", repo, folder=name, config={"batching": batching})
     return repo
 
 
 @pytest.fixture(scope="module")
 def server(start_process, repository: Path) -> ServerProcess:
     return start_process(repository)
-
-
-@pytest.fixture(scope="module")
-def autoencoder(repository: Path) -> keras.Model:
-    return keras.models.load_model(repository / "autoencoder" / "1" / "model.keras")
 
 
 def images(rows: int, seed: int = 0) -> np.ndarray:

@@ -59,6 +59,9 @@ class EchoDataPlane:
     def ready(self) -> bool:
         return True
 
+    def not_ready(self) -> list[tuple[str | None, str]]:
+        return []
+
     def model_ready(self, model: str, endpoint: str | None, version: str | None) -> bool:
         if model == "warming":
             return False
