@@ -52,7 +52,7 @@ class Work:
     feeds: Arrays
     outputs: tuple[str, ...]
     deadline: float | None
-    future: asyncio.Future
+    future: asyncio.Future[Arrays]
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # when its batch began computing
     trace: RequestTrace | None = None  # its request's spans (tracing on)
@@ -100,7 +100,7 @@ def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
     return parts
 
 
-class Group(deque):
+class Group(deque[Work]):
     """The queued works that may share a batch, oldest first, and the rows they count as."""
 
     def __init__(self) -> None:
@@ -146,11 +146,11 @@ class Batcher:
         self._in_flight = 0  # pieces submitted and not yet answered
         self._peak = 0  # the most in flight since the last batch started
         self._target = 1
-        self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         # Set while the batch loop waits for a batch to become ready; resolved by `_wake`.
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._isolated = 0  # failed batches since the last line saying so
         self._isolation_logged: float | None = None
 
@@ -216,7 +216,8 @@ class Batcher:
             self._in_flight -= len(works)
             for w in works:
                 w.future.cancel()  # a no-op once done; frees siblings of a failed piece
-        queued = max(w.started - w.enqueued for w in works)
+        # Every piece was answered, so its batch started: `started` is set.
+        queued = max(w.started - w.enqueued for w in works if w.started is not None)
         if len(parts) == 1:
             return parts[0], queued
         return {name: np.concatenate([p[name] for p in parts]) for name in outputs}, queued
@@ -233,7 +234,7 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task) -> None:
+    def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._wake()  # an idle model may start its next batch now
 
@@ -281,7 +282,8 @@ class Batcher:
                 if timer is not None:
                     timer.cancel()
         queue = self._pending[group]
-        works, rows = [], 0
+        works: list[Work] = []
+        rows = 0
         # One piece at least: a row of integrated gradients may cost more than a batch.
         while queue and (not works or rows + queue[0].cost <= self.policy.max_batch_size):
             w = queue.popleft()

@@ -39,14 +39,16 @@ class Distinct:
         each output holding exactly the original rows that asked for it."""
         self.batch.check(result)
         expanded = {}
+        # distinct() sets both masks or neither: the small batch's come from the original's.
+        masks, small_masks = self.masks, self.batch.masks
         for name in self.batch.outputs:
-            if self.masks is None:
+            if masks is None or small_masks is None:
                 expanded[name] = result[name][self.inverse]
             else:
                 # Output `name` of the small batch holds only its masked rows: a distinct
                 # row's place there is how many masked rows come before it.
-                place = np.cumsum(self.batch.masks[name]) - 1
-                expanded[name] = result[name][place[self.inverse[self.masks[name]]]]
+                place = np.cumsum(small_masks[name]) - 1
+                expanded[name] = result[name][place[self.inverse[masks[name]]]]
         return expanded
 
 
@@ -118,8 +120,9 @@ def _object_rows(feeds: Arrays) -> tuple[np.ndarray, np.ndarray] | None:
     """The same for feeds holding strings: each row's values as a tuple, in a dict."""
     rows = len(next(iter(feeds.values())))
     flat = [a.reshape(rows, -1) for a in feeds.values()]
-    seen: dict[tuple, int] = {}
-    first, inverse = [], np.empty(rows, dtype=np.intp)
+    seen: dict[tuple[object, ...], int] = {}
+    first: list[int] = []
+    inverse = np.empty(rows, dtype=np.intp)
     for i in range(rows):
         key = tuple(tuple(f[i].tolist()) if f.dtype == object else f[i].tobytes()
                     for f in flat)

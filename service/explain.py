@@ -190,7 +190,7 @@ class TensorFlowExplainer:
         missing: list[str] = []  # what the traced function found no gradient for
         self._fn: Callable[..., Any]
         if e.kind == GRADIENT:
-            @tf.function(input_signature=[feed_sig])
+            @tf.function(input_signature=[feed_sig])  # type: ignore[untyped-decorator]  # TF ships no types
             def gradient(feeds: dict[str, tf.Tensor]) -> tf.Tensor:
                 x = feeds[wrt]
                 with tf.GradientTape() as tape:
@@ -203,7 +203,7 @@ class TensorFlowExplainer:
             front = graph.plan(e.inputs, [layer])
             back = graph.plan((*e.inputs, layer), [e.output])
 
-            @tf.function(input_signature=[feed_sig])
+            @tf.function(input_signature=[feed_sig])  # type: ignore[untyped-decorator]  # TF ships no types
             def gradcam(feeds: dict[str, tf.Tensor]) -> tf.Tensor:
                 a = front(feeds)[layer]
                 with tf.GradientTape() as tape:
@@ -219,7 +219,7 @@ class TensorFlowExplainer:
         else:
             alpha_sig = tf.TensorSpec((None,), tf.float32)
 
-            @tf.function(input_signature=[feed_sig, alpha_sig])
+            @tf.function(input_signature=[feed_sig, alpha_sig])  # type: ignore[untyped-decorator]  # TF ships no types
             def integrated(feeds: dict[str, tf.Tensor], alphas: tf.Tensor) -> tf.Tensor:
                 """The sum of the gradients at alpha * input for each alpha, per row."""
                 x = feeds[wrt]

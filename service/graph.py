@@ -222,7 +222,7 @@ class TapGraph:
                     {k: frozenset(v) for k, v in feeds.items()})
 
 
-def _call(op: Any, args: tuple, kwargs: dict) -> Any:
+def _call(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # Serving is inference: layers that take `training` (Dropout, BatchNorm) get False.
     if "training" in getattr(op, "_call_context_args", ()):
         kwargs = {**kwargs, "training": False}
@@ -255,7 +255,7 @@ class Plan:
         held = dict.fromkeys(env, every)  # the outputs whose rows each value holds
         masks: dict[frozenset[str], Any] = {}
 
-        def mask(outs: frozenset[str]) -> Any:
+        def mask(rows: Mapping[str, Any], outs: frozenset[str]) -> Any:
             if outs not in masks:
                 masks[outs] = keras.ops.any(keras.ops.stack([rows[o] for o in outs]), axis=0)
             return masks[outs]
@@ -264,9 +264,11 @@ class Plan:
             have = held[key]
             if rows is None or have == want:
                 return env[key]
+            if gather is None:
+                raise TypeError("Plan: `rows` needs `gather`")
             if have == every:  # every row asked for some output: all rows are here
-                return gather(env[key], mask(want))
-            return gather(env[key], gather(mask(want), mask(have)))
+                return gather(env[key], mask(rows, want))
+            return gather(env[key], gather(mask(rows, want), mask(rows, have)))
 
         for step in self.steps:
             want = frozenset().union(*(self.feeds[k] for k in step.output_keys))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -94,7 +96,7 @@ class Metrics:
                        self.model_ready, self.model_load, self.model_load_failures):
             metric.remove_by_labels({"model": model})
 
-    def serve(self, host: str, port: int) -> object:
+    def serve(self, host: str, port: int) -> WSGIServer:
         """Serve GET /metrics on its own thread; returns the HTTP server."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server

@@ -164,9 +164,9 @@ class LoadedModel:
                 del self.endpoints[ep.name]
                 continue
             by_source.setdefault(ep.source, set()).update(outputs)
-        for source, outputs in by_source.items():
-            if shared_passes and len(outputs) > 1:
-                union = tuple(sorted(outputs))
+        for source, asked in by_source.items():
+            if shared_passes and len(asked) > 1:
+                union = tuple(sorted(asked))
                 rows = {o: np.array([True, i % 2 == 0]) for i, o in enumerate(union)}
                 self.runtime.warm_up(source, union, rows)
 
@@ -264,4 +264,5 @@ def _check_input(spec: TensorSpec, array: np.ndarray) -> int:
                            f"expected {spec.describe()} (-1: any size)")
     if shape[0] == 0:
         raise InvalidInput(f"input {spec.name!r} has no rows: send at least one")
-    return shape[0]
+    rows: int = shape[0]
+    return rows

@@ -74,8 +74,9 @@ class Routing:
             raise NotFound(f"no model {name!r}; models: {known}")
         if version is None:
             serving = entry.serving()
-            if serving:
-                return entry.versions[serving[-1]].serving  # type: ignore[return-value]
+            latest = entry.versions[serving[-1]].serving if serving else None
+            if latest is not None:  # serving() lists only versions that have one
+                return latest
             if not entry.wanted:
                 raise NotReady(f"model {name!r} is not loaded; load it through the "
                                "repository API")

@@ -78,7 +78,8 @@ def gpu_memory_in_use() -> dict[str, int]:
 
 def _reason(exc: tf.errors.OpError) -> str:
     """TensorFlow's own sentence from an op error, without its traceback of graph frames."""
-    lines = [line.strip() for line in exc.message.splitlines()]
+    message: str = exc.message
+    lines = [line.strip() for line in message.splitlines()]
     said = [line for line in lines if line and not line.startswith(
         ("File ", "[[", "Detected at node", "Graph execution error"))]
     node = next((line.split()[3] for line in lines if line.startswith("Detected at node")), "")
@@ -100,7 +101,9 @@ def _pad_rows(rows: int, limit: int) -> int:
 class Runtime:
     """Runs batches of one model: picks a device, runs off the loop, returns numpy.
 
-    Subclasses provide `specs` and `_compute` (blocking, called on an executor thread).
+    Subclasses provide `specs` and `_compute` (blocking, called on an executor thread),
+    and `spec` if their tensors can be named outside their endpoints' specs (a Keras
+    model's taps).
     """
 
     def __init__(self, devices: Sequence[str], batches_per_device: int) -> None:
@@ -113,6 +116,10 @@ class Runtime:
 
     def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
         raise NotImplementedError
+
+    def spec(self, name: str) -> TensorSpec:
+        """One tensor's spec by name, wherever it is in the model."""
+        raise NotImplementedError(f"{type(self).__name__} has no tensor {name!r} by name")
 
     def _compute(self, batch: Batch) -> Arrays:
         raise NotImplementedError
@@ -216,7 +223,8 @@ class KerasRuntime(Runtime):
     def specs(self, source: Hashable) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
         if isinstance(source, Explanation):
             return {n: self.spec(n) for n in source.inputs} | {TARGET_SPEC.name: TARGET_SPEC}, {}
-        return {n: self.spec(n) for n in source}, {}
+        # Otherwise a Keras model's source is its endpoint's input names.
+        return {n: self.spec(n) for n in cast(tuple[str, ...], source)}, {}
 
     def _explain(self, batch: Batch) -> Arrays:
         assert isinstance(batch.source, Explanation)
@@ -311,18 +319,21 @@ class KerasRuntime(Runtime):
         if masked:
             masks_sig = {o: tf.TensorSpec((None,), tf.bool) for o in outputs}
 
-            @tf.function(input_signature=[feed_sig, masks_sig])
-            def run_masked(feeds: dict, masks: dict) -> dict:
+            @tf.function(input_signature=[feed_sig, masks_sig])  # type: ignore[untyped-decorator]  # TF ships no types
+            def run_masked(feeds: dict[str, tf.Tensor],
+                           masks: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
                 return plan(feeds, masks, tf.boolean_mask)
 
-            return run_masked.get_concrete_function()
+            masked_fn: Compiled = run_masked.get_concrete_function()
+            return masked_fn
 
-        @tf.function(input_signature=[feed_sig], jit_compile=jit or None)
-        def run(feeds: dict) -> dict:
+        @tf.function(input_signature=[feed_sig], jit_compile=jit or None)  # type: ignore[untyped-decorator]  # TF ships no types
+        def run(feeds: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             return plan(feeds)
 
         # The concrete function skips tf.function's dispatch: ~100 µs less per call.
-        return run.get_concrete_function()
+        fn: Compiled = run.get_concrete_function()
+        return fn
 
     def _compute(self, batch: Batch) -> Arrays:
         feeds, masks = batch.feeds, batch.masks

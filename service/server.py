@@ -101,8 +101,7 @@ class TapServer:
         self.devices = configure_tensorflow(
             intra_op_threads(settings), inter_op_threads(settings), settings.gpu_memory_limit_mb)
         for device in gpu_memory_in_use():
-            self.metrics.gpu_memory.labels(device).set_function(
-                lambda d=device: gpu_memory_in_use().get(d, 0))
+            self.metrics.gpu_memory.labels(device).set_function(_gpu_memory_of(device))
         # A bucket is served from a local mirror of it; a folder as it is.
         repository = settings.model_repository
         self.mirror = Mirror(repository, self.metrics) if isinstance(repository, str) else None
@@ -117,12 +116,12 @@ class TapServer:
                                   on_done=self._count_rpc, on_full=self._on_full)
         self.grpc_port = 0
         self.metrics_port = 0
-        self._loading: asyncio.Task | None = None
-        self._polling: asyncio.Task | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._polling: asyncio.Task[None] | None = None
         self._health: dict[str, int] = {}
         self._http: web.AppRunner | None = None
         self._health_server: grpc.aio.Server | None = None
-        self._watching: asyncio.Task | None = None
+        self._watching: asyncio.Task[None] | None = None
         self.access: Access | None = None
         self._http_tls: HttpTls | None = None
         self._last_call = 0.0  # monotonic time the last unary call ended
@@ -136,7 +135,8 @@ class TapServer:
             model_names(Path(s.model_repository))  # a missing folder fails here, before any port
         # Unreadable or mismatched TLS or token files fail here too (ConfigError).
         grpc_tls = http_tls = None
-        if s.tls_cert_file is not None:
+        # Settings holds a certificate and a key together or neither.
+        if s.tls_cert_file is not None and s.tls_key_file is not None:
             grpc_tls = CertificateFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file,
                                         "gRPC")
             http_tls = CertificateFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file,
@@ -190,7 +190,8 @@ class TapServer:
             try:
                 await self._start_http()
             except OSError as exc:
-                await self._http.cleanup()
+                if self._http is not None:  # set before anything binds
+                    await self._http.cleanup()
                 self._metrics_http.shutdown()
                 raise OSError(f"cannot bind HTTP to {s.host}:{s.http_port}: {exc}") from None
         await self.server.start()
@@ -349,6 +350,11 @@ class TapServer:
         self._metrics_http.shutdown()
         await asyncio.to_thread(self.tracing.shutdown)  # send the spans still held
         log.info("stopped")
+
+
+def _gpu_memory_of(device: str) -> Callable[[], float]:
+    """The bytes of GPU memory `device` holds now, read when metrics are scraped."""
+    return lambda: gpu_memory_in_use().get(device, 0)
 
 
 async def run(settings: Settings) -> None:

@@ -142,8 +142,11 @@ def grpc_credentials(files: CertificateFiles) -> grpc.ServerCredentials:
             return None
         return _grpc_config(material) if material is not None else None
 
+    # grpc's stub types the fetcher as never returning None; gRPC's documented contract is
+    # that None means "no change, keep the current certificate".
     return grpc.dynamic_ssl_server_credentials(
-        _grpc_config(files.current), fetch, require_client_authentication=files.mutual)
+        _grpc_config(files.current), fetch,  # type: ignore[arg-type]  # see above
+        require_client_authentication=files.mutual)
 
 
 def _plaintext_noticed(notice: Callable[[], None]) -> type[ssl.SSLObject]:

@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
-from service.protocol.status import HandlerInterceptor, OnDone, report
+from service.protocol.status import Context, Handler, HandlerInterceptor, OnDone, report
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Behavior = Callable[[Any, Context], Awaitable[Any]]
 
 
 class RequestReadTimeout(HandlerInterceptor):
@@ -32,15 +32,18 @@ class RequestReadTimeout(HandlerInterceptor):
         self._seconds = seconds
         self._on_done = on_done
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        # HandlerInterceptor wraps only unary-unary handlers here (streams is False), and
+        # grpc's stubs type their behaviour for the sync server: grpc.aio's is a coroutine
+        # taking an aio context.
         return grpc.stream_unary_rpc_method_handler(
-            self._reading(handler.unary_unary, method),
+            self._reading(handler.unary_unary, method),  # type: ignore[arg-type]  # see above
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
     def _reading(self, behavior: Behavior, method: str) -> Callable[..., Awaitable[Any]]:
         async def read_then_call(requests: AsyncIterator[Any],
-                                 context: grpc.aio.ServicerContext) -> Any:
+                                 context: Context) -> Any:
             try:
                 async with asyncio.timeout(self._seconds):  # no task: one timer per call
                     request = await anext(requests, None)

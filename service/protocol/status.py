@@ -9,7 +9,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -67,6 +67,10 @@ def tolerant(deserializer: Callable[[bytes], Any] | None, method: str
     return deserialize
 
 
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
 class HandlerInterceptor(grpc.aio.ServerInterceptor):
     """An interceptor that wraps every unary-unary handler (`wrap`), and every streaming
     one too if `streams`, once per method: gRPC hands the same handler for a method on
@@ -77,13 +81,13 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):
     streams = False
 
     def __init__(self) -> None:
-        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._by_method: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or (handler.unary_unary is None and not self.streams):
             return handler
@@ -93,7 +97,7 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):
             cached = self._by_method[method] = (handler, self.wrap(handler, method))
         return cached[1]
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         raise NotImplementedError
 
 
@@ -115,20 +119,25 @@ class ErrorStatusInterceptor(HandlerInterceptor):
         self._on_undecodable = on_undecodable
         self._answers_undecodable = answers_undecodable
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         serializers = {
             "request_deserializer": tolerant(handler.request_deserializer, method),
             "response_serializer": handler.response_serializer}
         streamed = handler.stream_unary is not None or handler.stream_stream is not None
         refuse = (None if method in self._answers_undecodable
                   else self._refusing(method, streamed))
+        # grpc's stubs type a handler's behaviours for the sync server (a
+        # grpc.ServicerContext); grpc.aio calls them with its own context: hence the ignores.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(_mapping_errors(
-                handler.unary_unary, method, self._on_done, refuse), **serializers)
+                handler.unary_unary,  # type: ignore[arg-type]  # aio context, see above
+                method, self._on_done, refuse), **serializers)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(_mapping_errors(
-                handler.stream_unary, method, self._on_done, refuse), **serializers)
+                handler.stream_unary,  # type: ignore[arg-type]  # aio context, see above
+                method, self._on_done, refuse), **serializers)
         behavior = handler.unary_stream or handler.stream_stream
+        wrapped: Callable[[Any, Context], object]
         if inspect.isasyncgenfunction(behavior):  # yields its responses
             wrapped = _mapping_stream_errors(behavior, method, self._on_done, refuse)
         elif inspect.iscoroutinefunction(behavior):  # writes them with context.write
@@ -165,12 +174,12 @@ def _checked(request: Any, refuse: Refuse | None) -> Any:
 
 
 def _mapping_errors(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], Any],
+    behavior: Callable[[Any, Context], Any],
     method: str,
     on_done: OnDone | None,
     refuse: Refuse | None = None,
-) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def wrapper(request: Any, context: Context) -> Any:
         async with _Outcome(context, method, on_done):
             request = _checked(request, refuse)
             if inspect.iscoroutinefunction(behavior):
@@ -183,13 +192,13 @@ def _mapping_errors(
 
 
 def _mapping_stream_errors(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+    behavior: Callable[[Any, Context], AsyncIterator[Any]],
     method: str,
     on_done: OnDone | None,
     refuse: Refuse | None = None,
-) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
     """_mapping_errors for a handler that yields its responses."""
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(request: Any, context: Context) -> AsyncIterator[Any]:
         async with _Outcome(context, method, on_done):
             async for response in behavior(_checked(request, refuse), context):
                 yield response
@@ -201,7 +210,7 @@ class _Outcome:
     """Around one call's handler: ends the call with the status of what escapes it, and
     reports the call's final code (`on_done`) however it ended."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, method: str,
+    def __init__(self, context: Context, method: str,
                  on_done: OnDone | None) -> None:
         self._context, self._method, self._on_done = context, method, on_done
         self._code = grpc.StatusCode.UNKNOWN
