@@ -18,6 +18,14 @@ from tritonclient.utils import np_to_triton_dtype
 TAPSERVE = Path(sys.executable).parent / "tapserve"
 
 
+def server_has(module: str) -> bool:
+    """Whether the `tapserve` the tests start can import `module`: the container image's
+    holds the server's dependencies, not its extras (s3, gcs, tracing)."""
+    python = TAPSERVE.resolve().parent / "python"
+    return subprocess.run([str(python), "-c", f"import {module}"],
+                          capture_output=True).returncode == 0
+
+
 BOUND = re.compile(r"serving gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,12 +51,15 @@ def run_page(page: Path, folder: Path, start_process, poll_secs: str = "1") -> N
         printed = done.stdout
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the page's commands use curl")
 def test_serve_your_own_model_runs_as_written(tmp_path: Path, start_process,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the page's Python works in the reader's folder too
     run_page(DOCS / "serve-your-own-model.md", tmp_path, start_process)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("openssl") is None,
+                    reason="the page's commands use openssl and curl")
 def test_local_tls_certificates_recipe_runs_as_written(tmp_path: Path, start_process,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "models").mkdir()  # the reader's repository; liveness needs no model

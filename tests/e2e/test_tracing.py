@@ -28,9 +28,13 @@ import zoo
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from ports import free_port
-from stock import TAPSERVE, ServerProcess, infer, infer_inputs
+from stock import TAPSERVE, ServerProcess, infer, infer_inputs, server_has
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.skipif(
+    not server_has("opentelemetry.sdk"),
+    reason="the tapserve under test lacks tapserve[tracing] (the container image)")
 
 IMAGE = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
 X = np.random.default_rng(1).random((1, 16), dtype=np.float32)
