@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -11,18 +9,14 @@ import keras
 import numpy as np
 import pytest
 import yaml
+import zoo
 
 SCRIPT = Path(__file__).resolve().parent.parent / "models" / "build_examples.py"
 
 
 def _load_script() -> ModuleType:
-    # models/ is a model repository, not a package: import the script by path.
-    spec = importlib.util.spec_from_file_location("build_examples", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    # models/ is a model repository, not a package: the script is imported by path.
+    return zoo.import_script(SCRIPT, "build_examples")
 
 
 build_examples = _load_script()

@@ -10,8 +10,6 @@ To refresh the picture: serve models/ and run `.venv/bin/python examples/gradcam
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -34,12 +32,7 @@ TOLERANCE = 0.005
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gradcam_example", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return zoo.import_script(SCRIPT, "gradcam_example")
 
 
 

@@ -18,9 +18,12 @@ Names worth knowing (all layers are named explicitly unless said otherwise):
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import keras
@@ -284,12 +287,19 @@ def sample_inputs(model: keras.Model, batch: int = 4, seed: int = 0) -> dict[str
 EXAMPLES_SCRIPT = Path(__file__).resolve().parent.parent / "models" / "build_examples.py"
 
 
+def import_script(path: Path, name: str) -> ModuleType:
+    """A script the repository keeps outside any package (models/ is a model repository,
+    examples/ a folder of scripts), imported by path as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_examples(repository: Path) -> list[Path]:
     """The example models of models/build_examples.py (trained on sklearn's digits) into
-    `repository`; the script is imported by path (models/ is a repository, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_examples", EXAMPLES_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    `repository`."""
+    module = import_script(EXAMPLES_SCRIPT, "build_examples")
     return module.build_all(repository)
