@@ -222,6 +222,7 @@ class JaxRuntime(Runtime):
         assert isinstance(batch.source, Explanation)
         device = self._local.device
         explainer = self._explainer(batch.source)
+        _check_indices(batch.feeds, self._ranges)
         n = batch.rows
         size = rung(n, self.ladder)
         attribution = explainer(pad(batch.feeds, size), size, device,
