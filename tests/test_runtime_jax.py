@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,8 @@ from service.loading import build_keras_model, build_saved_model  # noqa: E402
 from service.repository import ModelSource  # noqa: E402
 from service.runtime_jax import JaxRuntime, ladder, rung  # noqa: E402
 from service.types import Batch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +192,38 @@ def test_a_server_on_jax_refuses_what_needs_tensorflow_and_serves_the_rest(
     index = {row[0]: row for row in server.server.registry.index()}
     assert "--backend tensorflow; this server runs jax" in index["string_input"][-1]
     assert "is a TensorFlow SavedModel: it serves with --backend tensorflow" in index["sm"][-1]
+
+
+TWO_DEVICES = """
+import asyncio, numpy as np, zoo
+from service import backends
+backends.select("jax")
+import jax
+from service.graph import TapGraph
+from service.runtime_jax import JaxRuntime
+from service.types import Batch
+assert len(jax.devices("cpu")) == 2
+model = zoo.build_two_heads()
+rt = JaxRuntime(TapGraph(model), ["/CPU:0", "/CPU:1"], 1, max_batch_size=4)
+rt.warm_up(("x",), ("label",))
+compiled = rt.compiles
+feeds = zoo.sample_inputs(model, batch=3)
+async def four():
+    batch = Batch(("x",), ("label",), feeds, None)
+    return await asyncio.gather(*(rt.run(batch) for _ in range(4)))
+for got, _ in asyncio.run(four()):
+    np.testing.assert_allclose(got["label"], np.asarray(model(feeds["x"])["label"]), atol=1e-5)
+assert sorted(v[0].devices().pop().id for v in rt._values.values()) == [0, 1]
+print(compiled, rt.compiles)
+"""
+
+
+def test_two_devices_each_hold_the_weights_and_their_own_executables() -> None:
+    """Two host devices stand in for two GPUs: each gets the weights once and the whole
+    ladder at warm-up, and batches on either compute the same."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == [str(2 * len(ladder(4)))] * 2  # no compile after
