@@ -170,7 +170,9 @@ class JaxRuntime(Runtime):
             super().warm_up(source, outputs, masks)  # runs one batch: it must compute
             inputs, _ = self.specs(source)
             cost = source.row_cost if isinstance(source, Explanation) else 1
-            sizes = [s for s in self.ladder if s <= max(1, self.max_batch_size // cost)]
+            # An explanation's batch holds at most max_batch_size // row_cost rows.
+            most = rung(max(1, self.max_batch_size // cost), self.ladder)
+            sizes = [s for s in self.ladder if s <= most]
             # XLA compiles off the GIL: the sizes compile side by side.
             with ThreadPoolExecutor(max(1, min(len(sizes), available_cpus())),
                                     "compile") as pool:

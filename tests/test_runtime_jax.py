@@ -227,3 +227,30 @@ def test_two_devices_each_hold_the_weights_and_their_own_executables() -> None:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == [str(2 * len(ladder(4)))] * 2  # no compile after
+
+
+def test_integrated_gradients_compile_the_sizes_their_batches_take() -> None:
+    """5 steps a row, max_batch_size 32: batches of up to 6 rows, padded to 8 at most."""
+    import explaining
+
+    from service.config import ExplainConfig
+    from service.explain import check
+
+    model = explaining.build()
+    graph = TapGraph(model)
+    explanation, _ = check(graph, "m", "ig", ExplainConfig(
+        explain="integrated_gradients", output="kind", input="image", steps=5))
+    rt = JaxRuntime(graph, ["/CPU:0"], 1, max_batch_size=32)
+    rt.warm_up(explanation, ("attribution",))
+    compiled = rt.compiles
+    assert compiled == 4  # 1, 2, 4, 8
+    feeds = {**explaining.inputs(6, seed=2), "target": np.full(6, -1, np.int64)}
+    got, _ = asyncio.run(rt.run(Batch(explanation, ("attribution",), feeds, None)))
+    assert rt.compiles == compiled
+    x, meta = feeds["image"], keras.ops.convert_to_tensor(feeds["meta"])
+    best = np.argmax(np.asarray(model({"image": x, "meta": feeds["meta"]})["kind"]), axis=-1)
+    total = sum(explaining.gradient_of(
+        lambda t: explaining._score(model({"image": t, "meta": meta})["kind"], best),
+        x * (k / 5)) for k in range(1, 6))
+    np.testing.assert_allclose(got["attribution"], x * total / 5, rtol=1e-4, atol=1e-6)
+    rt.close()
