@@ -1,15 +1,16 @@
-"""A conv classifier with two heads and the explanations of it computed here, with
-tf.GradientTape on the Keras model itself: what every explain endpoint must answer
-(tests/test_explain.py in-process, tests/e2e/test_explain.py through the stock clients)."""
+"""A conv classifier with two heads and the explanations of it computed here, with the
+backend's own gradients (tf.GradientTape or jax.grad) on the Keras model itself: what every
+explain endpoint must answer (tests/test_explain.py in-process, tests/e2e/test_explain.py
+through the stock clients)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 import yaml
 
 MODEL = "cnn"
@@ -67,42 +68,63 @@ def inputs(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
             "meta": rng.random((rows, 3), dtype=np.float32)}
 
 
-def _score(scores: tf.Tensor, target: np.ndarray | None, fixed: np.ndarray | None = None
-           ) -> tf.Tensor:
-    """The sum over rows of each row's target score (its argmax, or `fixed`, if none)."""
-    if target is None:
-        target = fixed if fixed is not None else np.argmax(scores.numpy(), axis=-1)
-    return tf.reduce_sum(tf.gather(scores, np.asarray(target, np.int64), batch_dims=1))
+def _score(scores: Any, target: np.ndarray) -> Any:
+    """The sum over rows of each row's `target` score."""
+    picked = keras.ops.take_along_axis(scores, np.asarray(target, np.int64)[:, None], axis=1)
+    return keras.ops.sum(picked)
+
+
+def _gradient(f: Callable[[Any], Any], x: np.ndarray) -> np.ndarray:
+    """d f(x) / dx, on the test process's Keras backend (tf.GradientTape, or jax.grad)."""
+    if keras.backend.backend() == "jax":
+        import jax
+        return np.asarray(jax.grad(f)(x))
+    import tensorflow as tf
+    v = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(v)
+        y = f(v)
+    return tape.gradient(y, v).numpy()
+
+
+def _after(model: keras.Model, layer: str, meta: Any) -> Callable[[Any], Any]:
+    """The model from `layer`'s output on (build()'s layers replayed), `meta` held fixed."""
+    convs = ["conv1", "conv2", "flat"]
+
+    def heads(a: Any) -> dict[str, Any]:
+        for name in convs[convs.index(layer) + 1:]:
+            a = model.get_layer(name)(a)
+        h = model.get_layer("dense")(model.get_layer("join")([a, meta]))
+        return {head: model.get_layer(head)(h) for head in CLASSES}
+    return heads
 
 
 def reference(model: keras.Model, endpoint: str, feeds: dict[str, np.ndarray],
               target: np.ndarray | None = None) -> np.ndarray:
-    """What `endpoint` must answer, computed from its definition with tf.GradientTape."""
+    """What `endpoint` must answer, computed from its definition with the backend's
+    gradients (tf.GradientTape or jax.grad), whichever Keras runs on here."""
     spec = ENDPOINTS[endpoint]
     head = spec["output"]
+    argmax = np.argmax(np.asarray(model(feeds)[head]), axis=-1)  # of the input, not copies
+    picked = argmax if target is None else target
     if spec["explain"] == "gradcam":
-        cut = keras.Model(model.inputs, [model.get_layer(spec["layer"]).output,
-                                         model.get_layer(head).output])
-        with tf.GradientTape() as tape:
-            a, scores = cut(feeds)
-            score = _score(scores, target)
-        g = tape.gradient(score, a).numpy()
+        cut = keras.Model(model.inputs, model.get_layer(spec["layer"]).output)
+        a = np.asarray(cut(feeds))
+        tail = _after(model, spec["layer"], keras.ops.convert_to_tensor(feeds["meta"]))
+        g = _gradient(lambda v: _score(tail(v)[head], picked), a)
         weights = g.mean(axis=(1, 2), keepdims=True)
-        return np.maximum((weights * a.numpy()).sum(axis=-1), 0)
+        return np.maximum((weights * a).sum(axis=-1), 0)
 
-    def gradient(x: np.ndarray, fixed: np.ndarray | None = None) -> np.ndarray:
-        x = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            score = _score(model({"meta": tf.constant(feeds["meta"]), "image": x})[head],
-                           target, fixed)
-        return tape.gradient(score, x).numpy()
+    meta = keras.ops.convert_to_tensor(feeds["meta"])  # a tensor, as the image is
+
+    def gradient(x: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+        return _gradient(
+            lambda v: _score(model({"meta": meta, "image": v})[head], fixed), x)
 
     if spec["explain"] == "gradient":
-        return gradient(feeds["image"])
+        return gradient(feeds["image"], picked)
     steps = spec["steps"]
-    argmax = np.argmax(model(feeds)[head].numpy(), axis=-1)  # of the input, not its copies
-    total = sum(gradient(feeds["image"] * (k / steps), argmax) for k in range(1, steps + 1))
+    total = sum(gradient(feeds["image"] * (k / steps), picked) for k in range(1, steps + 1))
     return feeds["image"] * total / steps
 
 
