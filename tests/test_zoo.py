@@ -36,7 +36,8 @@ def _load(name: str, path: Path) -> keras.Model:
 def test_builds_saves_reloads_and_predicts_the_same(name: str, tmp_path: Path) -> None:
     start = time.perf_counter()
     model = zoo.ZOO[name]()
-    assert time.perf_counter() - start < 5.0, "zoo models must stay small"
+    # Eager JAX compiles each op at its first shapes: a first build costs seconds more.
+    assert time.perf_counter() - start < (30.0 if JAX else 5.0), "zoo models must stay small"
 
     fmt = zoo.FORMATS.get(name, "keras")
     path = zoo.save(model, tmp_path / name, fmt)
