@@ -26,7 +26,7 @@ needs_tfs_client = pytest.mark.skipif(
     not HAS_TFS_CLIENT,
     reason="the stock TF Serving client (tensorflow-serving-api) needs tensorflow")
 # A SavedModel or a string lookup: the jax backend refuses them at load (tested where
-# the refusal is the point: test_serving, test_backends).
+# the refusal is the point: test_serving, test_cross_backend).
 tf_models = pytest.mark.skipif(
     BACKEND != "tensorflow" or not HAS_TF,
     reason="a TensorFlow-only model (SavedModel, string lookup): needs the tensorflow "
