@@ -21,7 +21,6 @@ HAS_TFS_CLIENT = HAS_TF and importlib.util.find_spec("tensorflow_serving") is no
 # Deselected by the JAX run (`-m "not frontend_only"`): what these tests check does not depend
 # on the backend (transport, limits, security, drain, tracing, storage, docs, deploy).
 frontend_only = pytest.mark.frontend_only
-needs_tf = pytest.mark.skipif(not HAS_TF, reason="needs tensorflow in the test process")
 needs_tfs_client = pytest.mark.skipif(
     not HAS_TFS_CLIENT,
     reason="the stock TF Serving client (tensorflow-serving-api) needs tensorflow")
