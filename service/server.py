@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from service import tracing
+from service import backends, tracing
 from service.auth import Access, Tokens
 from service.dataplane import DataPlane
 from service.errors import InvalidInput, Unauthenticated
@@ -40,7 +40,6 @@ from service.protocol.tfserving import PROTOCOL as TFS_GRPC
 from service.protocol.tfserving import ModelStatusServicer, PredictionServicer, endpoint_of
 from service.registry import POLL, ModelRegistry
 from service.repository import model_names
-from service.runtime import configure_tensorflow, gpu_memory_in_use
 from service.settings import Settings, inter_op_threads, intra_op_threads
 from service.storage import Mirror
 from service.tls import CertificateFiles, HttpTls, grpc_credentials
@@ -98,10 +97,14 @@ class TapServer:
         # A missing `tracing` extra refuses the start here, before any port or model.
         self.tracing = tracing.setup(settings.otlp_endpoint)
         self.metrics = Metrics()
-        self.devices = configure_tensorflow(
-            intra_op_threads(settings), inter_op_threads(settings), settings.gpu_memory_limit_mb)
+        backends.select(settings.backend)  # the CLI did already; a second server checks
+        self.devices = backends.configure(
+            settings.backend, intra_op_threads(settings), inter_op_threads(settings),
+            settings.gpu_memory_limit_mb)
+        gpu_memory_in_use = backends.gpu_memory_reader(settings.backend)
         for device in gpu_memory_in_use():
-            self.metrics.gpu_memory.labels(device).set_function(_gpu_memory_of(device))
+            self.metrics.gpu_memory.labels(device).set_function(
+                _gpu_memory_of(device, gpu_memory_in_use))
         # A bucket is served from a local mirror of it; a folder as it is.
         repository = settings.model_repository
         self.mirror = Mirror(repository, self.metrics) if isinstance(repository, str) else None
@@ -352,9 +355,10 @@ class TapServer:
         log.info("stopped")
 
 
-def _gpu_memory_of(device: str) -> Callable[[], float]:
+def _gpu_memory_of(device: str,
+                   in_use: Callable[[], dict[str, int]]) -> Callable[[], float]:
     """The bytes of GPU memory `device` holds now, read when metrics are scraped."""
-    return lambda: gpu_memory_in_use().get(device, 0)
+    return lambda: in_use().get(device, 0)
 
 
 async def run(settings: Settings) -> None:
