@@ -15,8 +15,6 @@ from typing import Any
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from service import backends, tracing
 from service.auth import Access, Tokens
@@ -25,10 +23,13 @@ from service.errors import InvalidInput, Unauthenticated
 from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
+from service.protocol import reflection
 from service.protocol.call_limits import CallLimits
 from service.protocol.convert import client_names
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.protocol.generated import tf_serving_apis_pb2 as tfs_pb
+from service.protocol.generated import tf_serving_apis_pb2_grpc as tfs_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.http import build_app
 from service.protocol.http_connections import GuardedSite
@@ -171,16 +172,16 @@ class TapServer:
                      ("grpc.so_reuseport", 0), *connection_options(s)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, s.max_stream_in_flight, self.tracing), self.server)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        tfs_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.dataplane, self.tracing), self.server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        tfs_grpc.add_ModelServiceServicer_to_server(
             ModelStatusServicer(self.dataplane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([
-            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-            "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME], self.server)
+        reflection.enable(self.server, [
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            tfs_pb.DESCRIPTOR.services_by_name["PredictionService"],
+            tfs_pb.DESCRIPTOR.services_by_name["ModelService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"]])
         self.grpc_port = self._bind(self.server, "gRPC", s.grpc_port,
                                     grpc_credentials(grpc_tls) if grpc_tls else None)
         if s.health_port:
