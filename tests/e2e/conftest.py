@@ -31,8 +31,22 @@ def start_process(tmp_path_factory: pytest.TempPathFactory):
             process.process.wait(10)
 
 
-
 @pytest.fixture(scope="module")
 def autoencoder(repository: Path) -> keras.Model:
     """The zoo autoencoder the module's `repository` serves, as Keras computes it."""
     return keras.models.load_model(repository / "autoencoder" / "1" / "model.keras")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "frontend_only: the front doors only (transport, limits, security, "
+        "drain, tracing, storage, docs, deploy): the same on every backend, so the JAX run "
+        "deselects it (-m 'not frontend_only')")
+
+
+@pytest.fixture(scope="session")
+def backend() -> str:
+    """The backend the e2e servers run on (TAPSERVE_BACKEND, default tensorflow)."""
+    from backends import BACKEND  # not at import: the marker is registered first
+
+    return BACKEND
