@@ -5,7 +5,6 @@ through the stock clients)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,63 +67,65 @@ def inputs(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
             "meta": rng.random((rows, 3), dtype=np.float32)}
 
 
-def _score(scores: Any, target: np.ndarray) -> Any:
-    """The sum over rows of each row's `target` score."""
-    picked = keras.ops.take_along_axis(scores, np.asarray(target, np.int64)[:, None], axis=1)
-    return keras.ops.sum(picked)
-
-
-def _gradient(f: Callable[[Any], Any], x: np.ndarray) -> np.ndarray:
-    """d f(x) / dx, on the test process's Keras backend (tf.GradientTape, or jax.grad)."""
+def _grad(fn: Any, x: np.ndarray) -> np.ndarray:
+    """The gradient of fn (a tensor to a scalar) at x, by the backend keras runs on."""
     if keras.backend.backend() == "jax":
         import jax
-        return np.asarray(jax.grad(f)(x))
+
+        return np.asarray(jax.grad(fn)(x))
     import tensorflow as tf
-    v = tf.constant(x)
+
+    t = tf.constant(x)
     with tf.GradientTape() as tape:
-        tape.watch(v)
-        y = f(v)
-    return tape.gradient(y, v).numpy()
+        tape.watch(t)
+        score = fn(t)
+    return np.asarray(tape.gradient(score, t))
 
 
-def _after(model: keras.Model, layer: str, meta: Any) -> Callable[[Any], Any]:
-    """The model from `layer`'s output on (build()'s layers replayed), `meta` held fixed."""
-    convs = ["conv1", "conv2", "flat"]
+def _score(scores: Any, target: np.ndarray) -> Any:
+    """The sum over rows of each row's target score."""
+    index = np.asarray(target, np.int32)[:, None]
+    return keras.ops.sum(keras.ops.take_along_axis(scores, index, axis=1))
 
-    def heads(a: Any) -> dict[str, Any]:
-        for name in convs[convs.index(layer) + 1:]:
-            a = model.get_layer(name)(a)
-        h = model.get_layer("dense")(model.get_layer("join")([a, meta]))
-        return {head: model.get_layer(head)(h) for head in CLASSES}
-    return heads
+
+# The layers after each Grad-CAM layer, in order (build()'s graph): what maps its output
+# (with `meta`) to the heads, called layer by layer, apart from the server's graph code.
+_AFTER = {"conv1": ["conv2", "flat"], "conv2": ["flat"]}
 
 
 def reference(model: keras.Model, endpoint: str, feeds: dict[str, np.ndarray],
               target: np.ndarray | None = None) -> np.ndarray:
     """What `endpoint` must answer, computed from its definition with the backend's
-    gradients (tf.GradientTape or jax.grad), whichever Keras runs on here."""
+    gradients on the Keras model."""
     spec = ENDPOINTS[endpoint]
     head = spec["output"]
-    argmax = np.argmax(np.asarray(model(feeds)[head]), axis=-1)  # of the input, not copies
-    picked = argmax if target is None else target
+    argmax = np.argmax(np.asarray(model(feeds)[head]), axis=-1)  # of the input itself
+    chosen = argmax if target is None else target
     if spec["explain"] == "gradcam":
-        cut = keras.Model(model.inputs, model.get_layer(spec["layer"]).output)
+        layer = spec["layer"]
+        cut = keras.Model(model.inputs, model.get_layer(layer).output)
         a = np.asarray(cut(feeds))
-        tail = _after(model, spec["layer"], keras.ops.convert_to_tensor(feeds["meta"]))
-        g = _gradient(lambda v: _score(tail(v)[head], picked), a)
+
+        def back(a: Any) -> Any:
+            h = a
+            for name in _AFTER[layer]:
+                h = model.get_layer(name)(h)
+            meta = keras.ops.convert_to_tensor(feeds["meta"])
+            h = model.get_layer("dense")(model.get_layer("join")([h, meta]))
+            return _score(model.get_layer(head)(h), chosen)
+
+        g = _grad(back, a)
         weights = g.mean(axis=(1, 2), keepdims=True)
         return np.maximum((weights * a).sum(axis=-1), 0)
 
-    meta = keras.ops.convert_to_tensor(feeds["meta"])  # a tensor, as the image is
-
-    def gradient(x: np.ndarray, fixed: np.ndarray) -> np.ndarray:
-        return _gradient(
-            lambda v: _score(model({"meta": meta, "image": v})[head], fixed), x)
+    def gradient(x: np.ndarray) -> np.ndarray:
+        meta = keras.ops.convert_to_tensor(feeds["meta"])  # with a tensor: not mixed
+        return _grad(lambda t: _score(model({"meta": meta, "image": t})[head], chosen), x)
 
     if spec["explain"] == "gradient":
-        return gradient(feeds["image"], picked)
+        return gradient(feeds["image"])
     steps = spec["steps"]
-    total = sum(gradient(feeds["image"] * (k / steps), picked) for k in range(1, steps + 1))
+    total = sum(gradient(feeds["image"] * (k / steps)) for k in range(1, steps + 1))
     return feeds["image"] * total / steps
 
 

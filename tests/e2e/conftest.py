@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import pytest
+import zoo
 from stock import ServerProcess
 
 
@@ -29,6 +32,19 @@ def start_process(tmp_path_factory: pytest.TempPathFactory):
         if process.process.poll() is None:
             process.process.kill()
             process.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def write_examples(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], None]:
+    """`write_examples(repository)`: the example models (zoo.write_examples), trained once
+    a session (a minute of training each time, else) and copied into each repository."""
+    built = tmp_path_factory.mktemp("examples")
+    zoo.write_examples(built)
+
+    def write(repository: Path) -> None:
+        for model in built.iterdir():
+            shutil.copytree(model, repository / model.name)
+    return write
 
 
 @pytest.fixture(scope="module")

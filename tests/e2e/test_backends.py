@@ -70,9 +70,9 @@ TF_ONLY = ["string_input", "exported"]  # a StringLookup model, a SavedModel
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repository(tmp_path_factory: pytest.TempPathFactory, write_examples) -> Path:
     repo = tmp_path_factory.mktemp("backends")
-    zoo.write_examples(repo)
+    write_examples(repo)
     for name in {model for model, _, _ in CASES} - {"digits_autoencoder", "digits_classifier"}:
         zoo.write_model(name, repo)
     explaining.write(repo)

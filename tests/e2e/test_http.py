@@ -40,9 +40,9 @@ def endpoints(repository: Path, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repository(tmp_path_factory: pytest.TempPathFactory, write_examples) -> Path:
     repo = tmp_path_factory.mktemp("http_models")
-    zoo.write_examples(repo)
+    write_examples(repo)
     for name in MODELS:
         zoo.write_model(name, repo)
     config = yaml.safe_load((repo / "autoencoder" / "config.yaml").read_text())

@@ -35,9 +35,9 @@ EXAMPLES = ["digits_autoencoder", "digits_classifier"]  # models/build_examples.
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repository(tmp_path_factory: pytest.TempPathFactory, write_examples) -> Path:
     repo = tmp_path_factory.mktemp("tfs_models")
-    zoo.write_examples(repo)
+    write_examples(repo)
     for name in MODELS:
         zoo.write_model(name, repo)
     (repo / "autoencoder" / "2").mkdir()
