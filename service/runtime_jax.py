@@ -170,7 +170,9 @@ class JaxRuntime(Runtime):
             super().warm_up(source, outputs, masks)  # runs one batch: it must compute
             inputs, _ = self.specs(source)
             cost = source.row_cost if isinstance(source, Explanation) else 1
-            sizes = [s for s in self.ladder if s <= max(1, self.max_batch_size // cost)]
+            # An explanation's batch holds at most max_batch_size // row_cost rows.
+            most = rung(max(1, self.max_batch_size // cost), self.ladder)
+            sizes = [s for s in self.ladder if s <= most]
             # XLA compiles off the GIL: the sizes compile side by side.
             with ThreadPoolExecutor(max(1, min(len(sizes), available_cpus())),
                                     "compile") as pool:
@@ -191,7 +193,9 @@ class JaxRuntime(Runtime):
             self._explainer(source).compile(feeds, size, device, self._devices[device],
                                             self._values[device])
         else:
-            self._executable(cast(tuple[str, ...], source), outputs, feeds, size, device)
+            # Keyed as a request finds it: by the set of outputs, sorted.
+            self._executable(cast(tuple[str, ...], source), tuple(sorted(outputs)), feeds,
+                             size, device)
 
     # ---- compute --------------------------------------------------------------------------
 
@@ -222,6 +226,7 @@ class JaxRuntime(Runtime):
         assert isinstance(batch.source, Explanation)
         device = self._local.device
         explainer = self._explainer(batch.source)
+        _check_indices(batch.feeds, self._ranges)
         n = batch.rows
         size = rung(n, self.ladder)
         attribution = explainer(pad(batch.feeds, size), size, device,

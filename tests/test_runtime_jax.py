@@ -6,6 +6,10 @@ Runs with TAPSERVE_BACKEND=jax (tests/test_runtime.py is TensorFlow's counterpar
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,8 @@ from service.loading import build_keras_model, build_saved_model  # noqa: E402
 from service.repository import ModelSource  # noqa: E402
 from service.runtime_jax import JaxRuntime, ladder, rung  # noqa: E402
 from service.types import Batch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,7 @@ def test_the_ladder_is_powers_of_two_and_the_limit() -> None:
 def test_warm_up_compiles_the_ladder_and_no_batch_size_compiles_after(two_heads) -> None:
     model, graph = two_heads
     rt = JaxRuntime(graph, ["/CPU:0"], 1, max_batch_size=12)
-    rt.warm_up(("x",), ("label", "score"))
+    rt.warm_up(("x",), ("score", "label"))  # an endpoint's order: requests find it sorted
     compiled = rt.compiles
     assert compiled == len(ladder(12)) == 5  # 1, 2, 4, 8, 12
     for rows in range(1, 13):
@@ -168,3 +174,83 @@ def test_a_savedmodel_is_refused_naming_the_backend(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model 'sm' is a TensorFlow SavedModel: it serves "
                                           "with --backend tensorflow; this server runs jax"):
         build_saved_model(source, ["/CPU:0"], 1, backend="jax")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="building a StringLookup model needs TensorFlow")
+def test_a_server_on_jax_refuses_what_needs_tensorflow_and_serves_the_rest(
+        start_server, tmp_path: Path) -> None:
+    zoo.write_model("two_heads", tmp_path)
+    zoo.write_model("string_input", tmp_path)
+    (tmp_path / "sm" / "1").mkdir(parents=True)
+    (tmp_path / "sm" / "1" / "saved_model.pb").write_bytes(b"")
+    server = start_server(tmp_path, backend="jax", strict_readiness=False)
+    model = zoo.build_two_heads()
+    feeds = zoo.sample_inputs(model, batch=3)
+    np.testing.assert_allclose(server.infer("two_heads", feeds)["label"],
+                               reference(model, feeds)["label"], atol=1e-5)
+    index = {row[0]: row for row in server.server.registry.index()}
+    assert "--backend tensorflow; this server runs jax" in index["string_input"][-1]
+    assert "is a TensorFlow SavedModel: it serves with --backend tensorflow" in index["sm"][-1]
+
+
+TWO_DEVICES = """
+import asyncio, numpy as np, zoo
+from service import backends
+backends.select("jax")
+import jax
+from service.graph import TapGraph
+from service.runtime_jax import JaxRuntime
+from service.types import Batch
+assert len(jax.devices("cpu")) == 2
+model = zoo.build_two_heads()
+rt = JaxRuntime(TapGraph(model), ["/CPU:0", "/CPU:1"], 1, max_batch_size=4)
+rt.warm_up(("x",), ("label",))
+compiled = rt.compiles
+feeds = zoo.sample_inputs(model, batch=3)
+async def four():
+    batch = Batch(("x",), ("label",), feeds, None)
+    return await asyncio.gather(*(rt.run(batch) for _ in range(4)))
+for got, _ in asyncio.run(four()):
+    np.testing.assert_allclose(got["label"], np.asarray(model(feeds["x"])["label"]), atol=1e-5)
+assert sorted(v[0].devices().pop().id for v in rt._values.values()) == [0, 1]
+print(compiled, rt.compiles)
+"""
+
+
+def test_two_devices_each_hold_the_weights_and_their_own_executables() -> None:
+    """Two host devices stand in for two GPUs: each gets the weights once and the whole
+    ladder at warm-up, and batches on either compute the same."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == [str(2 * len(ladder(4)))] * 2  # no compile after
+
+
+def test_integrated_gradients_compile_the_sizes_their_batches_take() -> None:
+    """5 steps a row, max_batch_size 32: batches of up to 6 rows, padded to 8 at most."""
+    import explaining
+
+    from service.config import ExplainConfig
+    from service.explain import check
+
+    model = explaining.build()
+    graph = TapGraph(model)
+    explanation, _ = check(graph, "m", "ig", ExplainConfig(
+        explain="integrated_gradients", output="kind", input="image", steps=5))
+    rt = JaxRuntime(graph, ["/CPU:0"], 1, max_batch_size=32)
+    rt.warm_up(explanation, ("attribution",))
+    compiled = rt.compiles
+    assert compiled == 4  # 1, 2, 4, 8
+    feeds = {**explaining.inputs(6, seed=2), "target": np.full(6, -1, np.int64)}
+    got, _ = asyncio.run(rt.run(Batch(explanation, ("attribution",), feeds, None)))
+    assert rt.compiles == compiled
+    x, meta = feeds["image"], keras.ops.convert_to_tensor(feeds["meta"])
+    best = np.argmax(np.asarray(model({"image": x, "meta": feeds["meta"]})["kind"]), axis=-1)
+    total = sum(explaining.gradient_of(
+        lambda t: explaining._score(model({"image": t, "meta": meta})["kind"], best),
+        x * (k / 5)) for k in range(1, 6))
+    np.testing.assert_allclose(got["attribution"], x * total / 5, rtol=1e-4, atol=1e-6)
+    rt.close()
