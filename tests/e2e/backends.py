@@ -21,12 +21,11 @@ HAS_TFS_CLIENT = HAS_TF and importlib.util.find_spec("tensorflow_serving") is no
 # Deselected by the JAX run (`-m "not frontend_only"`): what these tests check does not depend
 # on the backend (transport, limits, security, drain, tracing, storage, docs, deploy).
 frontend_only = pytest.mark.frontend_only
-needs_tf = pytest.mark.skipif(not HAS_TF, reason="needs tensorflow in the test process")
 needs_tfs_client = pytest.mark.skipif(
     not HAS_TFS_CLIENT,
     reason="the stock TF Serving client (tensorflow-serving-api) needs tensorflow")
 # A SavedModel or a string lookup: the jax backend refuses them at load (tested where
-# the refusal is the point: test_serving, test_backends).
+# the refusal is the point: test_serving, test_cross_backend).
 tf_models = pytest.mark.skipif(
     BACKEND != "tensorflow" or not HAS_TF,
     reason="a TensorFlow-only model (SavedModel, string lookup): needs the tensorflow "
