@@ -148,11 +148,20 @@ class JaxExplainer:
         """Steps computed at once for a batch of `rows`: at most max_rows scaled rows."""
         return min(self.explanation.steps, max(1, self.max_rows // rows))
 
+    @staticmethod
+    def _key(feeds: Mapping[str, np.ndarray], rows: int, device: str) -> Any:
+        shapes = tuple((n, tuple(a.shape[1:]), a.dtype.str) for n, a in sorted(feeds.items()))
+        return rows, device, shapes
+
+    def compiled(self, feeds: Mapping[str, np.ndarray], rows: int, device: str) -> bool:
+        """Whether these feeds' shapes on `device` are compiled already."""
+        with self._lock:
+            return self._key(x32(feeds), rows, device) in self._compiled
+
     def compile(self, feeds: Mapping[str, np.ndarray], rows: int, device: str,
                 dev: jax.Device, values: list[jax.Array]) -> Any:
         """The executable for these feeds' shapes on `device`, compiled once and kept."""
-        shapes = tuple((n, tuple(a.shape[1:]), a.dtype.str) for n, a in sorted(feeds.items()))
-        key = (rows, device, shapes)
+        key = self._key(feeds, rows, device)
         with self._lock:
             fn = self._compiled.get(key)
         if fn is not None:

@@ -229,7 +229,10 @@ class JaxRuntime(Runtime):
         _check_indices(batch.feeds, self._ranges)
         n = batch.rows
         size = rung(n, self.ladder)
-        attribution = explainer(pad(batch.feeds, size), size, device,
+        feeds = pad(batch.feeds, size)
+        if not explainer.compiled(feeds, size, device) and not self._may_compile():
+            raise self._over_budget(feeds)
+        attribution = explainer(feeds, size, device,
                                 self._values[device], self._devices[device])[:n]
         result = {explainer.output: attribution}
         if batch.masks is not None:
@@ -273,11 +276,14 @@ class JaxRuntime(Runtime):
                         "of inputs %s at %d rows, which serves taps asked from now on",
                         self._trace_budget, TRACE_INTERVAL_S, list(inputs), size)
             return self._executable(inputs, full, feeds, size, device, pin=True)
-        shapes = ", ".join(f"{n} {list(s)}" for n, s, _ in key[2])
-        raise Overloaded(f"inputs of shapes {shapes} need a new compiled program, and this "
-                         f"model's budget of {self._trace_budget} compiles per "
-                         f"{TRACE_INTERVAL_S} s on the request path is spent: retry later, "
-                         "or send shapes already served")
+        raise self._over_budget(feeds)
+
+    def _over_budget(self, feeds: Arrays) -> Overloaded:
+        shapes = ", ".join(f"{n} {list(a.shape[1:])}" for n, a in sorted(feeds.items()))
+        return Overloaded(f"inputs of shapes {shapes} need a new compiled program, and this "
+                          f"model's budget of {self._trace_budget} compiles per "
+                          f"{TRACE_INTERVAL_S} s on the request path is spent: retry later, "
+                          "or send shapes already served")
 
     def _cached(self, key: ExecKey) -> Executable | None:
         with self._lock:
