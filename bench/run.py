@@ -50,7 +50,12 @@ from pathlib import Path
 
 import grpc
 import yaml
-from tritonclient.grpc import service_pb2
+
+try:
+    from tritonclient.grpc import service_pb2
+except ImportError:  # no tritonclient (scripts/device-check.sh): the same messages,
+    # generated in the project from the same proto
+    from service.protocol.generated import grpc_predict_v2_pb2 as service_pb2
 
 from service.settings import Settings, available_cpus, inter_op_threads, intra_op_threads
 
