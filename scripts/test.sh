@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # Set up everything the tests need (from nothing but Python 3.11, pip and gcc) and run
-# the whole suite: lint, then pytest.
+# the whole suite: lint, then pytest on the TensorFlow backend in .venv (which has JAX
+# too, for the cross-backend tests), then the suite's JAX part in .venv-jax, a venv
+# without TensorFlow. Arguments go to every pytest run (e.g. a test file, -k, -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh examples,test
+scripts/setup.sh tensorflow,jax,examples,test,test-tensorflow
+# What a JAX user installs, and nothing that brings TensorFlow (tests/test_packaging.py
+# checks the extras' metadata; this checks the venv itself).
+VENV=.venv-jax scripts/setup.sh jax,examples,test
+if .venv-jax/bin/python -c "import importlib.util as u, sys; sys.exit(not u.find_spec('tensorflow'))"
+then
+  echo "setup: .venv-jax has tensorflow: remove .venv-jax and run again" >&2
+  exit 1
+fi
 # Deploy linters live in their own venv: checkov's dependencies must not move our pins.
 if [ ! -x .venv-deploy/bin/checkov ]; then
   echo "setup: creating .venv-deploy for the manifest and Dockerfile linters"
@@ -36,3 +46,11 @@ echo "test: pytest (in-process)"
 .venv/bin/python -m pytest "$@"
 echo "test: pytest --e2e (tapserve serve + stock tritonclient)"
 .venv/bin/python -m pytest --e2e "$@"
+# The JAX part: every test that runs a model, on --backend jax without TensorFlow. Left
+# out: what is the same on every backend (the front doors: marker frontend_only; the
+# deploy linters, files only), run once above.
+echo "test: pytest on jax, no TensorFlow (.venv-jax, in-process)"
+TAPSERVE_BACKEND=jax .venv-jax/bin/python -m pytest --ignore=tests/deploy \
+  -m "not frontend_only" "$@"
+echo "test: pytest --e2e on jax, no TensorFlow (.venv-jax, tapserve serve --backend jax)"
+TAPSERVE_BACKEND=jax .venv-jax/bin/python -m pytest --e2e -m "not frontend_only" "$@"
