@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from service.config import ExplainConfig  # noqa: E402
 from service.explain import check  # noqa: E402
 from service.graph import TapGraph  # noqa: E402
-from service.runtime import KerasRuntime  # noqa: E402
+from service.runtime_tf import KerasRuntime  # noqa: E402
 from service.types import Batch  # noqa: E402
 
 

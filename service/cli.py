@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service import validation
+from service import backends, validation
+from service.backends import Backend
 from service.errors import TapserveError
 from service.settings import Settings
 
@@ -57,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         from service import logs
 
         logs.configure("text", "WARNING")  # quiets TensorFlow's start-up lines (service/logs)
-        from service.inspect import describe
-
         try:
-            print(describe(args.path))
+            backend: Backend = ("jax" if os.environ.get("TAPSERVE_BACKEND") == "jax"
+                                else "tensorflow")
+            backends.select(backend)
+            from service.inspect import describe
+
+            print(describe(args.path, backend))
         except TapserveError as exc:
             print(f"tapserve inspect: {exc}", file=sys.stderr)
             return 2
@@ -77,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     # Before the server's imports bring TensorFlow in: its C++ start-up lines must find
     # the log set-up in place (JSON mode relays them as JSON objects).
     logs.configure(settings.log_format, settings.log_level)
-    from service.server import run
-
     try:
+        backends.select(settings.backend)  # before anything imports keras
+        from service.server import run
+
         asyncio.run(run(settings))
     except (TapserveError, OSError) as exc:  # a missing repository, a port in use
         logging.getLogger("tapserve").error("cannot start: %s", exc)

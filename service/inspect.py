@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.backends import Backend, current
 from service.config import load_config
 from service.errors import ConfigError
 from service.loading import FORMATS, BuildOptions, find_model_file, model_source
@@ -53,11 +54,12 @@ def source_for_path(path: Path) -> ModelSource:
     raise ConfigError(f"{path} does not exist")
 
 
-def describe(path: Path) -> str:
-    """A human-readable report of the model at `path` (not warmed up, nothing served)."""
+def describe(path: Path, backend: Backend | None = None) -> str:
+    """A human-readable report of the model at `path` (not warmed up, nothing served), on
+    `backend` (default: the one keras runs on)."""
     source = source_for_path(path)
     fmt = FORMATS[source.format]
-    model = fmt.build(source, BuildOptions())
+    model = fmt.build(source, BuildOptions(backend=backend or current()))
     lines = [f"model {model.name} (version {model.version}, {source.format}: {source.path})"]
     for ep in model.endpoints.values():
         default = " (default)" if ep.name == model.default_endpoint else ""

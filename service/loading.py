@@ -17,6 +17,8 @@ from typing import Any
 import h5py
 import keras
 
+from service import backends
+from service.backends import Backend
 from service.batcher import BatchPolicy
 from service.config import ExplainConfig, ModelConfig
 from service.errors import ConfigError, NotFound
@@ -26,7 +28,7 @@ from service.graph import TapGraph
 from service.model import DEFAULT_ENDPOINT, Endpoint, LoadedModel
 from service.modelcode import forget_model_code, import_model_code
 from service.repository import ModelSource
-from service.runtime import KerasRuntime, SavedModelRuntime
+from service.runtime import Runtime
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ class Loader:
         s = self.settings
         options = BuildOptions(self.devices,
                                s.gpu_batches_in_flight if gpu else s.cpu_batches_in_flight,
-                               s.compiled_cache_size, policy.max_batch_size, s.allow_model_code)
+                               s.compiled_cache_size, policy.max_batch_size, s.allow_model_code,
+                               s.backend)
         model = FORMATS[source.format].build(source, options)
         try:
             model.warm_up(policy.shared_passes)
@@ -124,7 +127,8 @@ def _keras_endpoints(graph: TapGraph, config: ModelConfig
 
 def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_device: int,
                       cache_size: int, max_batch_size: int,
-                      allow_model_code: bool = False) -> LoadedModel:
+                      allow_model_code: bool = False,
+                      backend: Backend = "tensorflow") -> LoadedModel:
     """Load a .keras/.h5 model, check its config against the graph, define endpoints."""
     config = source.config
     custom_objects, modules = import_model_code(source, allow_model_code)
@@ -134,8 +138,9 @@ def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_d
             graph = TapGraph(model)
         except TypeError as exc:
             raise ConfigError(f"{source.path}: {exc}") from None
-        runtime = KerasRuntime(graph, devices, batches_per_device, cache_size,
-                               config.jit_compile, max_batch_size)
+        runtime = backends.keras_runtime(backend)(graph, devices, batches_per_device,
+                                                  cache_size, config.jit_compile,
+                                                  max_batch_size)
     except BaseException:
         forget_model_code(modules)
         raise
@@ -174,7 +179,7 @@ def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_d
                        {name: str(exc) for name, exc in refused.items()})
 
 
-def _explain_endpoint(graph: TapGraph, runtime: KerasRuntime, source: ModelSource, name: str,
+def _explain_endpoint(graph: TapGraph, runtime: Runtime, source: ModelSource, name: str,
                       config: ExplainConfig) -> Endpoint:
     """An explain endpoint: the model's inputs (and `target`) -> `attribution`."""
     explanation, attribution = check_explanation(
@@ -186,8 +191,9 @@ def _explain_endpoint(graph: TapGraph, runtime: KerasRuntime, source: ModelSourc
 
 
 def build_saved_model(source: ModelSource, devices: Sequence[str],
-                      batches_per_device: int) -> LoadedModel:
+                      batches_per_device: int, backend: Backend = "tensorflow") -> LoadedModel:
     """A SavedModel folder: each signature is an endpoint; it has no graph to tap."""
+    saved_model_runtime = backends.saved_model_runtime(backend, source.name)
     if any(isinstance(e, ExplainConfig) for e in source.config.endpoints.values()):
         raise ConfigError(f"model {source.name!r}: explain endpoints need the model's Keras "
                           "layer graph, which a SavedModel does not have; serve a .keras or "
@@ -195,8 +201,8 @@ def build_saved_model(source: ModelSource, devices: Sequence[str],
     if source.config.endpoints:
         raise ConfigError(f"model {source.name!r}: a SavedModel serves its signatures "
                           "as endpoints; config.yaml endpoints need a .keras or .h5 model")
-    runtime = SavedModelRuntime(source.path, devices, batches_per_device,
-                                source.config.allow_file_ops)
+    runtime = saved_model_runtime(source.path, devices, batches_per_device,
+                                  source.config.allow_file_ops)
     endpoints: dict[str, Endpoint] = {}
     for name in runtime.signatures:
         inputs, outputs = runtime.specs(name)
@@ -233,6 +239,7 @@ class BuildOptions:
     cache_size: int = 1
     max_batch_size: int = 1
     allow_model_code: bool = False
+    backend: Backend = "tensorflow"
 
 
 @dataclass(frozen=True)
@@ -248,11 +255,11 @@ class ModelFormat:
 
 def _keras(source: ModelSource, o: BuildOptions) -> LoadedModel:
     return build_keras_model(source, o.devices, o.batches_per_device, o.cache_size,
-                             o.max_batch_size, o.allow_model_code)
+                             o.max_batch_size, o.allow_model_code, o.backend)
 
 
 def _saved_model(source: ModelSource, o: BuildOptions) -> LoadedModel:
-    return build_saved_model(source, o.devices, o.batches_per_device)
+    return build_saved_model(source, o.devices, o.batches_per_device, o.backend)
 
 
 # Looked for in this order inside a version folder.

@@ -15,20 +15,21 @@ from typing import Any
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from service import tracing
+from service import backends, tracing
 from service.auth import Access, Tokens
 from service.dataplane import DataPlane
 from service.errors import InvalidInput, Unauthenticated
 from service.health import Health
 from service.loading import Loader
 from service.metrics import Metrics
+from service.protocol import reflection
 from service.protocol.call_limits import CallLimits
 from service.protocol.convert import client_names
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 from service.protocol.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.protocol.generated import tf_serving_apis_pb2 as tfs_pb
+from service.protocol.generated import tf_serving_apis_pb2_grpc as tfs_grpc
 from service.protocol.grpc_auth import BearerTokenInterceptor
 from service.protocol.http import build_app
 from service.protocol.http_connections import GuardedSite
@@ -40,7 +41,6 @@ from service.protocol.tfserving import PROTOCOL as TFS_GRPC
 from service.protocol.tfserving import ModelStatusServicer, PredictionServicer, endpoint_of
 from service.registry import POLL, ModelRegistry
 from service.repository import model_names
-from service.runtime import configure_tensorflow, gpu_memory_in_use
 from service.settings import Settings, inter_op_threads, intra_op_threads
 from service.storage import Mirror
 from service.tls import CertificateFiles, HttpTls, grpc_credentials
@@ -98,10 +98,14 @@ class TapServer:
         # A missing `tracing` extra refuses the start here, before any port or model.
         self.tracing = tracing.setup(settings.otlp_endpoint)
         self.metrics = Metrics()
-        self.devices = configure_tensorflow(
-            intra_op_threads(settings), inter_op_threads(settings), settings.gpu_memory_limit_mb)
+        backends.select(settings.backend)  # the CLI did already; a second server checks
+        self.devices = backends.configure(
+            settings.backend, intra_op_threads(settings), inter_op_threads(settings),
+            settings.gpu_memory_limit_mb)
+        gpu_memory_in_use = backends.gpu_memory_reader(settings.backend)
         for device in gpu_memory_in_use():
-            self.metrics.gpu_memory.labels(device).set_function(_gpu_memory_of(device))
+            self.metrics.gpu_memory.labels(device).set_function(
+                _gpu_memory_of(device, gpu_memory_in_use))
         # A bucket is served from a local mirror of it; a folder as it is.
         repository = settings.model_repository
         self.mirror = Mirror(repository, self.metrics) if isinstance(repository, str) else None
@@ -168,16 +172,16 @@ class TapServer:
                      ("grpc.so_reuseport", 0), *connection_options(s)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, s.max_stream_in_flight, self.tracing), self.server)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        tfs_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.dataplane, self.tracing), self.server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        tfs_grpc.add_ModelServiceServicer_to_server(
             ModelStatusServicer(self.dataplane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([
-            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-            "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME], self.server)
+        reflection.enable(self.server, [
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            tfs_pb.DESCRIPTOR.services_by_name["PredictionService"],
+            tfs_pb.DESCRIPTOR.services_by_name["ModelService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"]])
         self.grpc_port = self._bind(self.server, "gRPC", s.grpc_port,
                                     grpc_credentials(grpc_tls) if grpc_tls else None)
         if s.health_port:
@@ -352,9 +356,10 @@ class TapServer:
         log.info("stopped")
 
 
-def _gpu_memory_of(device: str) -> Callable[[], float]:
+def _gpu_memory_of(device: str,
+                   in_use: Callable[[], dict[str, int]]) -> Callable[[], float]:
     """The bytes of GPU memory `device` holds now, read when metrics are scraped."""
-    return lambda: gpu_memory_in_use().get(device, 0)
+    return lambda: in_use().get(device, 0)
 
 
 async def run(settings: Settings) -> None:

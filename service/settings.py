@@ -124,6 +124,10 @@ class Settings(BaseSettings):
         None, description="OpenTelemetry collector URL (OTLP over HTTP, e.g. "
         "http://localhost:4318): a trace span per inference request, joined to the caller's "
         "traceparent (unset: no tracing; needs tapserve[tracing]).")
+    backend: Literal["tensorflow", "jax"] = Field(
+        "tensorflow", description="The Keras backend models run on: tensorflow, or jax "
+        "(needs tapserve[jax]; refuses SavedModels and string models, see docs/backends.md). "
+        "Process-wide: Keras reads it at its first import.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Least severe log lines written.")
@@ -153,9 +157,10 @@ class Settings(BaseSettings):
         None, ge=0, description="TensorFlow inter-op threads (0: TensorFlow's default; unset: "
         "the CPUs this process may use less one, left to the gRPC front end).")
     gpu_memory_limit_mb: int | None = Field(
-        None, ge=1, description="Cap on the memory TensorFlow takes on each GPU.")
+        None, ge=1, description="Cap on the memory the backend takes on each GPU.")
     compiled_cache_size: int = Field(
-        64, ge=1, description="Compiled (inputs, outputs) functions kept per model.")
+        64, ge=1, description="Compiled (inputs, outputs) functions kept per model (on jax: "
+        "executables, one per batch size of the ladder; warm-up's are kept beside them).")
 
     @model_validator(mode="after")
     def _tls_files_together(self) -> Settings:

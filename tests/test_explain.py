@@ -300,7 +300,7 @@ def test_a_row_of_many_steps_is_computed_in_chunks(model: keras.Model, graph: Ta
                                                    ) -> None:
     """256 steps with max_batch_size 8: the runtime runs 32 chunks of 8 scaled rows (never
     256 at once) and sums them to the reference."""
-    from service.runtime import KerasRuntime
+    from service.runtime_tf import KerasRuntime
 
     explanation, _ = check(graph, "m", "ig", ExplainConfig(
         explain="integrated_gradients", output="kind", input="image", steps=256))

@@ -13,16 +13,12 @@ import tensorflow as tf
 import zoo
 from savedmodels import HOSTILE
 
-from service import runtime as runtime_module
+from service import runtime_tf as runtime_module
 from service.errors import ConfigError
 from service.graph import TapGraph
-from service.runtime import (
-    KerasRuntime,
-    Runtime,
-    SavedModelRuntime,
-    _pad_rows,
-    configure_tensorflow,
-)
+from service.runtime import Runtime
+from service.runtime import pad_rows as _pad_rows
+from service.runtime_tf import KerasRuntime, SavedModelRuntime, configure_tensorflow
 from service.savedmodel_ops import disallowed_ops
 from service.types import Batch
 

@@ -255,3 +255,41 @@ def test_http_readiness_names_the_model_that_does_not_serve(tokens: bool, tmp_pa
             assert "autoencoder" not in error and str(repo) not in error
     finally:
         server.stop(grace=1.0)
+
+
+def test_reflection_describes_every_service(server: RunningServer) -> None:
+    """What `grpcurl list` and `grpcurl describe` do: every service is listed, and the
+    files reflection sends for it (its own and all it imports) build its descriptors,
+    TF Serving's included (they live in a pool of their own, beside TensorFlow's)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+
+    def ask(**request: str) -> reflection_pb2.ServerReflectionResponse:
+        (answer,) = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=30)
+        return answer
+
+    listed = {s.name for s in ask(list_services="").list_services_response.service}
+    assert listed == {"inference.GRPCInferenceService", "tensorflow.serving.PredictionService",
+                      "tensorflow.serving.ModelService", "grpc.health.v1.Health",
+                      "grpc.reflection.v1alpha.ServerReflection"}
+    services = {}
+    for name in listed:
+        files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in ask(
+            file_containing_symbol=name).file_descriptor_response.file_descriptor_proto]
+        pool = descriptor_pool.DescriptorPool()
+        added: set[str] = set()
+        for _ in files:  # imports first, in whatever order they came
+            for file in files:
+                if file.name not in added and set(file.dependency) <= added:
+                    pool.Add(file)
+                    added.add(file.name)
+        assert added == {f.name for f in files}, f"{name}: an import is missing"
+        services[name] = pool.FindServiceByName(name)
+    predict = services["tensorflow.serving.PredictionService"].methods_by_name["Predict"]
+    tensor = predict.input_type.fields_by_name["inputs"].message_type.fields_by_name["value"]
+    assert tensor.message_type.fields_by_name["tensor_content"].number == 4
+    status = services["tensorflow.serving.ModelService"].methods_by_name["GetModelStatus"]
+    assert status.output_type.full_name == "tensorflow.serving.GetModelStatusResponse"
+    assert "ModelInfer" in services["inference.GRPCInferenceService"].methods_by_name

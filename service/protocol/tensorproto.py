@@ -1,5 +1,7 @@
 """Pure conversions between TensorFlow's TensorProto (TF Serving's tensors) and numpy.
 
+The messages are generated from protos/tf_framework.proto (no TensorFlow needed).
+
 Both of TensorProto's encodings are read: `tensor_content` (raw little-endian bytes, what
 `tf.make_tensor_proto` writes for numbers) and the typed `*_val` fields. Answers use
 `tensor_content` for numbers (one copy, no per-element boxing) and `string_val` for bytes.
@@ -10,28 +12,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
 from service.errors import InvalidInput, clip
 from service.protocol.datatypes import check_declared, element_count
+from service.protocol.generated import tf_framework_pb2 as framework_pb2
 from service.protocol.repeated import to_array
 from service.types import STRING, TensorSpec
 
 # numpy dtype name (or "string") -> (DataType, the typed field that can hold it)
-_TYPES: dict[str, tuple[int, str]] = {
-    "float16": (types_pb2.DT_HALF, "half_val"),
-    "float32": (types_pb2.DT_FLOAT, "float_val"),
-    "float64": (types_pb2.DT_DOUBLE, "double_val"),
-    "int8": (types_pb2.DT_INT8, "int_val"),
-    "int16": (types_pb2.DT_INT16, "int_val"),
-    "int32": (types_pb2.DT_INT32, "int_val"),
-    "int64": (types_pb2.DT_INT64, "int64_val"),
-    "uint8": (types_pb2.DT_UINT8, "int_val"),
-    "uint16": (types_pb2.DT_UINT16, "int_val"),
-    "uint32": (types_pb2.DT_UINT32, "uint32_val"),
-    "uint64": (types_pb2.DT_UINT64, "uint64_val"),
-    "bool": (types_pb2.DT_BOOL, "bool_val"),
-    STRING: (types_pb2.DT_STRING, "string_val"),
+_TYPES: dict[str, tuple[framework_pb2.DataType, str]] = {
+    "float16": (framework_pb2.DT_HALF, "half_val"),
+    "float32": (framework_pb2.DT_FLOAT, "float_val"),
+    "float64": (framework_pb2.DT_DOUBLE, "double_val"),
+    "int8": (framework_pb2.DT_INT8, "int_val"),
+    "int16": (framework_pb2.DT_INT16, "int_val"),
+    "int32": (framework_pb2.DT_INT32, "int_val"),
+    "int64": (framework_pb2.DT_INT64, "int64_val"),
+    "uint8": (framework_pb2.DT_UINT8, "int_val"),
+    "uint16": (framework_pb2.DT_UINT16, "int_val"),
+    "uint32": (framework_pb2.DT_UINT32, "uint32_val"),
+    "uint64": (framework_pb2.DT_UINT64, "uint64_val"),
+    "bool": (framework_pb2.DT_BOOL, "bool_val"),
+    STRING: (framework_pb2.DT_STRING, "string_val"),
 }
 _NAMES = {enum: name for name, (enum, _) in _TYPES.items()}
 # What a typed field holds, where narrower types travel in it (checked for range).
@@ -39,23 +41,24 @@ _HELD = {"int_val": np.dtype(np.int64), "uint32_val": np.dtype(np.uint64),
          "half_val": np.dtype(np.int64)}
 
 
-def data_type(dtype: str) -> int:
+def data_type(dtype: str) -> framework_pb2.DataType:
     """The DataType enum of an internal dtype name."""
     return _TYPES[dtype][0]
 
 
 def dtype_name(enum: int) -> str:
     """DT_FLOAT -> "DT_FLOAT", for messages."""
-    return types_pb2.DataType.Name(enum) if enum in types_pb2.DataType.values() else str(enum)
+    known = enum in framework_pb2.DataType.values()
+    return framework_pb2.DataType.Name(enum) if known else str(enum)
 
 
-def shape_proto(shape: tuple[int | None, ...]) -> tensor_shape_pb2.TensorShapeProto:
+def shape_proto(shape: tuple[int | None, ...]) -> framework_pb2.TensorShapeProto:
     """A shape with unknown dimensions as -1."""
-    return tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=-1 if d is None else d) for d in shape])
+    return framework_pb2.TensorShapeProto(
+        dim=[framework_pb2.TensorShapeProto.Dim(size=-1 if d is None else d) for d in shape])
 
 
-def to_numpy(name: str, proto: tensor_pb2.TensorProto,
+def to_numpy(name: str, proto: framework_pb2.TensorProto,
              specs: Mapping[str, TensorSpec] | None = None, max_rows: int | None = None
              ) -> np.ndarray:
     """One request tensor as numpy; InvalidInput says what does not add up. With `specs`
@@ -112,11 +115,11 @@ def _check_range(name: str, enum: int, held: np.ndarray, dtype: np.dtype) -> Non
                                f"{dtype_name(enum)} [{info.min}, {info.max}]")
 
 
-def from_numpy(array: np.ndarray) -> tensor_pb2.TensorProto:
+def from_numpy(array: np.ndarray) -> framework_pb2.TensorProto:
     """An output as a TensorProto: tensor_content for numbers, string_val for bytes."""
     array = np.asarray(array)
     internal = STRING if array.dtype == object else array.dtype.name
-    proto = tensor_pb2.TensorProto(dtype=data_type(internal),
+    proto = framework_pb2.TensorProto(dtype=data_type(internal),
                                    tensor_shape=shape_proto(array.shape))
     if internal == STRING:
         proto.string_val.extend(v.encode() if isinstance(v, str) else bytes(v)

@@ -1,6 +1,7 @@
 """TensorFlow Serving's gRPC API: PredictionService and ModelService, over the data plane.
 
-Convert, call the data plane, convert back. `model_spec.signature_name` names an endpoint
+Convert, call the data plane, convert back. The messages are generated from
+protos/tf_serving_apis.proto (no TensorFlow needed). `model_spec.signature_name` names an endpoint
 ("" or "serving_default": the default one); `output_filter` names outputs or taps.
 """
 
@@ -8,20 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from google.protobuf import wrappers_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_pb2,
-    predict_pb2,
-    status_pb2,
-)
-from tensorflow_serving.apis.model_service_pb2_grpc import ModelServiceServicer
-from tensorflow_serving.apis.prediction_service_pb2_grpc import PredictionServiceServicer
-
 from service.errors import InvalidInput, NotFound, Unsupported, clip
 from service.protocol import convert
+from service.protocol.generated import tf_error_codes_pb2 as codes_pb2
+from service.protocol.generated import tf_framework_pb2 as framework_pb2
+from service.protocol.generated import tf_serving_apis_pb2 as apis_pb2
+from service.protocol.generated.tf_serving_apis_pb2_grpc import (
+    ModelServiceServicer,
+    PredictionServiceServicer,
+)
 from service.protocol.kserve import Context, deadline_of, decoded
 from service.protocol.tensorproto import data_type, from_numpy, shape_proto, to_numpy
 from service.tracing import NO_TRACING, RequestTrace, Tracing
@@ -33,14 +29,14 @@ PROTOCOL = "tfserving_grpc"
 PROTOCOL_REST = "tfserving_http"
 
 _STATES = {  # the registry's states as TF Serving's ModelVersionStatus.State
-    "READY": get_model_status_pb2.ModelVersionStatus.AVAILABLE,
-    "LOADING": get_model_status_pb2.ModelVersionStatus.LOADING,
-    "UNLOADING": get_model_status_pb2.ModelVersionStatus.UNLOADING,
-    "UNAVAILABLE": get_model_status_pb2.ModelVersionStatus.END,
+    "READY": apis_pb2.ModelVersionStatus.AVAILABLE,
+    "LOADING": apis_pb2.ModelVersionStatus.LOADING,
+    "UNLOADING": apis_pb2.ModelVersionStatus.UNLOADING,
+    "UNAVAILABLE": apis_pb2.ModelVersionStatus.END,
 }
 
 
-def model_and_version(spec: model_pb2.ModelSpec) -> tuple[str, str | None]:
+def model_and_version(spec: apis_pb2.ModelSpec) -> tuple[str, str | None]:
     """The model name and the version (number or label) a ModelSpec asks for."""
     model, endpoint = convert.parse_model_name(spec.name)
     if endpoint is not None:
@@ -55,7 +51,7 @@ def endpoint_of(signature_name: str) -> str | None:
     return None if signature_name in ("", DEFAULT_SIGNATURE) else signature_name
 
 
-def predict_target(msg: predict_pb2.PredictRequest) -> tuple[str, str | None, str | None]:
+def predict_target(msg: apis_pb2.PredictRequest) -> tuple[str, str | None, str | None]:
     """The (model, endpoint, version) a PredictRequest asks for; raises NotFound."""
     model, version = model_and_version(msg.model_spec)
     endpoint = endpoint_of(msg.model_spec.signature_name)
@@ -64,7 +60,7 @@ def predict_target(msg: predict_pb2.PredictRequest) -> tuple[str, str | None, st
     return model, endpoint, version
 
 
-def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = None,
+def decode_predict(msg: apis_pb2.PredictRequest, deadline: float | None = None,
                    specs: Mapping[str, TensorSpec] | None = None,
                    max_rows: int | None = None) -> InferRequest:
     """A PredictRequest as an InferRequest; with `specs` (the endpoint's inputs by name)
@@ -80,11 +76,11 @@ def decode_predict(msg: predict_pb2.PredictRequest, deadline: float | None = Non
     return InferRequest(model, inputs, endpoint, version, outputs, deadline=deadline)
 
 
-def signature_def(meta: EndpointMetadata) -> meta_graph_pb2.SignatureDef:
-    def info(spec: TensorSpec) -> meta_graph_pb2.TensorInfo:
-        return meta_graph_pb2.TensorInfo(name=spec.name, dtype=data_type(spec.dtype),
+def signature_def(meta: EndpointMetadata) -> framework_pb2.SignatureDef:
+    def info(spec: TensorSpec) -> framework_pb2.TensorInfo:
+        return framework_pb2.TensorInfo(name=spec.name, dtype=data_type(spec.dtype),
                                          tensor_shape=shape_proto(spec.shape))
-    return meta_graph_pb2.SignatureDef(
+    return framework_pb2.SignatureDef(
         inputs={s.name: info(s) for s in meta.inputs},
         outputs={s.name: info(s) for s in meta.outputs}, method_name=PREDICT_METHOD)
 
@@ -96,14 +92,14 @@ class PredictionServicer(PredictionServiceServicer):
         self._dataplane = dataplane
         self._tracing = tracing
 
-    async def Predict(self, request: predict_pb2.PredictRequest,
-                      context: Context) -> predict_pb2.PredictResponse:
+    async def Predict(self, request: apis_pb2.PredictRequest,
+                      context: Context) -> apis_pb2.PredictResponse:
         with self._tracing.request(PROTOCOL, request.model_spec.name, context) as trace:
             return await self._predict(request, context, trace)
 
-    async def _predict(self, request: predict_pb2.PredictRequest,
+    async def _predict(self, request: apis_pb2.PredictRequest,
                        context: Context, trace: RequestTrace
-                       ) -> predict_pb2.PredictResponse:
+                       ) -> apis_pb2.PredictResponse:
         names = request.model_spec
         with self._dataplane.call(PROTOCOL, names.name, endpoint_of(names.signature_name)
                                   ) as call:
@@ -115,16 +111,17 @@ class PredictionServicer(PredictionServiceServicer):
                     [d.size for d in t.tensor_shape.dim] for t in request.inputs.values()))
             response = await call.infer(infer_request)
             trace.answered(response)
-        spec = model_pb2.ModelSpec(
-            name=response.model, version=wrappers_pb2.Int64Value(value=response.version),
+        # version as a dict: the field takes tf_pool's Int64Value, not wrappers_pb2's.
+        spec = apis_pb2.ModelSpec(
+            name=response.model, version={"value": response.version},
             signature_name=request.model_spec.signature_name or DEFAULT_SIGNATURE)
-        return predict_pb2.PredictResponse(model_spec=spec, outputs={
+        return apis_pb2.PredictResponse(model_spec=spec, outputs={
             name: from_numpy(array) for name, array in response.outputs.items()})
 
     async def GetModelMetadata(
-        self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+        self, request: apis_pb2.GetModelMetadataRequest,
         context: Context,
-    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    ) -> apis_pb2.GetModelMetadataResponse:
         unsupported = [f for f in request.metadata_field if f != "signature_def"]
         if unsupported or not request.metadata_field:
             raise InvalidInput(f"metadata_field must be ['signature_def'], got "
@@ -133,11 +130,10 @@ class PredictionServicer(PredictionServiceServicer):
         number, default, endpoints = self._dataplane.model_endpoints(model, version)
         signatures = {meta.endpoint: signature_def(meta) for meta in endpoints}
         signatures[DEFAULT_SIGNATURE] = signatures[default]
-        response = get_model_metadata_pb2.GetModelMetadataResponse(
-            model_spec=model_pb2.ModelSpec(name=model,
-                                           version=wrappers_pb2.Int64Value(value=number)))
+        response = apis_pb2.GetModelMetadataResponse(
+            model_spec=apis_pb2.ModelSpec(name=model, version={"value": number}))
         response.metadata["signature_def"].Pack(
-            get_model_metadata_pb2.SignatureDefMap(signature_def=signatures))
+            apis_pb2.SignatureDefMap(signature_def=signatures))
         return response
 
     async def Classify(self, request: object, context: Context) -> None:
@@ -159,13 +155,13 @@ class ModelStatusServicer(ModelServiceServicer):
         self._dataplane = dataplane
 
     async def GetModelStatus(
-        self, request: get_model_status_pb2.GetModelStatusRequest,
+        self, request: apis_pb2.GetModelStatusRequest,
         context: Context,
-    ) -> get_model_status_pb2.GetModelStatusResponse:
+    ) -> apis_pb2.GetModelStatusResponse:
         model, version = model_and_version(request.model_spec)
         statuses = self._dataplane.model_status(model, version)
-        return get_model_status_pb2.GetModelStatusResponse(model_version_status=[
-            get_model_status_pb2.ModelVersionStatus(
+        return apis_pb2.GetModelStatusResponse(model_version_status=[
+            apis_pb2.ModelVersionStatus(
                 version=number, state=_STATES[state],
                 status=_status(reason if state != "READY" else ""))
             for number, state, reason in statuses])
@@ -176,6 +172,6 @@ class ModelStatusServicer(ModelServiceServicer):
                           "repository (--model-control-mode poll) or the repository API")
 
 
-def _status(reason: str) -> status_pb2.StatusProto:
-    # error_code 0 is OK; 2 is tensorflow.error.Code UNKNOWN.
-    return status_pb2.StatusProto(error_code=2 if reason else 0, error_message=reason)
+def _status(reason: str) -> apis_pb2.StatusProto:
+    return apis_pb2.StatusProto(error_code=codes_pb2.UNKNOWN if reason else codes_pb2.OK,
+                                error_message=reason)

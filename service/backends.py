@@ -1,0 +1,104 @@
+"""The Keras backend a server runs on (--backend), picked once per process.
+
+Keras reads KERAS_BACKEND at its first import, so `select` runs before anything imports
+keras. The backends' modules are imported here lazily, on first use: a server on jax never
+imports tensorflow, and one on tensorflow never imports jax.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+from service.errors import ConfigError
+
+if TYPE_CHECKING:
+    from service.runtime import Runtime
+    from service.runtime_tf import SavedModelRuntime
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["tensorflow", "jax"]
+PACKAGE = {"tensorflow": "tensorflow", "jax": "jax"}
+
+
+def select(backend: Backend) -> None:
+    """Make `backend` the process's Keras backend; ConfigError if its package is missing or
+    keras already runs on another one (a second server in one process)."""
+    package = PACKAGE[backend]
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"the {backend} backend needs {package}: "
+                          f"pip install 'tapserve[{backend}]'")
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        current = keras.backend.backend()
+        if current != backend:
+            raise ConfigError(
+                f"keras is already imported on the {current} backend in this process, and "
+                f"picks its backend once, at import: a server on {backend} needs a process of "
+                f"its own (or set KERAS_BACKEND={backend} before keras is imported)")
+        return
+    os.environ["KERAS_BACKEND"] = backend
+    if backend == "jax":  # memory grows as needed, as TensorFlow's memory growth does
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def current() -> Backend:
+    """The backend keras runs on (importing keras if nothing has yet)."""
+    import keras
+
+    name = keras.backend.backend()
+    if name not in PACKAGE:
+        raise ConfigError(f"keras runs on the {name} backend; tapserve serves on "
+                          f"{' or '.join(PACKAGE)} (KERAS_BACKEND)")
+    return "jax" if name == "jax" else "tensorflow"
+
+
+def configure(backend: Backend, intra_op_threads: int, inter_op_threads: int,
+              gpu_memory_limit_mb: int | None) -> list[str]:
+    """Set the backend's process-wide options (once, before any op runs); its devices."""
+    import keras
+
+    log.info("backend: %s (keras %s)", backend, keras.__version__)
+    if backend == "jax":
+        from service.runtime_jax import configure_jax
+
+        return configure_jax(gpu_memory_limit_mb)
+    from service.runtime_tf import configure_tensorflow
+
+    return configure_tensorflow(intra_op_threads, inter_op_threads, gpu_memory_limit_mb)
+
+
+def gpu_memory_reader(backend: Backend) -> Callable[[], dict[str, int]]:
+    """The function that reads the bytes the backend holds on each GPU."""
+    if backend == "jax":
+        from service.runtime_jax import gpu_memory_in_use
+    else:
+        from service.runtime_tf import gpu_memory_in_use
+    return gpu_memory_in_use
+
+
+def keras_runtime(backend: Backend) -> Callable[..., Runtime]:
+    """The runtime class that runs a Keras model's graph on `backend`."""
+    if backend == "jax":
+        from service.runtime_jax import JaxRuntime
+
+        return JaxRuntime
+    from service.runtime_tf import KerasRuntime
+
+    return KerasRuntime
+
+
+def saved_model_runtime(backend: Backend, name: str) -> type[SavedModelRuntime]:
+    """The SavedModel runtime (TensorFlow only): on jax, ConfigError naming the backend."""
+    if backend == "jax":
+        raise ConfigError(f"model {name!r} is a TensorFlow SavedModel: it serves with "
+                          "--backend tensorflow; this server runs jax",
+                          category="refused: it needs the tensorflow backend")
+    from service.runtime_tf import SavedModelRuntime
+
+    return SavedModelRuntime
