@@ -142,3 +142,20 @@ def test_every_dependency_of_the_real_project_is_pinned() -> None:
     names = {WHEELHOUSE.normalize(r.split("=")[0].split("[")[0]) for r in wanted}
     assert "keras" in names and not any(n.startswith("tensorflow") for n in names)
     assert names <= set(pins)
+
+
+# scripts/device_check.py: the device's own packages against what the wheels ask.
+DEVICE_CHECK = zoo.import_script(SCRIPTS / "device_check.py", "device_check")
+
+
+def test_the_device_check_refuses_packages_the_wheels_cannot_use(tmp_path: Path) -> None:
+    requirements = tmp_path / "device-requirements.txt"
+    requirements.write_text("# a comment\ngrpcio>=1.0\nprotobuf<99,>=3\nnumpy\n")
+    DEVICE_CHECK.check_requirements(requirements)  # this venv has all three
+    requirements.write_text("grpcio>=99\n")
+    with pytest.raises(DEVICE_CHECK.CheckFailed, match=r"has grpcio \S+; the wheels need "
+                       r"grpcio>=99"):
+        DEVICE_CHECK.check_requirements(requirements)
+    requirements.write_text("no-such-package-here\n")
+    with pytest.raises(DEVICE_CHECK.CheckFailed, match="lacks no-such-package-here"):
+        DEVICE_CHECK.check_requirements(requirements)
