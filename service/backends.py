@@ -15,8 +15,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from service.errors import ConfigError
+from service.types import STRING
 
 if TYPE_CHECKING:
+    from service.graph import TapGraph
     from service.runtime import Runtime
     from service.runtime_tf import SavedModelRuntime
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["tensorflow", "jax"]
 PACKAGE = {"tensorflow": "tensorflow", "jax": "jax"}
+# Keras layers that run only on TensorFlow (tf.lookup tables, string ops): refused on jax.
+TENSORFLOW_ONLY = ("StringLookup", "IntegerLookup", "TextVectorization", "Hashing")
 
 
 def select(backend: Backend) -> None:
@@ -91,6 +95,34 @@ def keras_runtime(backend: Backend) -> Callable[..., Runtime]:
     from service.runtime_tf import KerasRuntime
 
     return KerasRuntime
+
+
+def refuse_load_failure(path: object, exc: Exception) -> ConfigError | None:
+    """On jax, the refusal naming the backend for a model whose file keras cannot load
+    because it holds TensorFlow-only layers (without TensorFlow installed); else None."""
+    keras = sys.modules.get("keras")
+    if keras is None or keras.backend.backend() != "jax":
+        return None
+    text = str(exc)
+    layers = [name for name in TENSORFLOW_ONLY if name in text]
+    if not layers and "tensorflow" not in text.lower():
+        return None
+    what = f"TensorFlow-only layers ({', '.join(layers)})" if layers else "TensorFlow"
+    return ConfigError(f"{path}: the model needs {what}: it serves with --backend tensorflow; "
+                       "this server runs jax", category="refused: it needs the tensorflow backend")
+
+
+def refuse_tensorflow_only(graph: TapGraph, name: str) -> None:
+    """ConfigError naming the backend model `name` needs, if it has string tensors or
+    layers that run only on TensorFlow: JAX has no string tensors."""
+    layers = sorted({t.layer for t in graph.taps.values() if t.layer in TENSORFLOW_ONLY})
+    strings = sorted(n for n, t in graph.taps.items() if t.dtype == STRING)
+    if layers or strings:
+        what = (f"TensorFlow-only layers ({', '.join(layers)})" if layers
+                else f"string tensors ({', '.join(strings[:5])})")
+        raise ConfigError(f"model {name!r} has {what}: it serves with --backend tensorflow; "
+                          "this server runs jax, which has no string tensors",
+                          category="refused: it needs the tensorflow backend")
 
 
 def saved_model_runtime(backend: Backend, name: str) -> type[SavedModelRuntime]:

@@ -112,9 +112,11 @@ def load_keras(path: Path, fmt: str, allow_lambda: bool,
     except ValueError as exc:
         if "Lambda" in str(exc) and "safe_mode" in str(exc):
             raise lambda_refused from None
-        raise ConfigError(f"{path}: cannot load model: {exc}") from exc
+        raise backends.refuse_load_failure(path, exc) or ConfigError(
+            f"{path}: cannot load model: {exc}") from exc
     except Exception as exc:
-        raise ConfigError(f"{path}: cannot load model: {exc}") from exc
+        raise backends.refuse_load_failure(path, exc) or ConfigError(
+            f"{path}: cannot load model: {exc}") from exc
 
 
 def _keras_endpoints(graph: TapGraph, config: ModelConfig
@@ -138,6 +140,8 @@ def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_d
             graph = TapGraph(model)
         except TypeError as exc:
             raise ConfigError(f"{source.path}: {exc}") from None
+        if backend == "jax":
+            backends.refuse_tensorflow_only(graph, source.name)
         runtime = backends.keras_runtime(backend)(graph, devices, batches_per_device,
                                                   cache_size, config.jit_compile,
                                                   max_batch_size)

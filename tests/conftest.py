@@ -15,6 +15,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite's backend, as the server's: TAPSERVE_BACKEND (default tensorflow). Keras reads
+# KERAS_BACKEND at its first import, which comes after this file; e2e servers inherit it.
+BACKEND = os.environ.get("TAPSERVE_BACKEND", "tensorflow")
+os.environ["KERAS_BACKEND"] = BACKEND
+if BACKEND == "jax":  # as service.backends.select does for the server
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 E2E = Path(__file__).parent / "e2e"
 

@@ -1,6 +1,7 @@
-"""A conv classifier with two heads and the explanations of it computed here, with
-tf.GradientTape on the Keras model itself: what every explain endpoint must answer
-(tests/test_explain.py in-process, tests/e2e/test_explain.py through the stock clients)."""
+"""A conv classifier with two heads and the explanations of it computed here, with the
+backend's own gradients (tf.GradientTape or jax.grad) on the Keras model itself: what every
+explain endpoint must answer (tests/test_explain.py in-process, tests/e2e/test_explain.py
+through the stock clients)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 import yaml
 
 MODEL = "cnn"
@@ -67,42 +67,65 @@ def inputs(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
             "meta": rng.random((rows, 3), dtype=np.float32)}
 
 
-def _score(scores: tf.Tensor, target: np.ndarray | None, fixed: np.ndarray | None = None
-           ) -> tf.Tensor:
-    """The sum over rows of each row's target score (its argmax, or `fixed`, if none)."""
-    if target is None:
-        target = fixed if fixed is not None else np.argmax(scores.numpy(), axis=-1)
-    return tf.reduce_sum(tf.gather(scores, np.asarray(target, np.int64), batch_dims=1))
+def _grad(fn: Any, x: np.ndarray) -> np.ndarray:
+    """The gradient of fn (a tensor to a scalar) at x, by the backend keras runs on."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return np.asarray(jax.grad(fn)(x))
+    import tensorflow as tf
+
+    t = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(t)
+        score = fn(t)
+    return np.asarray(tape.gradient(score, t))
+
+
+def _score(scores: Any, target: np.ndarray) -> Any:
+    """The sum over rows of each row's target score."""
+    index = np.asarray(target, np.int32)[:, None]
+    return keras.ops.sum(keras.ops.take_along_axis(scores, index, axis=1))
+
+
+# The layers after each Grad-CAM layer, in order (build()'s graph): what maps its output
+# (with `meta`) to the heads, called layer by layer, apart from the server's graph code.
+_AFTER = {"conv1": ["conv2", "flat"], "conv2": ["flat"]}
 
 
 def reference(model: keras.Model, endpoint: str, feeds: dict[str, np.ndarray],
               target: np.ndarray | None = None) -> np.ndarray:
-    """What `endpoint` must answer, computed from its definition with tf.GradientTape."""
+    """What `endpoint` must answer, computed from its definition with the backend's
+    gradients on the Keras model."""
     spec = ENDPOINTS[endpoint]
     head = spec["output"]
+    argmax = np.argmax(np.asarray(model(feeds)[head]), axis=-1)  # of the input itself
+    chosen = argmax if target is None else target
     if spec["explain"] == "gradcam":
-        cut = keras.Model(model.inputs, [model.get_layer(spec["layer"]).output,
-                                         model.get_layer(head).output])
-        with tf.GradientTape() as tape:
-            a, scores = cut(feeds)
-            score = _score(scores, target)
-        g = tape.gradient(score, a).numpy()
-        weights = g.mean(axis=(1, 2), keepdims=True)
-        return np.maximum((weights * a.numpy()).sum(axis=-1), 0)
+        layer = spec["layer"]
+        cut = keras.Model(model.inputs, model.get_layer(layer).output)
+        a = np.asarray(cut(feeds))
 
-    def gradient(x: np.ndarray, fixed: np.ndarray | None = None) -> np.ndarray:
-        x = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            score = _score(model({"meta": tf.constant(feeds["meta"]), "image": x})[head],
-                           target, fixed)
-        return tape.gradient(score, x).numpy()
+        def back(a: Any) -> Any:
+            h = a
+            for name in _AFTER[layer]:
+                h = model.get_layer(name)(h)
+            meta = keras.ops.convert_to_tensor(feeds["meta"])
+            h = model.get_layer("dense")(model.get_layer("join")([h, meta]))
+            return _score(model.get_layer(head)(h), chosen)
+
+        g = _grad(back, a)
+        weights = g.mean(axis=(1, 2), keepdims=True)
+        return np.maximum((weights * a).sum(axis=-1), 0)
+
+    def gradient(x: np.ndarray) -> np.ndarray:
+        meta = keras.ops.convert_to_tensor(feeds["meta"])  # with a tensor: not mixed
+        return _grad(lambda t: _score(model({"meta": meta, "image": t})[head], chosen), x)
 
     if spec["explain"] == "gradient":
         return gradient(feeds["image"])
     steps = spec["steps"]
-    argmax = np.argmax(model(feeds)[head].numpy(), axis=-1)  # of the input, not its copies
-    total = sum(gradient(feeds["image"] * (k / steps), argmax) for k in range(1, steps + 1))
+    total = sum(gradient(feeds["image"] * (k / steps)) for k in range(1, steps + 1))
     return feeds["image"] * total / steps
 
 

@@ -1,5 +1,6 @@
 """Explain endpoints (SPEC "Explanations") on a real in-process server: every kind, with
-and without `target`, equal to tf.GradientTape on the Keras model (tests/explaining.py);
+and without `target`, equal to the backend's own gradients on the Keras model
+(tests/explaining.py);
 the checks at load; integrated gradients' rows counted as `steps` rows; metadata and
 metrics. The explanations go through the runtime's interface (`Runtime._explain`), so a
 backend parametrization of the runtime picks these up."""
@@ -15,8 +16,8 @@ import grpc
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 import yaml
+from backend import BACKEND, needs_tensorflow
 from harness import RunningServer
 
 from service.batcher import Batcher, BatchPolicy
@@ -53,7 +54,7 @@ def other_targets(model: keras.Model, endpoint: str, feeds: dict[str, np.ndarray
                   ) -> np.ndarray:
     """A class per row that is not its argmax, so a target that were ignored shows."""
     head = explaining.ENDPOINTS[endpoint]["output"]
-    argmax = np.argmax(model(feeds)[head].numpy(), axis=-1)
+    argmax = np.argmax(np.asarray(model(feeds)[head]), axis=-1)
     return (argmax + 1) % explaining.CLASSES[head]
 
 
@@ -257,7 +258,10 @@ def test_config_yaml_checks_each_explain_entry(tmp_path: Path, entry: dict,
     assert message in str(caught.value)
 
 
+@needs_tensorflow
 def test_a_savedmodel_refuses_explain_endpoints(tmp_path: Path) -> None:
+    import tensorflow as tf
+
     x = keras.Input((3,), name="x")
     model = keras.Model(x, keras.layers.Dense(2, name="y")(x))
     tf.saved_model.save(model, str(tmp_path / "1"))
@@ -296,10 +300,13 @@ async def test_a_weighted_row_counts_as_weight_rows_in_batches() -> None:
     await batcher.close(1)
 
 
+@needs_tensorflow  # on jax: tests/test_runtime_jax.py
 def test_a_row_of_many_steps_is_computed_in_chunks(model: keras.Model, graph: TapGraph
                                                    ) -> None:
     """256 steps with max_batch_size 8: the runtime runs 32 chunks of 8 scaled rows (never
     256 at once) and sums them to the reference."""
+    import tensorflow as tf
+
     from service.runtime_tf import KerasRuntime
 
     explanation, _ = check(graph, "m", "ig", ExplainConfig(
@@ -352,7 +359,8 @@ def test_an_output_with_no_gradient_is_refused_at_warm_up_and_the_others_serve(
         "why_scores": {"explain": "gradient", "output": "scores"}}}))
     config = load_config(tmp_path / "m" / "config.yaml")
     model = build_keras_model(ModelSource("m", 1, tmp_path / "m" / "1" / "model.keras",
-                                          "keras", config), ["/CPU:0"], 1, 8, 8)
+                                          "keras", config), ["/CPU:0"], 1, 8, 8,
+                              backend=BACKEND)
     model.warm_up(True)
     assert set(model.endpoints) == {"predict", "why_scores"}
     assert "has no gradient with respect to 'x'" in model.refused["why"]
