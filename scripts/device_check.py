@@ -182,14 +182,15 @@ class Check:
         self.device_server = self.serve("device", self.env)
         self.device_server.wait_ready(timeout=200)
         text = self.device_server.log_path.read_text(errors="replace")
-        lines = [line for line in text.splitlines() if "devices:" in line or "backend:" in line]
-        if not lines:
+        for line in text.splitlines():  # the backend, its devices, the compiled ladders
+            if any(w in line for w in ("backend:", "devices:", "compiled")):
+                log(f"  server log: {line.strip()}")
+        named = [line.strip() for line in text.splitlines() if "devices:" in line]
+        if not named:
             raise CheckFailed("the server's log names no devices (no 'devices:' line)")
-        for line in lines:
-            log(f"  server log: {line.strip()}")
-        self.summary["server_devices"] = lines[-1].strip()
-        if self.on_gpu and not any(w in lines[-1].lower() for w in ("gpu", "cuda")):
-            raise CheckFailed(f"the server runs on no GPU: {lines[-1].strip()}")
+        self.summary["server_devices"] = named[-1]
+        if self.on_gpu and ("/GPU:" not in named[-1] or "no GPU" in named[-1]):
+            raise CheckFailed(f"JAX sees a GPU but the server runs on none: {named[-1]}")
 
     def memory(self) -> dict[str, float]:
         """The server's GPU memory gauge (bytes per device) and its RSS."""
