@@ -51,7 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,21 +388,32 @@ def side_by_side(scenario: int, models: dict, out: Path, args: argparse.Namespac
                                "served_over_inprocess": point.row()["rows_per_s"]
                                / inproc["rows_per_s"]}
             rounds.append(measured)
-    first, second = args.backends[:2]
-
-    def median_ratio(key: str) -> float:
-        return statistics.median(m[first][key] / m[second][key] for m in rounds)
-
     result = {"model": model, "backends": args.backends, "concurrency": concurrency,
-              "rounds": rounds, "served_ratio": median_ratio("rows_per_s"),
-              "p99_ratio": median_ratio("p99_ms"),
-              "inprocess_ratio": median_ratio("inprocess_rows_per_s"),
-              "served_over_inprocess": {b: statistics.median(
-                  m[b]["served_over_inprocess"] for m in rounds) for b in args.backends}}
+              "rounds": rounds, **backend_ratios(rounds, args.backends)}
+    first, second = args.backends[:2]
     log(f"scenario {scenario}: {first}/{second} served rows/s {result['served_ratio']:.2f}, "
         f"p99 {result['p99_ratio']:.2f}, in-process {result['inprocess_ratio']:.2f} "
         f"(medians of {args.rounds} rounds)")
     return result
+
+
+def backend_ratios(rounds: list[dict], backends: list[str]) -> dict:
+    """The first backend's figures over the second's, each the median over rounds of the
+    ratio inside a round; per CPU-second too (the server's process tree, the in-process
+    run's), which holds better than rows/s when other work takes the cores."""
+    first, second = backends[:2]
+
+    def median(value: Callable[[dict], float]) -> float:
+        return statistics.median(value(m[first]) / value(m[second]) for m in rounds)
+
+    return {"served_ratio": median(lambda m: m["rows_per_s"]),
+            "p99_ratio": median(lambda m: m["p99_ms"]),
+            "inprocess_ratio": median(lambda m: m["inprocess_rows_per_s"]),
+            "served_per_cpu_ratio": median(lambda m: m["rows_per_s"] / m["server_cpu"]),
+            "inprocess_per_cpu_ratio": median(
+                lambda m: m["inprocess_rows_per_s"] / m["inprocess_cores"]),
+            "served_over_inprocess": {b: statistics.median(
+                m[b]["served_over_inprocess"] for m in rounds) for b in backends}}
 
 
 def mlserver(out: Path, model_path: str, policy: Policy,
@@ -676,7 +687,9 @@ def side_by_side_report(title: str, s: dict) -> list[str]:
     first, second = s["backends"][:2]
     lines += ["", f"**{first} / {second}, medians of the rounds' ratios: served rows/s "
               f"{s['served_ratio']:.2f}, p99 {s['p99_ratio']:.2f}, in-process rows/s "
-              f"{s['inprocess_ratio']:.2f}**; served / in-process: "
+              f"{s['inprocess_ratio']:.2f}**; per CPU-second: served "
+              f"{s['served_per_cpu_ratio']:.2f}, in-process {s['inprocess_per_cpu_ratio']:.2f}; "
+              "served / in-process: "
               + ", ".join(f"{b} {v:.2f}" for b, v in s["served_over_inprocess"].items())
               + ".", ""]
     return lines
