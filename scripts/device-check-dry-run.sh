@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# scripts/device-check.sh's dry run on a machine without a GPU: a Python 3.11 wheelhouse
-# in a scratch folder, a fresh venv with only what the GPU machine has preinstalled (JAX
-# on the CPU here), then the check itself in that venv, which finds no GPU, says so and
-# runs the same steps on the CPU. Proves the wheelhouse and the script; measures nothing
-# about GPUs.   scripts/device-check-dry-run.sh [device_check.py flags]
+# scripts/device-check.sh's dry run on a machine without a GPU: a wheelhouse for this
+# Python (DRY_PYTHON, default python3.11; python3.12 is the GPU machine's) in a scratch
+# folder, a fresh venv with only what the GPU machine has preinstalled (JAX on the CPU
+# here), then the check itself in that venv, which finds no GPU, says so and runs the
+# same steps on the CPU. Proves the wheelhouse and the script; measures nothing about GPUs.
+#   scripts/device-check-dry-run.sh [device_check.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scratch="${SCRATCH:-/tmp/tapserve-dry-run}"
-python="${PYTHON311:-python3.11}"
+python="${DRY_PYTHON:-python3.11}"
+version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+scratch="${SCRATCH:-/tmp/tapserve-dry-run-$version}"
 mkdir -p "$scratch"
-"$python" scripts/wheelhouse.py --python-version 3.11 --dest "$scratch/wheelhouse"
+"$python" scripts/wheelhouse.py --python-version "$version" --dest "$scratch/wheelhouse"
 if [ ! -f "$scratch/venv/.installed" ]; then
   rm -rf "$scratch/venv"
   "$python" -m venv "$scratch/venv"
