@@ -88,7 +88,7 @@ def build_classifier(data: Split) -> tuple[keras.Model, str]:
     )
     targets = {"digit": y_train, "recon": x_train}
     history = model.fit(x_train, targets, epochs=EPOCHS, batch_size=BATCH_SIZE, verbose=0)
-    accuracy = float(np.mean(model(x_test)["digit"].numpy().argmax(-1) == y_test))
+    accuracy = float(np.mean(np.asarray(model(x_test)["digit"]).argmax(-1) == y_test))
     return model, f"loss {history.history['loss'][-1]:.4f}, test accuracy {accuracy:.3f}"
 
 

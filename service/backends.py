@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
@@ -30,9 +32,10 @@ PACKAGE = {"tensorflow": "tensorflow", "jax": "jax"}
 TENSORFLOW_ONLY = ("StringLookup", "IntegerLookup", "TextVectorization", "Hashing")
 
 
-def select(backend: Backend) -> None:
+def select(backend: Backend, gpu_memory_limit_mb: int | None = None) -> None:
     """Make `backend` the process's Keras backend; ConfigError if its package is missing or
-    keras already runs on another one (a second server in one process)."""
+    keras already runs on another one (a second server in one process). On jax, also the
+    GPU memory settings, which JAX reads once, when it starts."""
     package = PACKAGE[backend]
     if importlib.util.find_spec(package) is None:
         raise ConfigError(f"the {backend} backend needs {package}: "
@@ -49,6 +52,29 @@ def select(backend: Backend) -> None:
     os.environ["KERAS_BACKEND"] = backend
     if backend == "jax":  # memory grows as needed, as TensorFlow's memory growth does
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        if gpu_memory_limit_mb:
+            _jax_memory_fraction(gpu_memory_limit_mb)
+
+
+def _jax_memory_fraction(limit_mb: int) -> None:
+    """JAX caps its GPU memory by a fraction of the card (XLA_PYTHON_CLIENT_MEM_FRACTION),
+    not in MB: the fraction is the limit over the smallest card's memory, read from
+    nvidia-smi before JAX starts. Without nvidia-smi (no NVIDIA GPU) there is nothing to cap."""
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ:
+        log.warning("XLA_PYTHON_CLIENT_MEM_FRACTION is set: --gpu-memory-limit-mb is ignored")
+        return
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        total = min(int(line) for line in out.split())
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        log.warning("cannot read the GPUs' memory (%s): --gpu-memory-limit-mb is ignored; set "
+                    "XLA_PYTHON_CLIENT_MEM_FRACTION instead", exc)
+        return
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(1.0, limit_mb / total):.4f}"
 
 
 def current() -> Backend:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     # the log set-up in place (JSON mode relays them as JSON objects).
     logs.configure(settings.log_format, settings.log_level)
     try:
-        backends.select(settings.backend)  # before anything imports keras
+        backends.select(settings.backend, settings.gpu_memory_limit_mb)  # before keras
         from service.server import run
 
         asyncio.run(run(settings))

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 
 from service.backends import refuse_tensorflow_only
-from service.errors import Overloaded
+from service.errors import InvalidInput, Overloaded
 from service.explain import TARGET_SPEC, Explanation
 from service.explain_jax import JaxExplainer, abstract, x32
 from service.graph import TapGraph
@@ -127,6 +127,7 @@ class JaxRuntime(Runtime):
         self._lock = threading.Lock()
         self._local = threading.local()  # the device the current thread computes on
         self.compiles = 0  # executables compiled, warm-up's included (tests read it)
+        self._ranges = _index_ranges(graph)
 
     # ---- the base's hooks -----------------------------------------------------------------
 
@@ -199,6 +200,7 @@ class JaxRuntime(Runtime):
         inputs = cast(tuple[str, ...], batch.source)
         n = batch.rows
         size = rung(n, self.ladder)
+        _check_indices(batch.feeds, self._ranges)
         feeds = x32(pad(batch.feeds, size))
         # XLA wants static shapes: every output on every row; masks apply after.
         fn = self._for_batch(inputs, tuple(sorted(batch.outputs)), feeds, size, device)
@@ -257,7 +259,8 @@ class JaxRuntime(Runtime):
         full_key = _key(inputs, full, feeds, size, device)
         with self._lock:
             fn = self._pinned.get(full_key)
-            known = any(k[0] == inputs and k[2] == key[2] for k in self._pinned)
+            known = any(k[0] == inputs and k[2] == key[2]
+                        for k in (*self._pinned, *self._cache))
         if fn is not None:
             return fn
         if known:
@@ -334,6 +337,31 @@ class JaxRuntime(Runtime):
         """Executables in the LRU (warm-up's not counted)."""
         with self._lock:
             return len(self._cache)
+
+
+def _index_ranges(graph: TapGraph) -> dict[str, int]:
+    """The inputs that feed an Embedding directly, and its input_dim."""
+    names = {tap.key: name for name, tap in graph.taps.items()
+             if tap.layer == "InputLayer" and name in graph.input_names}
+    return {names[step.input_keys[0]]: int(step.node.operation.input_dim)
+            for step in graph.steps
+            if isinstance(step.node.operation, keras.layers.Embedding)
+            and step.input_keys and step.input_keys[0] in names}
+
+
+def _check_indices(feeds: Arrays, ranges: dict[str, int]) -> None:
+    """XLA clamps or fills an index out of range where TensorFlow refuses it: refuse it
+    here, in TensorFlow's words, rather than answer a made-up row."""
+    for name, limit in ranges.items():
+        values = feeds.get(name)
+        if values is None or not values.size:
+            continue
+        bad = np.argwhere((values < 0) | (values >= limit))
+        if len(bad):
+            at = ",".join(str(int(i)) for i in bad[0])
+            raise InvalidInput(f"the model cannot compute this input: indices[{at}] = "
+                               f"{values[tuple(bad[0])]} is not in [0, {limit}) (input "
+                               f"{name!r} feeds an Embedding of {limit} rows)")
 
 
 def _key(inputs: tuple[str, ...], outputs: tuple[str, ...], feeds: Arrays, size: int,

@@ -98,7 +98,7 @@ class TapServer:
         # A missing `tracing` extra refuses the start here, before any port or model.
         self.tracing = tracing.setup(settings.otlp_endpoint)
         self.metrics = Metrics()
-        backends.select(settings.backend)  # the CLI did already; a second server checks
+        backends.select(settings.backend, settings.gpu_memory_limit_mb)  # a second server: checks
         self.devices = backends.configure(
             settings.backend, intra_op_threads(settings), inter_op_threads(settings),
             settings.gpu_memory_limit_mb)

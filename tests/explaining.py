@@ -67,7 +67,7 @@ def inputs(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
             "meta": rng.random((rows, 3), dtype=np.float32)}
 
 
-def _grad(fn: Any, x: np.ndarray) -> np.ndarray:
+def gradient_of(fn: Any, x: np.ndarray) -> np.ndarray:
     """The gradient of fn (a tensor to a scalar) at x, by the backend keras runs on."""
     if keras.backend.backend() == "jax":
         import jax
@@ -114,13 +114,13 @@ def reference(model: keras.Model, endpoint: str, feeds: dict[str, np.ndarray],
             h = model.get_layer("dense")(model.get_layer("join")([h, meta]))
             return _score(model.get_layer(head)(h), chosen)
 
-        g = _grad(back, a)
+        g = gradient_of(back, a)
         weights = g.mean(axis=(1, 2), keepdims=True)
         return np.maximum((weights * a).sum(axis=-1), 0)
 
     def gradient(x: np.ndarray) -> np.ndarray:
         meta = keras.ops.convert_to_tensor(feeds["meta"])  # with a tensor: not mixed
-        return _grad(lambda t: _score(model({"meta": meta, "image": t})[head], chosen), x)
+        return gradient_of(lambda t: _score(model({"meta": meta, "image": t})[head], chosen), x)
 
     if spec["explain"] == "gradient":
         return gradient(feeds["image"])

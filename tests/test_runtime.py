@@ -6,12 +6,18 @@ import asyncio
 import threading
 import time
 
-import keras
-import numpy as np
 import pytest
-import tensorflow as tf
-import zoo
-from savedmodels import HOSTILE
+from backend import JAX
+
+if JAX:  # tf.function's traces, jit_compile and XLA_SHAPES, SavedModels, tf.device
+    pytest.skip("TensorFlow's runtime: tests/test_runtime_jax.py is jax's",
+                allow_module_level=True)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import zoo  # noqa: E402
+from savedmodels import HOSTILE  # noqa: E402
 
 from service import runtime_tf as runtime_module
 from service.errors import ConfigError
