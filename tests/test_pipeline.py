@@ -13,10 +13,11 @@ import pytest
 import zoo
 from harness import RunningServer
 from ports import free_port
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from service.model import LoadedModel
+from service.protocol.generated import tf_framework_pb2 as framework_pb2
+from service.protocol.generated import tf_serving_apis_pb2 as tfs_pb2
+from service.protocol.generated import tf_serving_apis_pb2_grpc as tfs_grpc
 
 MODEL = "autoencoder"  # its default endpoint has its name
 
@@ -52,15 +53,15 @@ def kserve_http(server: RunningServer, datatype: str = "FP32") -> int:
          "data": x.ravel().tolist()}]})
 
 
-def tfserving_grpc(server: RunningServer, dtype: int = types_pb2.DT_FLOAT) -> int:
+def tfserving_grpc(server: RunningServer, dtype: int = framework_pb2.DT_FLOAT) -> int:
     x = image()
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in x.shape])
-    request = predict_pb2.PredictRequest()
+    shape = framework_pb2.TensorShapeProto(
+        dim=[framework_pb2.TensorShapeProto.Dim(size=d) for d in x.shape])
+    request = tfs_pb2.PredictRequest()
     request.model_spec.name = MODEL
-    request.inputs["image"].CopyFrom(tensor_pb2.TensorProto(
+    request.inputs["image"].CopyFrom(framework_pb2.TensorProto(
         dtype=dtype, tensor_shape=shape, tensor_content=x.tobytes()))
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(server.channel)
+    stub = tfs_grpc.PredictionServiceStub(server.channel)
     try:
         stub.Predict(request, timeout=30)
     except Exception:  # grpc.RpcError: the refusal is what is counted
@@ -81,7 +82,7 @@ DOORS: dict[str, Callable[[RunningServer], int]] = {
                                      {"instances": image().tolist()}),
     # Refused after resolving (a wrong datatype): still one resolution, none for the labels.
     "kserve_http refused": lambda s: kserve_http(s, "INT32"),
-    "tfserving_grpc refused": lambda s: tfserving_grpc(s, types_pb2.DT_INT32),
+    "tfserving_grpc refused": lambda s: tfserving_grpc(s, framework_pb2.DT_INT32),
 }
 
 

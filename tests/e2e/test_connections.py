@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 import zoo
+from backends import frontend_only
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ports import free_port
 from scrape import wait_for
@@ -35,6 +36,8 @@ from stalled import (
 )
 from stock import infer
 from tritonclient.utils import InferenceServerException
+
+pytestmark = frontend_only  # the front doors only: the same on every backend
 
 X = {"x": np.zeros((1, 16), np.float32)}
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import zoo
+from backends import frontend_only
 from ports import free_port
 from scrape import wait_for
 from stock import ServerProcess, infer
@@ -43,6 +44,7 @@ def image(rows: int = 1) -> np.ndarray:
     return np.random.default_rng(rows).random((rows, 8, 8, 1), dtype=np.float32)
 
 
+@frontend_only
 def test_json_logs_and_the_health_probe_through_a_drain(start_process, tmp_path: Path,
                                                         repository: Path) -> None:
     """One server, started as the image is when a user moves the port with a flag: the
@@ -104,6 +106,7 @@ def test_json_logs_and_the_health_probe_through_a_drain(start_process, tmp_path:
     assert any(r["message"] == "stopped" for r in records)
 
 
+@frontend_only
 def test_health_probe_says_unhealthy_while_a_model_is_broken(start_process,
                                                             tmp_path: Path) -> None:
     """Strict readiness: a model that failed to load keeps "" NOT_SERVING, and so the
@@ -121,6 +124,7 @@ def test_health_probe_says_unhealthy_while_a_model_is_broken(start_process,
     assert f"{server.url}: NOT_SERVING" in probe.stdout
 
 
+@frontend_only
 def test_health_probe_without_a_server_is_unhealthy() -> None:
     # A process that listens on no TCP port: nothing to ask, so unhealthy.
     with subprocess.Popen(["sleep", "60"]) as sleeper:
@@ -138,6 +142,7 @@ def servers(start_process, repository: Path) -> list[ServerProcess]:
     return started
 
 
+@frontend_only
 def test_round_robin_spreads_one_client_over_two_servers(servers: list[ServerProcess]) -> None:
     """The client-side balancing of docs/kubernetes.md, with two servers standing for two
     pods behind a headless Service (there, `dns:///tapserve-headless.<ns>.svc.cluster.local:8001`)."""
@@ -176,6 +181,7 @@ def test_start_up_says_no_gpu_once_without_tensorflow_chatter(
         assert chatter not in output, output
 
 
+@frontend_only
 def test_process_metrics_are_exported(servers: list[ServerProcess]) -> None:
     """Memory, CPU and file descriptors, for the dashboard (the owned registry once dropped
     prometheus-client's process collector)."""

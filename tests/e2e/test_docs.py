@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from backends import frontend_only
 from ports import free_port
 
+pytestmark = frontend_only  # the front doors only: the same on every backend
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 BLOCK = re.compile(r"^```(bash|python|console)\n(.*?)^```", re.S | re.M)
 # Set-up lines a reader runs once in their shell; the test's environment already has them.

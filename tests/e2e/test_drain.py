@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import zoo
+from backends import frontend_only
 from scrape import wait_for
 from stock import ServerProcess, infer
 from tritonclient.utils import InferenceServerException
 
+pytestmark = frontend_only  # the front doors only: the same on every backend
 RUNS = 15
 CLIENTS = 8  # each stops at its first UNAVAILABLE, as the trial that found the bug did
 

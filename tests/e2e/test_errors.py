@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import zoo
+from backends import frontend_only
 from scrape import wait_for
 from stock import ServerProcess, infer
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
@@ -131,6 +132,7 @@ def test_a_batch_over_max_batch_size_is_split_not_refused(server, client, autoen
                                      le="8.0") == batches
 
 
+@frontend_only
 def test_queue_full_is_resource_exhausted(server, client, autoencoder) -> None:
     waiting: dict[str, object] = {}
     x = images(3, seed=5)  # fills the 3-row queue
@@ -154,6 +156,7 @@ def test_queue_full_is_resource_exhausted(server, client, autoencoder) -> None:
     assert_serves(client, autoencoder, "queued")
 
 
+@frontend_only
 def test_deadline_passed_in_the_queue_is_not_computed(server, client, autoencoder) -> None:
     started = time.monotonic()
     with pytest.raises(InferenceServerException) as err:
@@ -171,6 +174,7 @@ def test_deadline_passed_in_the_queue_is_not_computed(server, client, autoencode
     assert server.metric("tapserve_batch_size_sum", model="delayed") == 3
 
 
+@frontend_only
 def test_draining_refuses_new_requests_and_finishes_accepted_ones(
         start_process, repository: Path, autoencoder) -> None:
     process = start_process(repository, "--drain-grace-seconds", "20")

@@ -15,16 +15,19 @@ import grpc
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 import tritonclient.http as httpclient
+from backends import HAS_TFS_CLIENT, needs_tfs_client
 from ports import free_port
 from stock import TAPSERVE, ServerProcess, infer
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 from tritonclient.utils import np_to_triton_dtype
+
+if HAS_TFS_CLIENT:  # the stock TF Serving client: tensorflow's protos and tensors
+    import tensorflow as tf
+    from tensorflow_serving.apis import (
+        get_model_metadata_pb2,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
 
 MODEL = explaining.MODEL
 ENDPOINTS = sorted(explaining.ENDPOINTS)
@@ -56,7 +59,7 @@ def case(model: keras.Model, endpoint: str, with_target: bool, seed: int = 0
     target = None
     if with_target:  # not the argmax: a target that were ignored shows
         head = explaining.ENDPOINTS[endpoint]["output"]
-        argmax = np.argmax(model(feeds)[head].numpy(), axis=-1)
+        argmax = np.argmax(np.asarray(model(feeds)[head]), axis=-1)
         target = ((argmax + 1) % explaining.CLASSES[head]).astype(np.int32)
     return feeds, target, explaining.reference(model, endpoint, feeds, target)
 
@@ -90,6 +93,7 @@ def test_kserve_grpc_and_http(server: ServerProcess, model: keras.Model,
                                     "shape": [-1, 8, 8, 2]}]
 
 
+@needs_tfs_client
 def test_tf_serving_grpc_signatures(server: ServerProcess, model: keras.Model) -> None:
     with grpc.insecure_channel(server.url) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)

@@ -24,15 +24,19 @@ import grpc
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 import zoo
+from backends import HAS_TFS_CLIENT, frontend_only, needs_tfs_client
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from ports import free_port
 from stock import ServerProcess, infer
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+if HAS_TFS_CLIENT:  # the stock TF Serving client: tensorflow's protos and tensors
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+pytestmark = frontend_only  # the front doors only: the same on every backend
 EXAMPLES = int(os.environ.get("TAPSERVE_FUZZ_EXAMPLES", "200"))
 SEED = int(os.environ.get("TAPSERVE_FUZZ_SEED", "20261201"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
@@ -247,6 +251,7 @@ def predict_requests(draw) -> tuple[dict, predict_pb2.PredictRequest, bool]:
     return request, msg, not mutations
 
 
+@needs_tfs_client
 def test_fuzz_tfserving_grpc_predict(server, oracle) -> None:
     channel = grpc.insecure_channel(server.url)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)

@@ -15,11 +15,10 @@ import grpc
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 import tritonclient.grpc as triton
 import zoo
+from backends import BACKEND, HAS_TF, frontend_only, tf_models
 from ports import free_port
-from savedmodels import HOSTILE
 from scrape import wait_for
 from stock import ServerProcess, infer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -27,6 +26,15 @@ from tritonclient.utils import InferenceServerException
 
 RESPONSE_LIMIT = 1024 * 1024  # --max-response-bytes of this file's server
 GARBAGE = b"PK\x03\x04 this is no zip archive"
+# The front doors' limits: the same on every backend. The SavedModels and string models
+# here are TensorFlow-only: built and tested on the tensorflow backend only.
+pytestmark = frontend_only
+TF_MODELS = BACKEND == "tensorflow" and HAS_TF
+if TF_MODELS:
+    import tensorflow as tf
+    from savedmodels import HOSTILE
+else:
+    HOSTILE = {}
 
 
 def write_reader(folder: Path) -> None:
@@ -47,22 +55,23 @@ def write_reader(folder: Path) -> None:
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("hostile")
     zoo.write_model("autoencoder", repo)
-    zoo.write_model("string_input", repo)
     zoo.write_model("autoencoder", repo, folder="small_queue",
                     config={"batching": {"max_queue_size": 4}})
-    zoo.write_model("string_input", repo, folder="wide_queue",  # takes millions of rows
-                    config={"batching": {"max_queue_size": 10_000_000}})
     (repo / "garbage" / "1").mkdir(parents=True)
     (repo / "garbage" / "1" / "model.keras").write_bytes(GARBAGE)
     zoo.write_model("autoencoder", repo, folder="bad_config",
                     config="batching: {max_batch_size: 0}\nsecret_key: hunter2\n")
-    write_reader(repo / "reader")
-    write_reader(repo / "reader_allowed")
-    (repo / "reader_allowed" / "config.yaml").write_text("allow_file_ops: true\n")
-    target = repo.parent / f"{repo.name}_target.csv"  # outside the repository
-    target.write_text("the server's own line\n")
-    for name, (write, _) in HOSTILE.items():
-        write(repo / name / "1", target)
+    if TF_MODELS:
+        zoo.write_model("string_input", repo)
+        zoo.write_model("string_input", repo, folder="wide_queue",  # takes millions of rows
+                        config={"batching": {"max_queue_size": 10_000_000}})
+        write_reader(repo / "reader")
+        write_reader(repo / "reader_allowed")
+        (repo / "reader_allowed" / "config.yaml").write_text("allow_file_ops: true\n")
+        target = repo.parent / f"{repo.name}_target.csv"  # outside the repository
+        target.write_text("the server's own line\n")
+        for name, (write, _) in HOSTILE.items():
+            write(repo / name / "1", target)
     for bad in ("bad name!", "trailing\n"):  # not model names: skipped, with a warning
         zoo.write_model("autoencoder", repo, with_config=False, folder=bad)
     return repo
@@ -154,6 +163,7 @@ def test_a_large_bytes_tensor_to_an_fp32_input_is_refused_on_its_datatype_at_onc
         assert_serves(client, autoencoder)
 
 
+@tf_models
 def test_a_large_bytes_tensor_for_a_bytes_input_is_decoded_off_the_event_loop(
         server, stub) -> None:
     # The datatype is right and the queue takes the rows, so the elements must be split:
@@ -304,6 +314,7 @@ def test_a_request_id_with_a_newline_cannot_forge_a_log_line(server) -> None:
 
 # 4. SavedModels with file ops.
 
+@tf_models
 def test_a_saved_model_that_reads_files_is_refused_unless_its_config_allows_it(
         server, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
@@ -324,7 +335,8 @@ def test_a_saved_model_that_reads_files_is_refused_unless_its_config_allows_it(
     assert got.tolist() == [b"the server's own file"]
 
 
-@pytest.mark.parametrize("name", sorted(HOSTILE))
+@tf_models
+@pytest.mark.parametrize("name", sorted(HOSTILE) or ["none"])
 def test_saved_models_reading_or_writing_files_beyond_a_deny_list_are_refused(
         server, repository: Path, autoencoder: keras.Model, name: str) -> None:
     """A CsvDataset returned a file's first line to clients, SaveV2 wrote files during
@@ -406,6 +418,7 @@ def test_http_infer_refuses_a_bytes_tensor_to_an_fp32_input_on_its_datatype(serv
 
 # 7. Huge declared tensors (issue 18, item 6).
 
+@tf_models
 def test_a_declared_shape_past_the_queue_is_refused_before_its_bytes_are_split(
         server, stub) -> None:
     # Regression: 60 MiB of BYTES declaring 15.7 M rows was split for 17.9 s before the
@@ -509,6 +522,7 @@ def test_a_kserve_rest_id_that_is_not_a_string_is_400(server) -> None:
     assert not errors_logged(server, start)
 
 
+@tf_models
 def test_tfserving_rest_strings_nested_deeper_than_a_tensor_are_400(server) -> None:
     # Regression: string instances nested 500 deep were 500, with 150 KB of traceback.
     body = f'{{"instances": {"[" * 500}"red"{"]" * 500}}}'.encode()

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import zoo
+from backends import BACKEND, HAS_TF, frontend_only, tf_models
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ports import free_port
 from scrape import wait_for
@@ -41,6 +42,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # SIGTERM
 
 
+@frontend_only
 def test_sigterm_under_load_finishes_what_it_accepted(
         start_process, repository: Path, autoencoder: keras.Model) -> None:
     """Every client is either served right or told UNAVAILABLE by the data plane.
@@ -137,6 +139,7 @@ def env_server(start_process, repository: Path, env_ports: tuple[int, int]) -> S
                          TAPSERVE_HOST="127.0.0.1", TAPSERVE_INTER_OP_THREADS="3")
 
 
+@frontend_only
 def test_env_twins_set_repository_and_ports(env_server: ServerProcess, env_ports,
                                             autoencoder: keras.Model) -> None:
     assert (env_server.grpc_port, env_server.metrics_port) == env_ports
@@ -156,6 +159,7 @@ def log_lines(server: ServerProcess) -> list[str]:
     return [line for line in lines[start:] if line.strip()]
 
 
+@frontend_only
 def test_json_logs_one_object_a_line_and_only_failures(env_server: ServerProcess) -> None:
     x = np.zeros((1, 8, 8, 1), np.float32)
     with env_server.client() as client:
@@ -185,6 +189,7 @@ def test_json_logs_one_object_a_line_and_only_failures(env_server: ServerProcess
     assert [r.get("request_id") for r in records[before:]] == ["marker-1"]
 
 
+@frontend_only
 def test_unknown_names_add_no_metric_series(env_server: ServerProcess) -> None:
     x = np.zeros((1, 8, 8, 1), np.float32)
 
@@ -218,11 +223,12 @@ def inspected(tmp_path_factory: pytest.TempPathFactory,
     paths = {
         "siamese": zoo.write_model("siamese", repo),  # the model file
         "nested": zoo.write_model("nested", repo).parent.parent,  # the model folder
-        "saved_model": repo / "exported" / "1",
         "missing": repo / "no_such_model",
     }
-    keras.models.load_model(repository / "autoencoder" / "1" / "model.keras").export(
-        paths["saved_model"], verbose=False)
+    if BACKEND == "tensorflow" and HAS_TF:  # a SavedModel: TensorFlow's
+        paths["saved_model"] = repo / "exported" / "1"
+        keras.models.load_model(repository / "autoencoder" / "1" / "model.keras").export(
+            paths["saved_model"], verbose=False)
     running = {name: subprocess.Popen([str(TAPSERVE), "inspect", str(path)], text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for name, path in paths.items()}
@@ -280,6 +286,7 @@ def test_inspect_a_nested_model_folder_names_taps_by_path(inspected) -> None:
     assert row("input", "backbone/b1", "float32", "[-1, 8]").search(report)
 
 
+@tf_models
 def test_inspect_a_saved_model_lists_signatures_and_no_taps(inspected) -> None:
     result = inspected["saved_model"]
     assert result.returncode == 0, result.stderr
@@ -289,6 +296,7 @@ def test_inspect_a_saved_model_lists_signatures_and_no_taps(inspected) -> None:
     assert "taps: none" in report and "no layer graph" in report
 
 
+@frontend_only
 def test_inspect_a_bad_path_fails_with_a_reason(inspected) -> None:
     result = inspected["missing"]
     assert result.returncode != 0
@@ -303,12 +311,14 @@ def start_failure(*flags: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@frontend_only
 def test_a_missing_repository_is_a_clear_start_failure(tmp_path: Path) -> None:
     done = start_failure("--model-repository", str(tmp_path / "nope"), "--grpc-port", "0")
     assert done.returncode == 2
     assert "cannot start: model repository" in done.stderr and "Traceback" not in done.stderr
 
 
+@frontend_only
 def test_a_taken_port_is_a_clear_start_failure(repository: Path) -> None:
     # Regression: gRPC's SO_REUSEPORT let a second server share a taken port silently.
     with socket.socket() as taken:

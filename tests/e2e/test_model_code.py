@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
+from backends import frontend_only
 from scrape import wait_for
 from stock import infer
 from tritonclient.utils import InferenceServerException
@@ -103,6 +104,7 @@ def test_custom_layers_load_with_their_code_and_taps_cross_them(start_process,
     assert "registering Tapserve>Scale" in server.output()
 
 
+@frontend_only
 def test_model_code_is_refused_without_the_flag(start_process, code_repository) -> None:
     repo, _ = code_repository
     server = start_process(repo, "--no-strict-readiness")

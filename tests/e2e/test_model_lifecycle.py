@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
+from backends import frontend_only
 from scrape import wait_for
 from stock import ServerProcess, infer
 from tritonclient.utils import InferenceServerException
@@ -183,6 +184,7 @@ def test_broken_version_config_or_half_written_folder_never_replaces_what_serves
     assert index(polling)[("m", "3")] == ("READY", "")
 
 
+@frontend_only
 def test_version_policies_and_labels(polling: ServerProcess, repository: Path) -> None:
     model_dir = repository / "m"
     for v in (2, 3):
@@ -218,6 +220,7 @@ def test_version_policies_and_labels(polling: ServerProcess, repository: Path) -
     assert ask(polling, version="canary") == 2.0
 
 
+@frontend_only
 def test_removing_a_model_folder_drains_and_unloads_it(
         polling: ServerProcess, repository: Path) -> None:
     add_version(repository / "other", 7)
@@ -245,6 +248,7 @@ def test_removing_a_model_folder_drains_and_unloads_it(
         assert err.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
+@frontend_only
 def test_a_dangling_symlink_in_a_version_folder_stops_neither_start_up_nor_polls(
         start_process, repository: Path) -> None:
     """Issue 18.3: an editor's lock file (a symlink to nowhere) in a version folder sent
@@ -271,6 +275,7 @@ def test_a_dangling_symlink_in_a_version_folder_stops_neither_start_up_nor_polls
     assert log.count("model other version 4 failed to load") == 1
 
 
+@frontend_only
 def test_explicit_mode_loads_and_unloads_through_tritonclient(
         start_process, repository: Path) -> None:
     add_version(repository / "other", 5)

@@ -12,13 +12,14 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
+from backends import frontend_only
 from buckets import GCS, S3, free_port
 from scrape import wait_for
 from stock import ServerProcess, infer, server_has
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [frontend_only, pytest.mark.skipif(
     not (server_has("s3fs") and server_has("gcsfs")),
-    reason="the tapserve under test lacks tapserve[s3,gcs] (the container image)")
+    reason="the tapserve under test lacks tapserve[s3,gcs] (the container image)")]
 
 POLL = 0.5  # --repository-poll-secs in these tests
 BROKEN = b"not a keras file"

@@ -23,18 +23,22 @@ import keras
 import numpy as np
 import pytest
 import scrape
-import tensorflow as tf
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import trustme
 import zoo
+from backends import HAS_TFS_CLIENT, frontend_only, needs_tfs_client
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ports import free_port
 from stock import TAPSERVE, ServerProcess, infer
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+if HAS_TFS_CLIENT:  # the stock TF Serving client: tensorflow's protos and tensors
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+pytestmark = frontend_only  # the front doors only: the same on every backend
 TOKEN = "tok-3f9a1c"  # the tokens the file starts with
 OTHER_TOKEN = "tok-b77e20"
 WRONG = "tok-wrong"
@@ -216,6 +220,7 @@ def test_grpc_over_tls_needs_a_token_for_inference_and_metadata(
                          protocol="kserve_grpc") >= 1
 
 
+@needs_tfs_client
 def test_tf_serving_grpc_over_tls_needs_a_token(server: ServerProcess, pki: Pki,
                                                 expected: np.ndarray) -> None:
     before = refused(server, "tfserving_grpc")

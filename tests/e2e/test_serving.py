@@ -10,12 +10,15 @@ import keras
 import numpy as np
 import pytest
 import zoo
+from backends import BACKEND, copy_tf_only_models, tf_models
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from stock import infer
 from tritonclient.utils import InferenceServerException
 
-SERVED = [name for name in zoo.ZOO if name != "lambda_layer"]
+# The jax backend refuses the string lookup model (and the SavedModel) at load.
+TF_ONLY = {"string_input"} if BACKEND == "jax" else set()
+SERVED = [name for name in zoo.ZOO if name != "lambda_layer" and name not in TF_ONLY]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +26,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("models")
     for name in SERVED:
         zoo.write_model(name, repo)
-    # A SavedModel export of the autoencoder: signatures only, no graph.
-    exported = repo / "exported" / "1"
-    keras.models.load_model(repo / "autoencoder" / "1" / "model.keras").export(
-        exported, verbose=False)
+    if BACKEND == "jax":  # a string lookup model and a SavedModel, to be refused
+        copy_tf_only_models(repo)
+    else:  # a SavedModel export of the autoencoder: signatures only, no graph
+        keras.models.load_model(repo / "autoencoder" / "1" / "model.keras").export(
+            repo / "exported" / "1", verbose=False)
     # Lambda: refused by default, served where config allows it.
     zoo.write_model("lambda_layer", repo)
     zoo.write_model("lambda_layer", repo, folder="lambda_allowed", config="allow_lambda: true\n")
@@ -158,6 +162,7 @@ def test_nested_backbone_taps_and_cut(client, repository: Path) -> None:
     np.testing.assert_allclose(cut, keras_outputs(model, feeds)["logits"], atol=1e-5)
 
 
+@tf_models
 def test_string_inputs_as_bytes(client, repository: Path) -> None:
     model = reference(repository, "string_input")
     feeds = {"text": np.array([b"red", b"blue", b"", b"magenta", b"nope"], dtype=object)}
@@ -167,6 +172,7 @@ def test_string_inputs_as_bytes(client, repository: Path) -> None:
     np.testing.assert_array_equal(got.as_numpy("lookup"), layer_output(model, "lookup", feeds))
 
 
+@tf_models
 def test_saved_model_signatures_are_endpoints(client, repository: Path) -> None:
     model = reference(repository, "autoencoder")
     meta = client.get_model_metadata("exported", as_json=True)
@@ -178,6 +184,7 @@ def test_saved_model_signatures_are_endpoints(client, repository: Path) -> None:
         "image": next(iter(feeds.values()))})["recon"], atol=1e-5)
 
 
+@tf_models
 def test_saved_model_taps_are_not_found_with_a_reason(client, repository: Path) -> None:
     meta = client.get_model_metadata("exported", as_json=True)
     feeds = {meta["inputs"][0]["name"]: np.zeros((1, 8, 8, 1), np.float32)}
@@ -185,6 +192,30 @@ def test_saved_model_taps_are_not_found_with_a_reason(client, repository: Path) 
         infer(client, "exported", feeds, outputs=["code"])
     assert err.value.status() == "StatusCode.NOT_FOUND"
     assert "SavedModel has no layer graph" in err.value.message()
+
+
+def test_tensorflow_only_models_are_refused_on_jax_and_the_others_serve(
+        client, repository: Path, backend: str) -> None:
+    """SPEC "Backends": a SavedModel, and a model with a StringLookup, cannot run on JAX:
+    refused at load, saying which backend they need; their neighbours serve."""
+    if backend != "jax":
+        pytest.skip("the tensorflow backend serves them (test_saved_model_*, test_string_*)")
+    index = client.get_model_repository_index(as_json=True)["models"]
+    for name, feeds in [("string_input", {"text": np.array([b"red"], dtype=object)}),
+                        ("exported", {"x": np.ones((1, 4), np.float32)})]:
+        rows = [r for r in index if r["name"] == name and r.get("version") == "1"]
+        assert [r["state"] for r in rows] == ["UNAVAILABLE"], index
+        assert "tensorflow" in rows[0]["reason"], rows
+        assert not client.is_model_ready(name)
+        with pytest.raises(InferenceServerException) as err:
+            infer(client, name, feeds)
+        assert err.value.status() == "StatusCode.UNAVAILABLE", err.value
+        assert "tensorflow" in err.value.message(), err.value.message()
+    model = reference(repository, "two_heads")
+    feeds = zoo.sample_inputs(model, batch=2)
+    np.testing.assert_allclose(infer(client, "two_heads", feeds).as_numpy("score"),
+                               keras_outputs(model, feeds)["score"], atol=1e-5)
+    assert client.is_model_ready("autoencoder")
 
 
 def test_lambda_refused_unless_config_allows(client, repository: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 import zoo
+from backends import frontend_only
 from scrape import wait_for
 from stock import ServerProcess, infer, infer_inputs, requested
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -129,6 +130,7 @@ def bad_requests() -> dict[str, tuple[str, dict[str, np.ndarray], list[str] | No
     }
 
 
+@frontend_only
 def test_a_bad_request_gets_its_error_and_the_stream_goes_on(server, autoencoder) -> None:
     answers = Answers()
     x = images(2, seed=5)
@@ -157,6 +159,7 @@ def test_a_bad_request_gets_its_error_and_the_stream_goes_on(server, autoencoder
     np.testing.assert_allclose(result.as_numpy("recon"), np.asarray(autoencoder(x)), atol=1e-5)
 
 
+@frontend_only
 def test_an_error_answer_carries_the_request_id_and_model(server) -> None:
     # Below tritonclient's callback (which passes on the message only): the raw stream.
     def request(request_id: str, model: str, shape: list[int]) -> service_pb2.ModelInferRequest:
@@ -211,6 +214,7 @@ def test_many_requests_in_flight_on_one_stream_batch_together(server, autoencode
     assert batches < count / 2, f"{batches} batches for {count} streamed 1-row requests"
 
 
+@frontend_only
 def test_every_streamed_request_is_counted_with_its_code(server) -> None:
     answers = Answers()
     with server.client() as client:
@@ -234,6 +238,7 @@ def test_every_streamed_request_is_counted_with_its_code(server) -> None:
                          code="NOT_FOUND", protocol="kserve_grpc") == 1
 
 
+@frontend_only
 def test_the_asyncio_client_streams_too(server, autoencoder) -> None:
     x = images(4, seed=9)
 
@@ -263,6 +268,7 @@ def test_the_asyncio_client_streams_too(server, autoencoder) -> None:
             np.testing.assert_allclose(result.as_numpy("recon"), want[i:i + 1], atol=1e-5)
 
 
+@frontend_only
 def test_a_cancelled_stream_drops_its_pending_requests(server, autoencoder) -> None:
     answers = Answers()
     with server.client() as client:
@@ -293,6 +299,7 @@ def guarded(start_process, repository: Path, tmp_path_factory: pytest.TempPathFa
                          "--max-stream-in-flight", "4")
 
 
+@frontend_only
 def test_a_stream_needs_a_token(guarded: ServerProcess, autoencoder) -> None:
     x = images(1)
     for headers in ({}, {"authorization": "Bearer tok-wrong"}):
@@ -321,6 +328,7 @@ def test_a_stream_needs_a_token(guarded: ServerProcess, autoencoder) -> None:
     np.testing.assert_allclose(result.as_numpy("recon"), np.asarray(autoencoder(x)), atol=1e-5)
 
 
+@frontend_only
 def test_a_stream_holds_at_most_its_bound_in_flight(guarded: ServerProcess) -> None:
     answers = Answers()
     depth = []
@@ -340,6 +348,7 @@ def test_a_stream_holds_at_most_its_bound_in_flight(guarded: ServerProcess) -> N
     assert not errors and len(results) == 10
 
 
+@frontend_only
 def test_a_draining_server_answers_what_it_read_then_ends_the_stream(
         start_process, repository: Path, autoencoder) -> None:
     process = start_process(repository, "--drain-grace-seconds", "20")

@@ -1,14 +1,20 @@
-"""TensorProto <-> numpy, against TensorFlow's own make_tensor_proto / make_ndarray."""
+"""TensorProto <-> numpy, with no TensorFlow: both encodings in, tensor_content out.
+TensorFlow's own make_tensor_proto / make_ndarray are the reference in test_tfs_wire.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from service.errors import InvalidInput
-from service.protocol.tensorproto import from_numpy, to_numpy
+from service.protocol.generated.tf_framework_pb2 import (
+    DT_COMPLEX64,
+    DT_FLOAT,
+    DT_HALF,
+    DT_INT8,
+    TensorProto,
+)
+from service.protocol.tensorproto import data_type, from_numpy, shape_proto, to_numpy
 
 SAMPLES = {
     "float16": np.array([[0.5, -2.0], [65504, 0]], np.float16),
@@ -29,10 +35,11 @@ SAMPLES = {
 @pytest.mark.parametrize("dtype", SAMPLES)
 def test_both_encodings_decode_to_the_same_array(dtype: str) -> None:
     array = SAMPLES[dtype]
-    packed = tf.make_tensor_proto(array)  # tensor_content, as clients send numbers
-    np.testing.assert_array_equal(to_numpy("x", packed), array)
+    packed = TensorProto(dtype=data_type(dtype), tensor_shape=shape_proto(array.shape),
+                         tensor_content=array.astype(array.dtype.newbyteorder("<")).tobytes())
+    np.testing.assert_array_equal(to_numpy("x", packed), array)  # as clients send numbers
     assert to_numpy("x", packed).dtype == array.dtype
-    typed = tensor_pb2.TensorProto(dtype=packed.dtype, tensor_shape=packed.tensor_shape)
+    typed = TensorProto(dtype=packed.dtype, tensor_shape=packed.tensor_shape)
     field = {"float16": "half_val", "float32": "float_val", "float64": "double_val",
              "int64": "int64_val", "uint32": "uint32_val", "uint64": "uint64_val",
              "bool": "bool_val"}.get(dtype, "int_val")
@@ -42,34 +49,36 @@ def test_both_encodings_decode_to_the_same_array(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", SAMPLES)
-def test_answers_read_back_with_make_ndarray(dtype: str) -> None:
+def test_answers_are_tensor_content_and_read_back(dtype: str) -> None:
     array = SAMPLES[dtype]
-    back = tf.make_ndarray(from_numpy(array))
+    answer = from_numpy(array)
+    assert answer.tensor_content and answer.dtype == data_type(dtype)
+    back = to_numpy("y", answer)
     np.testing.assert_array_equal(back, array)
     assert back.dtype == array.dtype
 
 
 def test_strings_round_trip() -> None:
     array = np.array([[b"red", b""], [b"\xff\x00", "é".encode()]], dtype=object)
-    assert to_numpy("s", tf.make_tensor_proto(array)).tolist() == array.tolist()
-    assert tf.make_ndarray(from_numpy(array)).tolist() == array.tolist()
+    answer = from_numpy(array)
+    assert list(answer.string_val) == array.ravel().tolist()
+    assert to_numpy("s", answer).tolist() == array.tolist()
 
 
 @pytest.mark.parametrize(("proto", "words"), [
-    (tensor_pb2.TensorProto(dtype=types_pb2.DT_COMPLEX64), "DT_COMPLEX64 is not served"),
-    (tf.make_tensor_proto(np.zeros((2, 3), np.float32)), None),
-    (tensor_pb2.TensorProto(dtype=types_pb2.DT_INT8, int_val=[300],
-                            tensor_shape=tf.TensorShape([1]).as_proto()), "out of range"),
+    (TensorProto(dtype=DT_COMPLEX64), "DT_COMPLEX64 is not served"),
+    (from_numpy(np.zeros((2, 3), np.float32)), None),
+    (TensorProto(dtype=DT_INT8, int_val=[300], tensor_shape=shape_proto((1,))),
+     "out of range"),
     # half_val holds 16-bit patterns: 70000 was an OverflowError (INTERNAL).
-    (tensor_pb2.TensorProto(dtype=types_pb2.DT_HALF, half_val=[70000],
-                            tensor_shape=tf.TensorShape([1]).as_proto()), "out of range"),
-    (tensor_pb2.TensorProto(dtype=types_pb2.DT_HALF, half_val=[-1],
-                            tensor_shape=tf.TensorShape([1]).as_proto()), "out of range"),
-    (tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1, 2],
-                            tensor_shape=tf.TensorShape([3]).as_proto()), "needs 3 values"),
+    (TensorProto(dtype=DT_HALF, half_val=[70000], tensor_shape=shape_proto((1,))),
+     "out of range"),
+    (TensorProto(dtype=DT_HALF, half_val=[-1], tensor_shape=shape_proto((1,))),
+     "out of range"),
+    (TensorProto(dtype=DT_FLOAT, float_val=[1, 2], tensor_shape=shape_proto((3,))),
+     "needs 3 values"),
 ])
-def test_what_does_not_add_up_is_invalid(proto: tensor_pb2.TensorProto, words: str | None
-                                         ) -> None:
+def test_what_does_not_add_up_is_invalid(proto: TensorProto, words: str | None) -> None:
     if words is None:  # a byte count that disagrees with the shape
         proto.tensor_content = proto.tensor_content[:-1]
         words = "needs 24 bytes of tensor_content, got 23"

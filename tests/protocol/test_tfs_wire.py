@@ -5,8 +5,10 @@ into protobuf's default pool."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -14,25 +16,37 @@ pytest.importorskip("tensorflow_serving", reason="tensorflow-serving-api is not 
                     "nothing to check our TF Serving protobufs against")
 
 import tensorflow as tf  # noqa: E402
+from echo_dataplane import EchoDataPlane  # noqa: E402
 from google.protobuf import descriptor_pool, message_factory  # noqa: E402
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor  # noqa: E402
 from google.protobuf.message import Message  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
+    model_management_pb2,
     model_service_pb2,
+    model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
 from service.protocol.generated import (  # noqa: E402
     tf_error_codes_pb2,
     tf_framework_pb2,
     tf_serving_apis_pb2,
+    tf_serving_apis_pb2_grpc,
 )
 from service.protocol.generated.tf_pool import POOL  # noqa: E402
 from service.protocol.tensorproto import from_numpy, to_numpy  # noqa: E402
-from service.protocol.tfserving import signature_def  # noqa: E402
+from service.protocol.tfserving import (  # noqa: E402
+    ModelStatusServicer,
+    PredictionServicer,
+    signature_def,
+)
 from service.types import EndpointMetadata, TensorSpec  # noqa: E402
 
 OURS = (tf_framework_pb2, tf_error_codes_pb2, tf_serving_apis_pb2)
@@ -247,3 +261,51 @@ def test_model_status_response_round_trips() -> None:
         get_model_status_pb2.ModelVersionStatus.AVAILABLE)
     assert tf_serving_apis_pb2.GetModelStatusResponse.FromString(
         theirs.SerializeToString()) == ours
+
+
+def test_stock_stubs_talk_to_our_servicers(serve: Callable[..., Any]) -> None:
+    """tensorflow-serving-api's stubs against our servicers: Predict, metadata and status
+    answer; the methods Tapserve does not serve answer UNIMPLEMENTED, saying so, whatever
+    fields their (field-less, in ours) requests carry."""
+    plane = EchoDataPlane()
+
+    def register(server: grpc.aio.Server) -> None:
+        tf_serving_apis_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(plane), server)
+        tf_serving_apis_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelStatusServicer(plane), server)
+
+    with serve(register) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest(client_id=b"kept, not read")
+        request.model_spec.name = "echo"
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(SAMPLES["float32"]))
+        answer = predict.Predict(request, timeout=30)
+        np.testing.assert_array_equal(tf.make_ndarray(answer.outputs["x"]), SAMPLES["float32"])
+        assert answer.model_spec.signature_name == "serving_default"
+
+        meta = predict.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec={"name": "echo"}, metadata_field=["signature_def"]), timeout=30)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        assert meta.metadata["signature_def"].Unpack(signatures)
+        assert signatures.signature_def["serving_default"].inputs["x"].dtype == tf.float32
+
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+            get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "echo"}),
+            timeout=30)
+        assert status.model_version_status[0].state == (
+            get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+
+        model = {"model_spec": {"name": "echo"}}
+        unserved = [
+            (predict.Classify, classification_pb2.ClassificationRequest(**model)),
+            (predict.Regress, regression_pb2.RegressionRequest(**model)),
+            (predict.MultiInference, inference_pb2.MultiInferenceRequest(
+                tasks=[inference_pb2.InferenceTask(**model, method_name="x")])),
+            (model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest,
+             model_management_pb2.ReloadConfigRequest(metric_names=["m"]))]
+        for method, message in unserved:
+            with pytest.raises(grpc.RpcError) as error:
+                method(message, timeout=30)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "is not served: Tapserve" in error.value.details()
