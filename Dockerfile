@@ -1,14 +1,16 @@
 # syntax=docker/dockerfile:1
 #
-# Tapserve container image.
+# Tapserve container image, on one Keras backend: BACKEND=tensorflow (default) or jax.
 #
-#   docker build -t tapserve:0.1.0 .                          # CPU (tensorflow-cpu)
+#   docker build -t tapserve:0.1.0 .                          # CPU, tensorflow-cpu
 #   docker build --build-arg GPU=true -t tapserve:0.1.0-gpu .  # tensorflow + pinned CUDA wheels
+#   docker build --build-arg BACKEND=jax -t tapserve:0.1.0-jax .   # CPU, jax + jaxlib, no TF
+#   docker build --build-arg BACKEND=jax --build-arg GPU=true -t tapserve:0.1.0-jax-gpu .
 #   docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 --read-only --tmpfs /tmp \
 #       -v "$PWD/models:/models:ro" tapserve:0.1.0
 #
 # With podman or buildah add `--format docker`: the default OCI format has no HEALTHCHECK
-# and drops it. scripts/test-image.sh builds this file with podman and tests the image.
+# and drops it. scripts/test-image.sh builds this file with podman and tests the images.
 #
 # The builder installs the project's pinned dependencies (constraints.txt) and the project
 # into a virtual environment at /opt/venv; the final stage copies only that venv, so no
@@ -18,9 +20,13 @@
 # ---- builder ---------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm AS builder
 
-# GPU=true: TensorFlow's CUDA/cuDNN runtime as pip wheels (tensorflow[and-cuda]), pinned
-# by deploy/constraints-cuda.txt, found by TensorFlow on its own. The NVIDIA driver comes
-# from the node (device plugin).
+# BACKEND: pyproject.toml's extra of the Keras backend the image serves on (tensorflow or
+# jax); the image installs no other, and sets TAPSERVE_BACKEND to it.
+ARG BACKEND=tensorflow
+# GPU=true: the backend's CUDA/cuDNN runtime as pip wheels, found by it on its own:
+# tensorflow[and-cuda] pinned by deploy/constraints-cuda.txt, or jax[cuda13] (the jax-cuda
+# extra) pinned by deploy/constraints-jax-cuda.txt. The NVIDIA driver comes from the node
+# (device plugin).
 ARG GPU=false
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -39,29 +45,41 @@ WORKDIR /src
 # Only what the wheel is built from (see .dockerignore): metadata, README (the package's
 # long description), the pins and the package itself, generated protobuf modules included.
 COPY pyproject.toml README.md constraints.txt ./
-COPY deploy/constraints-cuda.txt deploy/
+COPY deploy/constraints-cuda.txt deploy/constraints-jax-cuda.txt deploy/
 COPY service/ service/
 
-# pyproject.toml's dependencies, except that the CPU image takes tensorflow-cpu (the same
-# version and `tensorflow` package without the CUDA kernels a CPU never runs: ~600 MB
-# less) and the GPU image tensorflow[and-cuda]; then the project itself with --no-deps,
-# or pip would add the full tensorflow wheel back (so `pip check` names it as missing in
-# the CPU image); tensorflow-serving-api (generated protos that require `tensorflow`) too. Then what the server never reads: TensorFlow's C++ headers (~290 MB,
-# for building extensions) and its shared libraries' full symbol tables (~240 MB, for
-# debuggers; the dynamic symbols the loader needs stay).
+# pyproject.toml's dependencies and the backend's extra (`jax-cuda` for JAX on GPUs),
+# except that the TensorFlow CPU image takes tensorflow-cpu (the same version and
+# `tensorflow` package without the CUDA kernels a CPU never runs: ~600 MB less) and the
+# TensorFlow GPU image tensorflow[and-cuda]; then the project itself with --no-deps, or
+# pip would add the full tensorflow wheel back (so `pip check` names it as missing in the
+# TensorFlow CPU image). Then what the server never reads: TensorFlow's C++ headers
+# (~290 MB, for building extensions) and the backend's shared libraries' full symbol
+# tables (TensorFlow ~240 MB, jaxlib ~110 MB: for debuggers; the dynamic symbols the
+# loader needs stay).
 RUN pip install --no-cache-dir pip==26.3 \
-    && if [ "$GPU" = "true" ]; then tf="tensorflow[and-cuda]"; else tf="tensorflow-cpu"; fi \
-    && python -c "import sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d.replace('tensorflow==', sys.argv[1] + '==') for d in deps if not d.startswith('tensorflow-serving-api')))" "$tf" > requirements.txt \
-    && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if d.startswith('tensorflow-serving-api')))" > requirements-no-deps.txt \
-    && pip install --no-cache-dir -c constraints.txt -c deploy/constraints-cuda.txt -r requirements.txt \
-    && pip install --no-cache-dir --no-deps -r requirements-no-deps.txt \
+    && case "$BACKEND/$GPU" in \
+         tensorflow/true) extra=tensorflow; tf="tensorflow[and-cuda]" ;; \
+         tensorflow/false) extra=tensorflow; tf="tensorflow-cpu" ;; \
+         jax/true) extra=jax-cuda; tf="" ;; \
+         jax/false) extra=jax; tf="" ;; \
+         *) echo "BACKEND=tensorflow|jax and GPU=true|false, not $BACKEND/$GPU" >&2; exit 2 ;; \
+       esac \
+    && python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies'][sys.argv[1]]; print('\n'.join(d.replace('tensorflow==', sys.argv[2] + '==') if sys.argv[2] else d for d in deps))" "$extra" "$tf" > requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -c deploy/constraints-cuda.txt \
+         -c deploy/constraints-jax-cuda.txt -r requirements.txt \
     && pip install --no-cache-dir --no-deps . \
-    && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include \
-    && find /opt/venv/lib/python3.11/site-packages/tensorflow -name "*.so*" -type f \
-         -exec strip --strip-unneeded {} +
+    && site=/opt/venv/lib/python3.11/site-packages \
+    && rm -rf "$site/tensorflow/include" \
+    && for lib in "$site/tensorflow" "$site/jaxlib"; do \
+         if [ -d "$lib" ]; then find "$lib" -name "*.so*" -type f -exec strip --strip-unneeded {} +; fi; \
+       done
 
 # ---- runtime ---------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm
+
+# The backend the image was built for is the server's (TAPSERVE_BACKEND below).
+ARG BACKEND=tensorflow
 
 LABEL org.opencontainers.image.title="tapserve" \
       org.opencontainers.image.description="gRPC model server for Keras functional models"
@@ -74,7 +92,7 @@ RUN groupadd --system --gid 10001 tapserve \
 COPY --from=builder /opt/venv /opt/venv
 COPY scripts/healthcheck.py /opt/tapserve/healthcheck.py
 
-# Read-only root filesystem friendly: every place Python, Keras or TensorFlow might write
+# Read-only root filesystem friendly: every place Python, Keras or its backend might write
 # (home dir, ~/.keras, temp files, bytecode) points under /tmp, the one writable mount
 # (a tmpfs with `docker run --read-only --tmpfs /tmp`, an emptyDir in Kubernetes).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -83,6 +101,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     KERAS_HOME=/tmp/.keras \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    TAPSERVE_BACKEND=$BACKEND \
     TAPSERVE_MODEL_REPOSITORY=/models \
     TAPSERVE_GRPC_PORT=8001 \
     TAPSERVE_METRICS_PORT=8002

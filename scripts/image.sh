@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build and run the Tapserve image with podman, including on hosts where builds go through
 # a TLS-intercepting proxy or where rootless limits are below podman's defaults.
-#   scripts/image.sh build [TAG] [podman build flags...]   e.g. --build-arg GPU=true
+#   scripts/image.sh build [TAG] [podman build flags...]   e.g. --build-arg BACKEND=jax
 #   scripts/image.sh run [TAG] [MODELS_DIR] [tapserve serve flags...]
 #   scripts/image.sh pip-cert            # the CA file the host's pip trusts, if any
 # TAG defaults to localhost/tapserve:0.1.0, MODELS_DIR to ./models.

@@ -1,11 +1,15 @@
 """pyproject.toml's dependencies: every pin exact and equal to constraints.txt's, the
-backends only in their extras, and no path from the no-TensorFlow install (`.[jax,test]`,
-the JAX venv scripts/test.sh builds) to TensorFlow, read from the installed packages'
-own metadata."""
+backends only in their extras, no path from the no-TensorFlow install (`.[jax,test]`, the
+JAX venv scripts/test.sh builds) to TensorFlow, read from the installed packages' own
+metadata; and a server asked for a backend that is not installed names the extra."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -99,3 +103,21 @@ def test_the_no_tensorflow_install_pulls_no_tensorflow(extras: tuple[str, ...]) 
         requirements += EXTRAS[extra]
     pulled = closure(requirements)
     assert not pulled.keys() & TENSORFLOW, {n: pulled[n] for n in pulled.keys() & TENSORFLOW}
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_backend_that_is_not_installed_names_its_extra(backend: str, tmp_path: Path) -> None:
+    """`pip install tapserve` brings no backend. Runs where the backend is really missing:
+    tensorflow in the JAX venv (scripts/test.sh), jax in the TensorFlow image."""
+    if importlib.util.find_spec(backend) is not None:
+        pytest.skip(f"{backend} is installed here")
+    tapserve = Path(sys.executable).parent / "tapserve"  # the installed command, as users run it
+    env = {**os.environ, "TAPSERVE_BACKEND": backend, "TAPSERVE_LOG_FORMAT": "text"}
+    env.pop("KERAS_BACKEND", None)
+    # Loopback and free ports: should it start after all, it holds nothing of anyone's.
+    done = subprocess.run([str(tapserve), "serve", "--model-repository", str(tmp_path),
+                           "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+                           "--http-port", "0"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"pip install 'tapserve[{backend}]'" in done.stderr, done.stderr

@@ -330,6 +330,11 @@ def test_dockerfile_installs_the_project_and_runs_tapserve() -> None:
     assert not re.findall(r"tensorflow(?:-cpu|\[and-cuda\])?==[\d.]", text)
     assert '"tensorflow-cpu"' in text and '"tensorflow[and-cuda]"' in text
     assert "'tensorflow=='" in text and "pip install --no-cache-dir --no-deps ." in text
+    # One backend per image, the server told which (TAPSERVE_BACKEND); TensorFlow by default.
+    args = [rest for word, rest in instructions if word == "ARG"]
+    assert args.count("BACKEND=tensorflow") == 2, "in both stages: the builder's and the ENV's"
+    assert "TAPSERVE_BACKEND=$BACKEND" in envs
+    assert "optional-dependencies" in text and "-c deploy/constraints-jax-cuda.txt" in text
 
 
 def test_cuda_wheels_are_pinned_within_tensorflows_ranges() -> None:

@@ -3,7 +3,8 @@ non-root, no capabilities, gRPC moved by a flag; inference with the stock client
 /metrics, the HEALTHCHECK, JSON logs, and SIGTERM under load.
 
 scripts/test-image.sh builds the image and runs this module with TAPSERVE_TEST_IMAGE set
-(and CONTAINERS_CONF for the host); without it the module is skipped. The tests share one
+(and CONTAINERS_CONF for the host), once per backend image (TAPSERVE_TEST_IMAGE_BACKEND:
+tensorflow or jax); without it the module is skipped. The tests share one
 container and run in order: the last one stops it.
 """
 
@@ -31,6 +32,7 @@ from stock import infer
 from tritonclient.utils import InferenceServerException
 
 IMAGE = os.environ.get("TAPSERVE_TEST_IMAGE")
+IMAGE_BACKEND = os.environ.get("TAPSERVE_TEST_IMAGE_BACKEND", "tensorflow")
 pytestmark = pytest.mark.skipif(not IMAGE, reason="scripts/test-image.sh runs these")
 
 GRPC_PORT = 9001  # moved by a flag, while the image's TAPSERVE_GRPC_PORT says 8001
@@ -122,18 +124,27 @@ def container(models: Path) -> Iterator[Container]:
 
 
 def test_image_is_lean_and_cpu_only() -> None:
+    """One backend, its CPU build, trimmed: tensorflow-cpu without its C++ headers, or jax
+    and jaxlib with no TensorFlow at all (issue 19's goal: 900 MB at most)."""
     size = int(podman("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout)
-    assert size <= 1.4e9, f"{size / 1e9:.2f} GB"
-    script = ("import importlib.metadata as m, importlib.util as u, pathlib, re\n"
+    assert size <= (0.9e9 if IMAGE_BACKEND == "jax" else 1.4e9), f"{size / 1e9:.2f} GB"
+    script = ("import importlib.metadata as m, importlib.util as u, os, pathlib, re\n"
               "names = {re.sub(r'[-_.]+', '-', d.metadata['Name']).lower()\n"
               "         for d in m.distributions()}\n"
-              "tf = pathlib.Path(u.find_spec('tensorflow').origin).parent\n"
-              "print(json.dumps([sorted(names), (tf / 'include').exists()]))\n")
+              "tf = u.find_spec('tensorflow')\n"
+              "headers = tf is not None and (pathlib.Path(tf.origin).parent / 'include').exists()\n"
+              "print(json.dumps([sorted(names), headers, os.environ['TAPSERVE_BACKEND']]))\n")
     done = podman("run", "--rm", "--entrypoint", "python", IMAGE, "-c",
                   "import json\n" + script)
-    names, headers = json.loads(done.stdout)
-    assert "tensorflow-cpu" in names and "tensorflow" not in names, names
-    assert not [n for n in names if n.startswith("nvidia-")], names
+    names, headers, backend = json.loads(done.stdout)
+    assert backend == IMAGE_BACKEND, "the image tells the server its backend"
+    if IMAGE_BACKEND == "jax":
+        assert {"jax", "jaxlib"} <= set(names), names
+        assert not [n for n in names if n.startswith(("tensorflow", "tf-"))], names
+    else:
+        assert "tensorflow-cpu" in names and "tensorflow" not in names, names
+        assert "jax" not in names and "jaxlib" not in names, names
+    assert not [n for n in names if n.startswith(("nvidia-", "jax-cuda"))], names
     assert not headers, "TensorFlow's C++ headers ship in the image"
 
 
