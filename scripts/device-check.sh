@@ -20,8 +20,16 @@ ls "$wheelhouse"/*.whl >/dev/null 2>&1 \
   || fail "no wheels in $wheelhouse: make them where pip reaches an index (python3 scripts/wheelhouse.py)"
 echo "device-check: installing $(ls "$wheelhouse"/*.whl | wc -l) wheels from $wheelhouse into $site"
 rm -rf "$site"
-timeout 120 "$python" -m pip install --quiet --no-index --no-deps --disable-pip-version-check \
-  --target "$site" "$wheelhouse"/*.whl || fail "pip install of the wheelhouse into $site"
+if "$python" -m pip --version >/dev/null 2>&1; then
+  timeout 120 "$python" -m pip install --quiet --no-index --no-deps --disable-pip-version-check \
+    --target "$site" "$wheelhouse"/*.whl || fail "pip install of the wheelhouse into $site"
+else  # no pip: a wheel is a zip of what goes on the path (no entry points are needed)
+  echo "device-check: no pip for $python: unpacking the wheels instead"
+  timeout 120 "$python" -c 'import sys, zipfile
+for wheel in sys.argv[2:]:
+    zipfile.ZipFile(wheel).extractall(sys.argv[1])' "$site" "$wheelhouse"/*.whl \
+    || fail "unpacking the wheelhouse into $site"
+fi
 # The wheels first, then this tree (Tapserve runs from source).
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 requirements=()
