@@ -639,7 +639,9 @@ def report(results: dict) -> str:
         if key == "s1":
             ip = s["inprocess"]
             lines.append(
-                f"In-process ceiling (same model, `tf.function`, batch {ip['batch']} = the "
+                f"In-process ceiling (same model, "
+                f"{'`jax.jit`' if results.get('backends') == ['jax'] else '`tf.function`'}, "
+                f"batch {ip['batch']} = the "
                 f"served mean batch, {ip['threads']} threads, intra-op "
                 f"{ip['intra_op_threads']}, inter-op {ip['inter_op_threads']}): "
                 f"{ip['rows_per_s']:.0f} rows/s, p50 {ip['p50_ms']:.2f} ms per call, "
