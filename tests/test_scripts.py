@@ -159,3 +159,13 @@ def test_the_device_check_refuses_packages_the_wheels_cannot_use(tmp_path: Path)
     requirements.write_text("no-such-package-here\n")
     with pytest.raises(DEVICE_CHECK.CheckFailed, match="lacks no-such-package-here"):
         DEVICE_CHECK.check_requirements(requirements)
+
+
+def test_the_device_check_says_when_the_wheelhouse_is_missing(tmp_path: Path) -> None:
+    done = subprocess.run(["bash", str(SCRIPTS / "device-check.sh")], capture_output=True,
+                          text=True, env={"WHEELHOUSE": str(tmp_path / "none"),
+                                          "SITE": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1
+    assert "device-check: FAILED: no wheels in" in done.stderr
+    assert "scripts/wheelhouse.py" in done.stderr
+    assert not (tmp_path / "site").exists()
