@@ -46,17 +46,16 @@ WORKDIR /src
 # long description), the pins and the package itself, generated protobuf modules included.
 COPY pyproject.toml README.md constraints.txt ./
 COPY deploy/constraints-cuda.txt deploy/constraints-jax-cuda.txt deploy/
-COPY service/ service/
 
 # pyproject.toml's dependencies and the backend's extra (`jax-cuda` for JAX on GPUs),
 # except that the TensorFlow CPU image takes tensorflow-cpu (the same version and
 # `tensorflow` package without the CUDA kernels a CPU never runs: ~600 MB less) and the
-# TensorFlow GPU image tensorflow[and-cuda]; then the project itself with --no-deps, or
+# TensorFlow GPU image tensorflow[and-cuda]; then what the server never reads:
+# TensorFlow's C++ headers (~290 MB, for building extensions) and the backend's shared
+# libraries' full symbol tables (TensorFlow ~240 MB, jaxlib ~110 MB: for debuggers; the
+# dynamic symbols the loader needs stay). The project itself follows with --no-deps, or
 # pip would add the full tensorflow wheel back (so `pip check` names it as missing in the
-# TensorFlow CPU image). Then what the server never reads: TensorFlow's C++ headers
-# (~290 MB, for building extensions) and the backend's shared libraries' full symbol
-# tables (TensorFlow ~240 MB, jaxlib ~110 MB: for debuggers; the dynamic symbols the
-# loader needs stay).
+# TensorFlow CPU image).
 RUN pip install --no-cache-dir pip==26.3 \
     && case "$BACKEND/$GPU" in \
          tensorflow/true) extra=tensorflow; tf="tensorflow[and-cuda]" ;; \
@@ -68,12 +67,14 @@ RUN pip install --no-cache-dir pip==26.3 \
     && python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies'][sys.argv[1]]; print('\n'.join(d.replace('tensorflow==', sys.argv[2] + '==') if sys.argv[2] else d for d in deps))" "$extra" "$tf" > requirements.txt \
     && pip install --no-cache-dir -c constraints.txt -c deploy/constraints-cuda.txt \
          -c deploy/constraints-jax-cuda.txt -r requirements.txt \
-    && pip install --no-cache-dir --no-deps . \
     && site=/opt/venv/lib/python3.11/site-packages \
     && rm -rf "$site/tensorflow/include" \
     && for lib in "$site/tensorflow" "$site/jaxlib"; do \
          if [ -d "$lib" ]; then find "$lib" -name "*.so*" -type f -exec strip --strip-unneeded {} +; fi; \
        done
+# The project last: a change to service/ rebuilds from here, not the dependencies above.
+COPY service/ service/
+RUN pip install --no-cache-dir --no-deps .
 
 # ---- runtime ---------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm

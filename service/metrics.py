@@ -78,7 +78,8 @@ class Metrics:
             "tapserve_grpc_requests", "Every gRPC call by method and status code.",
             ["method", "code"], registry=r)
         self.gpu_memory = Gauge(
-            "tapserve_gpu_memory_bytes", "Bytes TensorFlow holds on each GPU.",
+            "tapserve_gpu_memory_bytes", "Bytes the backend (TensorFlow or JAX) holds on each "
+            "GPU.",
             ["device"], registry=r)
 
     def forget_version(self, model: str, version: int, keep_queue_depth: bool = False) -> None:

@@ -3,7 +3,8 @@
 Every value a plan computes is compared with what Keras itself gives: a
 `keras.Model(model.inputs, layer.output)` where Keras can build one (a top-level layer's
 first call), else a manual recomputation calling the layers in sequence (nested models,
-the k-th call of a shared layer). Plans run both eagerly and inside a `tf.function`.
+the k-th call of a shared layer). Plans run both eagerly and compiled: inside a
+`tf.function`, or `jax.jit` on jax (TAPSERVE_BACKEND).
 """
 
 from __future__ import annotations
@@ -19,39 +20,50 @@ from typing import Any  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 import zoo  # noqa: E402
+from backend import JAX  # noqa: E402
 
 from service.errors import NotFound  # noqa: E402
 from service.graph import Plan, TapGraph  # noqa: E402
 
+if JAX:
+    import jax
+else:
+    import tensorflow as tf
+
 L = keras.layers
 MODES = ["eager", "function"]
-GRAPH_MODELS = sorted(n for n in zoo.ZOO if n != "lambda_layer")
+# JAX has no string tensors: string_input is TensorFlow's alone.
+ZOO = sorted(n for n in zoo.ZOO if not (JAX and n == "string_input"))
+GRAPH_MODELS = [n for n in ZOO if n != "lambda_layer"]
+_const = keras.ops.convert_to_tensor if JAX else tf.constant
 
 Arrays = dict[str, np.ndarray]
 
 
 # --- helpers -----------------------------------------------------------------------------
 
-def _tensors(values: Mapping[str, Any]) -> dict[str, tf.Tensor]:
-    return {k: tf.constant(v) for k, v in values.items()}
+def _tensors(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _const(v) for k, v in values.items()}
 
 
 def _numpy(values: Mapping[str, Any]) -> Arrays:
-    return {k: v.numpy() if isinstance(v, tf.Tensor) and v.dtype == tf.string
+    return {k: v.numpy() if not JAX and isinstance(v, tf.Tensor) and v.dtype == tf.string
             else np.asarray(v) for k, v in values.items()}
 
 
-def _signature(tensors: Mapping[str, tf.Tensor]) -> dict[str, tf.TensorSpec]:
+def _signature(tensors: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tf.TensorSpec((None, *t.shape[1:]), t.dtype) for k, t in tensors.items()}
 
 
 def run_plan(plan: Plan, feeds: Mapping[str, Any], mode: str) -> Arrays:
-    """Run `plan` eagerly, or in a tf.function whose input signature has a None batch."""
+    """Run `plan` eagerly, or compiled: in a tf.function whose input signature has a None
+    batch, or jax.jit (which compiles for the feeds' shapes)."""
     tensors = _tensors(feeds)
     if mode == "eager":
         return _numpy(plan(tensors))
+    if JAX:
+        return _numpy(jax.jit(lambda f: plan(f))(tensors))
     fn = tf.function(lambda f: plan(f), input_signature=[_signature(tensors)])
     return _numpy(fn(tensors))
 
@@ -76,7 +88,7 @@ def functional(model: keras.Model) -> keras.Model:
 
 
 def model_args(model: keras.Model, feeds: Arrays) -> Any:
-    tensors = [tf.constant(feeds[n]) for n in zoo.input_names(model)]
+    tensors = [_const(feeds[n]) for n in zoo.input_names(model)]
     return tensors[0] if len(tensors) == 1 else tensors
 
 
@@ -98,7 +110,7 @@ def _manual_siamese(model: keras.Model, feeds: Arrays, ref: Arrays) -> Arrays:
 def _manual_nested(model: keras.Model, feeds: Arrays, ref: Arrays) -> Arrays:
     backbone = model.get_layer("backbone")
     block = backbone.get_layer("block")
-    stem = tf.constant(ref["stem"])
+    stem = _const(ref["stem"])
     b1 = backbone.get_layer("b1")(stem)
     b2 = backbone.get_layer("b2")(b1)
     inner = block.get_layer("inner")(b2)
@@ -142,7 +154,7 @@ def all_taps(model: keras.Model, feeds: Arrays, mode: str) -> tuple[TapGraph, Ar
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, keras.Model]:
-    return {name: zoo.ZOO[name]() for name in zoo.ZOO}
+    return {name: zoo.ZOO[name]() for name in ZOO}
 
 
 # --- every zoo model ---------------------------------------------------------------------
@@ -192,7 +204,7 @@ def test_lambda_layer_taps_work_too(models: dict) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_autoencoder_decoder_cut(mode: str, models: dict) -> None:
     model = models["autoencoder"]
-    image = tf.constant(zoo.sample_inputs(model, batch=3)["image"])
+    image = _const(zoo.sample_inputs(model, batch=3)["image"])
     code = keras.Model(model.inputs, model.get_layer("code").output)(image)
     h = code
     for layer in ["dec_dense", "dec_pixels", "dec_reshape", "recon"]:
@@ -205,7 +217,7 @@ def test_autoencoder_decoder_cut(mode: str, models: dict) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_nested_from_b1_cut(mode: str, models: dict) -> None:
     model = models["nested"]
-    x = tf.constant(zoo.sample_inputs(model, batch=3)["x"])
+    x = _const(zoo.sample_inputs(model, batch=3)["x"])
     backbone = model.get_layer("backbone")
     b1 = backbone.get_layer("b1")(model.get_layer("stem")(x))
     want = model.get_layer("logits")(
@@ -220,7 +232,7 @@ def test_nested_from_b1_cut(mode: str, models: dict) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_two_heads_head_cut(mode: str, models: dict) -> None:
     model = models["two_heads"]
-    x = tf.constant(zoo.sample_inputs(model, batch=3)["x"])
+    x = _const(zoo.sample_inputs(model, batch=3)["x"])
     merged = keras.Model(model.inputs, model.get_layer("merged").output)(x)
     got = run_plan(TapGraph(model).plan(["merged"], ["label"]), {"merged": np.asarray(merged)},
                    mode)
@@ -232,7 +244,7 @@ def test_cut_with_a_fresh_input_of_the_taps_shape(models: dict) -> None:
     model = models["autoencoder"]
     code = np.random.default_rng(3).random((2, 4), dtype=np.float32)
     got = run_plan(TapGraph(model).plan(["code"], ["recon"]), {"code": code}, "eager")
-    h = tf.constant(code)
+    h = _const(code)
     for layer in ["dec_dense", "dec_pixels", "dec_reshape", "recon"]:
         h = model.get_layer(layer)(h)
     assert_same(got["recon"], h)
@@ -469,8 +481,10 @@ def _shared_pass(model: keras.Model, outputs: list[str], rows: dict[str, list[bo
     graph = TapGraph(model)
     plan = graph.plan(["x"], outputs)
     feeds = _tensors(zoo.sample_inputs(model, batch=len(next(iter(rows.values())))))
-    masks = {o: tf.constant(r) for o, r in rows.items()}
-    if mode == "eager":
+    masks = {o: _const(r) for o, r in rows.items()}
+    if JAX:  # boolean masks have no static shape: eager only (the runtime masks after)
+        got = plan(feeds, masks, lambda x, m: x[np.asarray(m)])
+    elif mode == "eager":
         got = plan(feeds, masks, tf.boolean_mask)
     else:
         fn = tf.function(lambda f, r: plan(f, r, tf.boolean_mask), input_signature=[
@@ -537,7 +551,7 @@ def test_keras_internals_graph_surgery_relies_on(models: dict) -> None:
         assert isinstance(node.outputs, list | tuple) and node.outputs
     logits_node = nodes[-1]
     (arg,) = logits_node.input_tensors
-    value = tf.ones((2, *arg.shape[1:]))
+    value = keras.ops.ones((2, *arg.shape[1:]))
     args, kwargs = logits_node.arguments.fill_in({id(arg): value})
     assert args[0] is value and isinstance(kwargs, dict)
 
@@ -563,7 +577,7 @@ def test_keras_internals_graph_surgery_relies_on(models: dict) -> None:
 
 # --- models loaded from disk -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize("name", ZOO)
 def test_saved_and_reloaded_models_give_the_same_taps(name: str, tmp_path: Path,
                                                       models: dict) -> None:
     model = models[name]
@@ -586,5 +600,5 @@ def test_a_graph_built_with_a_fixed_batch_size_serves_any_batch() -> None:
     graph = TapGraph(model)
     assert graph.tap("d").shape == (None, 3)
     x = np.random.default_rng(0).random((7, 5), dtype=np.float32)
-    got = graph.plan(graph.input_names, ["d"])({graph.input_names[0]: tf.constant(x)})
+    got = graph.plan(graph.input_names, ["d"])({graph.input_names[0]: _const(x)})
     np.testing.assert_allclose(got["d"], np.asarray(model(x)), atol=1e-5)

@@ -9,14 +9,17 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 import yaml
 import zoo
+from backend import JAX, needs_tensorflow
+
+# JAX has no string tensors: string_input is TensorFlow's alone.
+ZOO = sorted(n for n in zoo.ZOO if not (JAX and n == "string_input"))
 
 
 def _call(model: keras.Model, inputs: dict[str, np.ndarray]) -> dict[Any, np.ndarray]:
     """Run the model eagerly on ``inputs`` and return its outputs keyed by name or index."""
-    tensors = [tf.constant(inputs[n]) for n in zoo.input_names(model)]
+    tensors = [keras.ops.convert_to_tensor(inputs[n]) for n in zoo.input_names(model)]
     result = model(tensors[0] if len(tensors) == 1 else tensors)
     if isinstance(result, dict):
         return {k: np.asarray(v) for k, v in result.items()}
@@ -29,11 +32,12 @@ def _load(name: str, path: Path) -> keras.Model:
     return keras.models.load_model(path, safe_mode=name not in zoo.UNSAFE)
 
 
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize("name", ZOO)
 def test_builds_saves_reloads_and_predicts_the_same(name: str, tmp_path: Path) -> None:
     start = time.perf_counter()
     model = zoo.ZOO[name]()
-    assert time.perf_counter() - start < 5.0, "zoo models must stay small"
+    # Eager JAX compiles each op at its first shapes: a first build costs seconds more.
+    assert time.perf_counter() - start < (30.0 if JAX else 5.0), "zoo models must stay small"
 
     fmt = zoo.FORMATS.get(name, "keras")
     path = zoo.save(model, tmp_path / name, fmt)
@@ -50,7 +54,7 @@ def test_builds_saves_reloads_and_predicts_the_same(name: str, tmp_path: Path) -
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize("name", ZOO)
 def test_builders_are_deterministic(name: str) -> None:
     first, second = zoo.ZOO[name](), zoo.ZOO[name]()
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
@@ -72,7 +76,7 @@ EXPECTED_LAYERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize("name", ZOO)
 def test_layer_names_are_stable(name: str) -> None:
     # Other tests (graph surgery, end to end) name these layers: keep them fixed.
     assert {layer.name for layer in zoo.ZOO[name]().layers} == EXPECTED_LAYERS[name]
@@ -107,7 +111,10 @@ def test_lambda_layer_refused_in_safe_mode(tmp_path: Path) -> None:
         keras.models.load_model(path)
 
 
+@needs_tensorflow
 def test_string_input_takes_bytes(tmp_path: Path) -> None:
+    import tensorflow as tf
+
     loaded = keras.models.load_model(zoo.save(zoo.build_string_input(), tmp_path / "s"))
     out = loaded(tf.constant([b"red", b"never-seen", b"blue"]))
     assert out.shape == (3, 2)

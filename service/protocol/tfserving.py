@@ -1,8 +1,8 @@
 """TensorFlow Serving's gRPC API: PredictionService and ModelService, over the data plane.
 
-Convert, call the data plane, convert back. The messages are generated from
-protos/tf_serving_apis.proto (no TensorFlow needed). `model_spec.signature_name` names an endpoint
-("" or "serving_default": the default one); `output_filter` names outputs or taps.
+Convert, call the data plane, convert back. `model_spec.signature_name` names an endpoint
+("" or "serving_default": the default one); `output_filter` names outputs or taps. The
+messages are generated from protos/tf_serving_apis.proto (no TensorFlow needed).
 """
 
 from __future__ import annotations

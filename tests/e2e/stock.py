@@ -64,7 +64,9 @@ class ServerProcess:
     def client(self) -> triton.InferenceServerClient:
         return triton.InferenceServerClient(self.url, **self.client_options)
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
+        # On jax a version compiles its batch-size ladder before it serves: a repository of
+        # a dozen models takes minutes on a small, busy machine.
         deadline = time.monotonic() + timeout
         with self.client() as client:
             while not client.is_server_ready():
