@@ -191,7 +191,9 @@ class JaxRuntime(Runtime):
             self._explainer(source).compile(feeds, size, device, self._devices[device],
                                             self._values[device])
         else:
-            self._executable(cast(tuple[str, ...], source), outputs, feeds, size, device)
+            # Keyed as a request finds it: by the set of outputs, sorted.
+            self._executable(cast(tuple[str, ...], source), tuple(sorted(outputs)), feeds,
+                             size, device)
 
     # ---- compute --------------------------------------------------------------------------
 
@@ -222,6 +224,7 @@ class JaxRuntime(Runtime):
         assert isinstance(batch.source, Explanation)
         device = self._local.device
         explainer = self._explainer(batch.source)
+        _check_indices(batch.feeds, self._ranges)
         n = batch.rows
         size = rung(n, self.ladder)
         attribution = explainer(pad(batch.feeds, size), size, device,

@@ -6,6 +6,7 @@ Runs with TAPSERVE_BACKEND=jax (tests/test_runtime.py is TensorFlow's counterpar
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_the_ladder_is_powers_of_two_and_the_limit() -> None:
 def test_warm_up_compiles_the_ladder_and_no_batch_size_compiles_after(two_heads) -> None:
     model, graph = two_heads
     rt = JaxRuntime(graph, ["/CPU:0"], 1, max_batch_size=12)
-    rt.warm_up(("x",), ("label", "score"))
+    rt.warm_up(("x",), ("score", "label"))  # an endpoint's order: requests find it sorted
     compiled = rt.compiles
     assert compiled == len(ladder(12)) == 5  # 1, 2, 4, 8, 12
     for rows in range(1, 13):
@@ -168,3 +169,21 @@ def test_a_savedmodel_is_refused_naming_the_backend(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model 'sm' is a TensorFlow SavedModel: it serves "
                                           "with --backend tensorflow; this server runs jax"):
         build_saved_model(source, ["/CPU:0"], 1, backend="jax")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="building a StringLookup model needs TensorFlow")
+def test_a_server_on_jax_refuses_what_needs_tensorflow_and_serves_the_rest(
+        start_server, tmp_path: Path) -> None:
+    zoo.write_model("two_heads", tmp_path)
+    zoo.write_model("string_input", tmp_path)
+    (tmp_path / "sm" / "1").mkdir(parents=True)
+    (tmp_path / "sm" / "1" / "saved_model.pb").write_bytes(b"")
+    server = start_server(tmp_path, backend="jax", strict_readiness=False)
+    model = zoo.build_two_heads()
+    feeds = zoo.sample_inputs(model, batch=3)
+    np.testing.assert_allclose(server.infer("two_heads", feeds)["label"],
+                               reference(model, feeds)["label"], atol=1e-5)
+    index = {row[0]: row for row in server.server.registry.index()}
+    assert "--backend tensorflow; this server runs jax" in index["string_input"][-1]
+    assert "is a TensorFlow SavedModel: it serves with --backend tensorflow" in index["sm"][-1]
