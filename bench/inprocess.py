@@ -9,6 +9,10 @@ threads = CPUs / threads, inter-op = every CPU: no front end to leave room for),
 loop by `--threads` threads (the server computes up to two batches at once on the CPU)
 on numpy batches of `--batch` rows; outputs come back as numpy, as the server's do.
 Reports rows/s and per-call latency.
+
+`--backend jax`: the same on Keras's JAX backend, one `jax.jit` of the model's
+`stateless_call` (weights passed in, as a server holds them), compiled once for the batch
+size; XLA sizes its own CPU threads (the thread flags are TensorFlow's).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,28 +39,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--backend", choices=("tensorflow", "jax"), default="tensorflow")
     args = parser.parse_args()
+    os.environ["KERAS_BACKEND"] = args.backend
+
+    if args.backend == "tensorflow":  # before anything starts TensorFlow
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
 
     import keras
     import numpy as np
-    import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     model = keras.models.load_model(args.model, compile=False)
-    signature = [tf.TensorSpec((None, *t.shape[1:]), t.dtype) for t in model.inputs]
-
-    @tf.function(input_signature=signature)
-    def run(*inputs: tf.Tensor) -> object:
-        return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
-
     rng = np.random.default_rng(0)
     feeds = [rng.random((args.batch, *t.shape[1:])).astype(t.dtype) for t in model.inputs]
-
-    def call() -> None:
-        out = run(*feeds)
-        for t in tf.nest.flatten(out):
-            np.asarray(t)
+    call = jax_call(model, feeds) if args.backend == "jax" else tf_call(model, feeds)
 
     call()  # trace
     start = time.perf_counter() + args.warmup
@@ -95,6 +96,43 @@ def main() -> None:
         "cpu_cores": (cpu1 - cpu0) / args.duration,
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def tf_call(model: Any, feeds: list) -> Callable[[], None]:
+    """One call of the model as a `tf.function` with a None-batch signature, numpy out."""
+    import numpy as np
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec((None, *t.shape[1:]), t.dtype) for t in model.inputs]
+
+    @tf.function(input_signature=signature)
+    def run(*inputs: tf.Tensor) -> object:
+        return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+
+    def call() -> None:
+        for t in tf.nest.flatten(run(*feeds)):
+            np.asarray(t)
+    return call
+
+
+def jax_call(model: Any, feeds: list) -> Callable[[], None]:
+    """One call of the model as a jitted `stateless_call`, numpy in and out."""
+    import jax
+    import numpy as np
+
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def run(trainable: list, frozen: list, *inputs: jax.Array) -> object:
+        outputs, _ = model.stateless_call(
+            trainable, frozen, list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        return outputs
+
+    def call() -> None:
+        for t in jax.tree.leaves(run(trainable, frozen, *feeds)):
+            np.asarray(t)
+    return call
 
 
 if __name__ == "__main__":

@@ -57,7 +57,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2
+
+try:
+    from tritonclient.grpc import service_pb2
+except ImportError:  # no tritonclient (scripts/device-check.sh): the same messages,
+    # generated in the project from the same proto
+    from service.protocol.generated import grpc_predict_v2_pb2 as service_pb2
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"

@@ -21,6 +21,12 @@
    and dedup_rows off), with the two halves between them (`s4_shared`,
    `s4_separate_dedup`). Target: req/s ratio >= 1.5.
 
+`--backend jax` serves (and calls in-process) on Keras's JAX backend; `--backend
+jax,tensorflow` runs scenarios 1 and 2 on both side by side: one server per backend, up
+together, measured in alternating order round by round (`--rounds`), each served point
+followed by its in-process ceiling on the same backend, and reports the median over rounds
+of each ratio taken inside a round, so a machine whose speed drifts moves both sides.
+
 Every scenario's requests carry distinct inputs (a pool of POOL blocks per variant, no
 two requests in flight alike), except the images scenario 4 sends to several endpoints.
 
@@ -41,16 +47,22 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import yaml
-from tritonclient.grpc import service_pb2
+
+try:
+    from tritonclient.grpc import service_pb2
+except ImportError:  # no tritonclient (scripts/device-check.sh): the same messages,
+    # generated in the project from the same proto
+    from service.protocol.generated import grpc_predict_v2_pb2 as service_pb2
 
 from service.settings import Settings, available_cpus, inter_op_threads, intra_op_threads
 
@@ -185,9 +197,10 @@ def serve_command(repository: Path, grpc_port: int, metrics_port: int) -> list[s
 
 
 def tapserve(name: str, repository: Path, out: Path, args: argparse.Namespace,
-             models: list[str]) -> tuple[ServerProcess, str]:
+             models: list[str], backend: str | None = None) -> tuple[ServerProcess, str]:
     grpc_port, metrics_port = free_port(), free_port()
     command = serve_command(repository, grpc_port, metrics_port) + [
+        "--backend", backend or args.backends[0],
         "--cpu-batches-in-flight", str(args.cpu_batches_in_flight),
         "--intra-op-threads", str(args.threading["intra_op_threads"]),
         "--inter-op-threads", str(args.threading["inter_op_threads"])]
@@ -315,16 +328,8 @@ def scenario1(models: dict, out: Path, args: argparse.Namespace) -> dict:
                                   metrics_url, TAPSERVE_BATCH))
     head = next(p for p in points if p.concurrency == HEADLINE[1])
     batch = round(head.mean_batch or args.s1_batch)
-    result_path = out / "points" / "s1_inprocess.json"
-    command = [PYTHON, str(BENCH / "inprocess.py"), "--model", models["paths"]["ae28"],
-               "--batch", str(batch), "--threads", str(args.cpu_batches_in_flight),
-               "--intra-op-threads", str(args.ceiling_intra_op_threads),
-               "--inter-op-threads", str(args.ceiling_inter_op_threads),
-               "--warmup", str(args.warmup), "--duration", str(args.duration),
-               "--out", str(result_path)]
-    log(f"in-process ceiling: ae28 at batch {batch}, {args.cpu_batches_in_flight} threads")
-    subprocess.run(command, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    inproc = json.loads(result_path.read_text())
+    inproc = in_process(models["paths"]["ae28"], batch, args.backends[0], out, args,
+                        "s1_inprocess")
     served = head.row()
     ratio = served["rows_per_s"] / inproc["rows_per_s"]
     # Rows per CPU-second, server process (all threads) vs in-process: what the serving
@@ -336,6 +341,79 @@ def scenario1(models: dict, out: Path, args: argparse.Namespace) -> dict:
     return {"points": [p.row() for p in points], "inprocess": inproc,
             "headline_concurrency": HEADLINE[1], "ratio": ratio,
             "ratio_per_cpu_second": per_core, "target": 0.90, "met": ratio >= 0.90}
+
+
+def in_process(model_path: str, batch: int, backend: str, out: Path,
+               args: argparse.Namespace, tag: str) -> dict:
+    """The in-process ceiling (bench/inprocess.py) of one model at one batch size."""
+    result_path = out / "points" / f"{tag}.json"
+    command = [PYTHON, str(BENCH / "inprocess.py"), "--backend", backend,
+               "--model", model_path, "--batch", str(batch),
+               "--threads", str(args.cpu_batches_in_flight),
+               "--intra-op-threads", str(args.ceiling_intra_op_threads),
+               "--inter-op-threads", str(args.ceiling_inter_op_threads),
+               "--warmup", str(args.warmup), "--duration", str(args.duration),
+               "--out", str(result_path)]
+    log(f"in-process ceiling on {backend}: {Path(model_path).parts[-3]} at batch {batch}, "
+        f"{args.cpu_batches_in_flight} threads")
+    subprocess.run(command, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return json.loads(result_path.read_text())
+
+
+def side_by_side(scenario: int, models: dict, out: Path, args: argparse.Namespace) -> dict:
+    """Scenario 1 or 2 on each backend of --backend, in alternating order round by round;
+    the first backend over the second, per round, then the median."""
+    model = {1: "ae28", 2: "dense64"}[scenario]
+    repo = (out / "models" / "s1" if scenario == 1
+            else s2_repository(out, Policy(args.s2_batch, args.s2_delays[0])))
+    spec, concurrency = request_mix(scenario), HEADLINE[scenario]
+    servers = {b: tapserve(f"tapserve-{b}-s{scenario}", repo, out, args, [model], b)
+               for b in args.backends}
+    rounds: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        for server, _ in servers.values():
+            stack.enter_context(running(server))
+        for r in range(args.rounds):
+            measured = {}
+            for b in args.backends if r % 2 == 0 else args.backends[::-1]:
+                server, metrics_url = servers[b]
+                point = measure(server, spec, concurrency, out, args, f"s{scenario}_{b}_r{r}",
+                                metrics_url, TAPSERVE_BATCH)
+                batch = max(1, round(point.mean_batch or 1))
+                inproc = in_process(models["paths"][model], batch, b, out, args,
+                                    f"s{scenario}_{b}_r{r}_inprocess")
+                measured[b] = {**point.row(), "inprocess_batch": batch,
+                               "inprocess_rows_per_s": inproc["rows_per_s"],
+                               "inprocess_cores": inproc["cpu_cores"],
+                               "served_over_inprocess": point.row()["rows_per_s"]
+                               / inproc["rows_per_s"]}
+            rounds.append(measured)
+    result = {"model": model, "backends": args.backends, "concurrency": concurrency,
+              "rounds": rounds, **backend_ratios(rounds, args.backends)}
+    first, second = args.backends[:2]
+    log(f"scenario {scenario}: {first}/{second} served rows/s {result['served_ratio']:.2f}, "
+        f"p99 {result['p99_ratio']:.2f}, in-process {result['inprocess_ratio']:.2f} "
+        f"(medians of {args.rounds} rounds)")
+    return result
+
+
+def backend_ratios(rounds: list[dict], backends: list[str]) -> dict:
+    """The first backend's figures over the second's, each the median over rounds of the
+    ratio inside a round; per CPU-second too (the server's process tree, the in-process
+    run's), which holds better than rows/s when other work takes the cores."""
+    first, second = backends[:2]
+
+    def median(value: Callable[[dict], float]) -> float:
+        return statistics.median(value(m[first]) / value(m[second]) for m in rounds)
+
+    return {"served_ratio": median(lambda m: m["rows_per_s"]),
+            "p99_ratio": median(lambda m: m["p99_ms"]),
+            "inprocess_ratio": median(lambda m: m["inprocess_rows_per_s"]),
+            "served_per_cpu_ratio": median(lambda m: m["rows_per_s"] / m["server_cpu"]),
+            "inprocess_per_cpu_ratio": median(
+                lambda m: m["inprocess_rows_per_s"] / m["inprocess_cores"]),
+            "served_over_inprocess": {b: statistics.median(
+                m[b]["served_over_inprocess"] for m in rounds) for b in backends}}
 
 
 def mlserver(out: Path, model_path: str, policy: Policy,
@@ -500,8 +578,9 @@ def machine() -> dict:
                   if line.startswith("Model name")), platform.processor())
     mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemTotal"))
-    versions = run(PYTHON, "-c", "import importlib.metadata as m; print(' '.join("
-                   "f'{p} {m.version(p)}' for p in ('tensorflow', 'keras', 'grpcio', 'tapserve')))")
+    versions = run(PYTHON, "-c", "import importlib.metadata as m\nfor p in ('tensorflow', "
+                   "'jax', 'keras', 'grpcio', 'tapserve'):\n try: print(p, m.version(p), end=', ')"
+                   "\n except m.PackageNotFoundError: pass").strip(", ")
     commit = run("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD")
     dirty = run("git", "-C", str(ROOT), "status", "--porcelain", "--", "service")
     return {"nproc": os.cpu_count(), "cpu": model, "memory_gib": round(mem_kb / 2**20, 1),
@@ -542,6 +621,9 @@ def report(results: dict) -> str:
         if key not in results["scenarios"]:
             continue
         s = results["scenarios"][key]
+        if "rounds" in s:
+            lines += side_by_side_report(title, s)
+            continue
         lines += [f"### {title}", "", header, "|" + " --- |" * 15]
         for r in s["points"]:
             lines.append(
@@ -557,7 +639,9 @@ def report(results: dict) -> str:
         if key == "s1":
             ip = s["inprocess"]
             lines.append(
-                f"In-process ceiling (same model, `tf.function`, batch {ip['batch']} = the "
+                f"In-process ceiling (same model, "
+                f"{'`jax.jit`' if results.get('backends') == ['jax'] else '`tf.function`'}, "
+                f"batch {ip['batch']} = the "
                 f"served mean batch, {ip['threads']} threads, intra-op "
                 f"{ip['intra_op_threads']}, inter-op {ip['inter_op_threads']}): "
                 f"{ip['rows_per_s']:.0f} rows/s, p50 {ip['p50_ms']:.2f} ms per call, "
@@ -589,6 +673,30 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def side_by_side_report(title: str, s: dict) -> list[str]:
+    """One scenario on several backends: each round's points, then the median ratios."""
+    lines = [f"### {title}, backends side by side ({s['concurrency']} in flight)", "",
+             "| round | backend | rows/s | p50 ms | p99 ms | mean batch | server cores "
+             "| in-process rows/s (batch) | in-process cores | served / in-process |",
+             "|" + " --- |" * 10]
+    for r, measured in enumerate(s["rounds"]):
+        for b, m in measured.items():
+            lines.append(
+                f"| {r + 1} | {b} | {m['rows_per_s']:.0f} | {m['p50_ms']:.2f} | "
+                f"{m['p99_ms']:.2f} | {fmt(m['mean_batch'], 1)} | {fmt(m['server_cpu'], 2)} | "
+                f"{m['inprocess_rows_per_s']:.0f} ({m['inprocess_batch']}) | "
+                f"{m['inprocess_cores']:.2f} | {m['served_over_inprocess']:.2f} |")
+    first, second = s["backends"][:2]
+    lines += ["", f"**{first} / {second}, medians of the rounds' ratios: served rows/s "
+              f"{s['served_ratio']:.2f}, p99 {s['p99_ratio']:.2f}, in-process rows/s "
+              f"{s['inprocess_ratio']:.2f}**; per CPU-second: served "
+              f"{s['served_per_cpu_ratio']:.2f}, in-process {s['inprocess_per_cpu_ratio']:.2f}; "
+              "served / in-process: "
+              + ", ".join(f"{b} {v:.2f}" for b, v in s["served_over_inprocess"].items())
+              + ".", ""]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default="1,2,3,4", help="comma-separated: 1,2,3,4")
@@ -618,9 +726,20 @@ def main() -> None:
                         "its threads; inter-op: every CPU, as it has no front end to leave "
                         "room for)")
     parser.add_argument("--ceiling-inter-op-threads", type=int, default=None)
+    parser.add_argument("--backend", default="tensorflow",
+                        help="tensorflow or jax; two, comma-separated (jax,tensorflow): "
+                        "scenarios 1 and 2 on both, side by side, the first over the second")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds when backends run side by side")
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     args = parser.parse_args()
     scenarios = sorted({int(s) for s in args.scenarios.split(",")})
+    args.backends = args.backend.split(",")
+    if not set(args.backends) <= {"tensorflow", "jax"} or len(set(args.backends)) != len(
+            args.backends):
+        parser.error(f"--backend {args.backend}: tensorflow, jax, or both comma-separated")
+    if len(args.backends) > 1 and not set(scenarios) <= {1, 2}:
+        parser.error("backends side by side run scenarios 1 and 2 only (--scenarios 1,2)")
     settings = Settings(cpu_batches_in_flight=args.cpu_batches_in_flight,
                         intra_op_threads=args.intra_op_threads,
                         inter_op_threads=args.inter_op_threads)
@@ -643,7 +762,7 @@ def main() -> None:
                "command": " ".join([Path(PYTHON).relative_to(ROOT).as_posix()
                                     if Path(PYTHON).is_relative_to(ROOT) else PYTHON,
                                     *sys.argv]),
-               "machine": machine(), "delay_ms": args.delay_ms,
+               "machine": machine(), "delay_ms": args.delay_ms, "backends": args.backends,
                "threading": {**args.threading, "batches_in_flight": args.cpu_batches_in_flight},
                "scenarios": {}}
     log(f"building models into {out / 'models'}")
@@ -651,6 +770,8 @@ def main() -> None:
                           args.delay_ms)
     results["models"] = models
     runners = {1: scenario1, 2: scenario2, 3: scenario3, 4: scenario4}
+    if len(args.backends) > 1:
+        runners = {s: (lambda m, o, a, s=s: side_by_side(s, m, o, a)) for s in (1, 2)}
     for s in scenarios:
         log(f"scenario {s}")
         results["scenarios"][f"s{s}"] = runners[s](models, out, args)

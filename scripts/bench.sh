@@ -3,6 +3,7 @@
 #   scripts/bench.sh                      # scenarios 1-3, Tapserve alone (~5 min)
 #   scripts/bench.sh --peers              # + MLServer and PyTriton in scenario 2
 #   scripts/bench.sh --scenarios 1 --duration 5 --no-sweep
+#   scripts/bench.sh --backend jax,tensorflow --scenarios 1,2   # both backends side by side
 # .venv comes from scripts/setup.sh (the load client builds requests with tritonclient,
 # a test extra). With --peers, each peer gets its own venv under bench/.venvs, pinned by
 # bench/requirements-*.txt (about 2.4 GB each; the first install takes minutes).
