@@ -7,13 +7,15 @@ imports tensorflow, and one on tensorflow never imports jax.
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import logging
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 from service.errors import ConfigError
@@ -50,10 +52,25 @@ def select(backend: Backend, gpu_memory_limit_mb: int | None = None) -> None:
                 f"its own (or set KERAS_BACKEND={backend} before keras is imported)")
         return
     os.environ["KERAS_BACKEND"] = backend
-    if backend == "jax":  # memory grows as needed, as TensorFlow's memory growth does
+    if backend == "jax":
+        if "tensorflow" not in sys.modules:
+            sys.meta_path.insert(0, _WithoutTensorFlow())
+        # Memory grows as needed, as TensorFlow's memory growth does.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if gpu_memory_limit_mb:
             _jax_memory_fraction(gpu_memory_limit_mb)
+
+
+class _WithoutTensorFlow(importlib.abc.MetaPathFinder):
+    """On jax, TensorFlow stays out of the process even where it is installed: Keras uses
+    it when it finds it (its .h5 reader imports it to decode shapes), and then takes the
+    path it takes on a machine without it, as a JAX deployment has."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> None:
+        if fullname.partition(".")[0] in ("tensorflow", "tensorflow_serving"):
+            raise ModuleNotFoundError(f"No module named {fullname!r}: this server runs on "
+                                      "jax", name=fullname)
 
 
 def _jax_memory_fraction(limit_mb: int) -> None:
@@ -136,6 +153,16 @@ def refuse_load_failure(path: object, exc: Exception) -> ConfigError | None:
     what = f"TensorFlow-only layers ({', '.join(layers)})" if layers else "TensorFlow"
     return ConfigError(f"{path}: the model needs {what}: it serves with --backend tensorflow; "
                        "this server runs jax", category="refused: it needs the tensorflow backend")
+
+
+def refuse_tensorflow_layers(classes: set[str], name: str) -> None:
+    """ConfigError naming the backend model `name` needs, if its saved config names layers
+    that run only on TensorFlow (checked before Keras builds them)."""
+    layers = sorted(classes.intersection(TENSORFLOW_ONLY))
+    if layers:
+        raise ConfigError(f"model {name!r} has TensorFlow-only layers ({', '.join(layers)}): "
+                          "it serves with --backend tensorflow; this server runs jax",
+                          category="refused: it needs the tensorflow backend")
 
 
 def refuse_tensorflow_only(graph: TapGraph, name: str) -> None:

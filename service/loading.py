@@ -83,28 +83,52 @@ def check_model_file(path: Path, fmt: str) -> None:
                           category="its model file is not valid")
 
 
-def _uses_lambda(config: object) -> bool:
+def _classes(config: object) -> set[str]:
+    """Every layer class a saved model config names, nested models' included."""
     if isinstance(config, dict):
-        return config.get("class_name") == "Lambda" or any(
-            _uses_lambda(v) for v in config.values())
+        own = {config["class_name"]} if isinstance(config.get("class_name"), str) else set()
+        return own.union(*(_classes(v) for v in config.values()))
     if isinstance(config, list):
-        return any(_uses_lambda(v) for v in config)
-    return False
+        return set().union(*(_classes(v) for v in config))
+    return set()
+
+
+def _saved_config(path: Path, fmt: str) -> object:
+    """The model config stored in a .keras (config.json) or .h5 (model_config) file, read
+    without building the model; None if the file holds none."""
+    try:
+        if fmt == "h5":
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("model_config")
+        else:
+            with zipfile.ZipFile(path) as z:
+                raw = z.read("config.json") if "config.json" in z.namelist() else None
+    except (OSError, zipfile.BadZipFile):
+        return None  # keras says what is wrong with the file
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def load_keras(path: Path, fmt: str, allow_lambda: bool,
-               custom_objects: dict[str, Any] | None = None) -> keras.Model:
-    """Load a .keras or legacy .h5 model, refusing Lambda layers unless allowed."""
+               custom_objects: dict[str, Any] | None = None,
+               backend: Backend = "tensorflow", name: str = "") -> keras.Model:
+    """Load a .keras or legacy .h5 model, refusing Lambda layers unless allowed, and on jax
+    the layers only TensorFlow runs: before Keras builds them, as building one (a
+    StringLookup) imports TensorFlow wherever it is installed."""
     check_model_file(path, fmt)
     lambda_refused = ConfigError(
         f"{path}: the model has a Lambda layer, and loading it runs code stored in the file; "
         "set `allow_lambda: true` in its config.yaml if you trust the file",
         category="refused: it has a Lambda layer (allow_lambda)")
-    if fmt == "h5" and not allow_lambda:
-        with h5py.File(path, "r") as f:
-            raw = f.attrs.get("model_config")
-        if raw is not None and _uses_lambda(json.loads(raw)):
-            raise lambda_refused
+    classes = _classes(_saved_config(path, fmt))
+    if fmt == "h5" and not allow_lambda and "Lambda" in classes:
+        raise lambda_refused
+    if backend == "jax":
+        backends.refuse_tensorflow_layers(classes, name or str(path))
     try:
         with keras.saving.custom_object_scope(custom_objects or {}):
             return keras.models.load_model(path, compile=False, safe_mode=not allow_lambda,
@@ -135,7 +159,8 @@ def build_keras_model(source: ModelSource, devices: Sequence[str], batches_per_d
     config = source.config
     custom_objects, modules = import_model_code(source, allow_model_code)
     try:
-        model = load_keras(source.path, source.format, config.allow_lambda, custom_objects)
+        model = load_keras(source.path, source.format, config.allow_lambda, custom_objects,
+                           backend, source.name)
         try:
             graph = TapGraph(model)
         except TypeError as exc:
