@@ -3,6 +3,8 @@ its batcher. Its life: start → infer … → close (stop taking work, finish i
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -24,6 +26,7 @@ from service.validation import suggest
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "default"
+_LIBC = ctypes.CDLL(None)  # the process's C library (malloc_trim, where glibc)
 # The most bytes of outputs one request may ask for, unless the loader sets the server's.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 # What a response takes beside its outputs' values: its model name, version and id, and each
@@ -147,6 +150,7 @@ class LoadedModel:
         """Free the compute threads and forget the version's own code modules."""
         self.runtime.close()
         forget_model_code(self._code_modules)
+        return_freed_memory()
 
     def warm_up(self, shared_passes: bool) -> None:
         """Compile every endpoint's function (and the shared pass of endpoints with the
@@ -250,6 +254,17 @@ class LoadedModel:
                 item = 5 if spec.dtype == STRING else np.dtype(spec.dtype).itemsize
             self._row_bytes[key] = math.prod(d or 1 for d in spec.shape[1:]) * item
         return self._row_bytes[key]
+
+
+def return_freed_memory() -> None:
+    """Hand the heap an unloaded version freed back to the system. glibc keeps freed
+    memory for reuse, and XLA's compiled programs leave it fragmented: without this a
+    server on jax that loads and unloads versions grew by ~3 MiB a cycle. (No-op where
+    the C library has no malloc_trim.)"""
+    gc.collect()
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _check_input(spec: TensorSpec, array: np.ndarray) -> int:

@@ -344,6 +344,17 @@ class JaxRuntime(Runtime):
         with self._lock:
             return self._functions.setdefault((inputs, outputs), run)
 
+    def close(self) -> None:
+        """Finish the batches in hand, then drop the executables and the weights on each
+        device: an unloaded version's compiled programs go with it."""
+        super().close()
+        with self._lock:
+            self._cache.clear()
+            self._pinned.clear()
+            self._functions.clear()
+            self._explainers.clear()
+            self._values.clear()
+
     def cached_executables(self) -> int:
         """Executables in the LRU (warm-up's not counted)."""
         with self._lock:
