@@ -27,6 +27,9 @@ if [ "${TAPSERVE_BACKEND:-tensorflow}" = tensorflow ]; then
   /tmp/suite/bin/pip install --quiet --disable-pip-version-check --no-deps $tfs
 else
   select="not frontend_only"
+  # XLA's programs kept on disk for the run, as scripts/test.sh does.
+  export JAX_COMPILATION_CACHE_DIR=/tmp/xla-cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
   inprocess="tests/test_runtime_jax.py tests/test_no_tensorflow.py tests/test_packaging.py"
   e2e="tests/e2e/test_serving.py tests/e2e/test_tfserving.py tests/e2e/test_explain.py"
 fi

@@ -48,7 +48,13 @@ echo "test: pytest --e2e (tapserve serve + stock tritonclient)"
 .venv/bin/python -m pytest --e2e "$@"
 # The JAX part: every test that runs a model, on --backend jax without TensorFlow. Left
 # out: what is the same on every backend (the front doors: marker frontend_only; the
-# deploy linters, files only), run once above.
+# deploy linters, files only), run once above. XLA's compiled programs are kept on disk
+# for this run (docs/backends.md: the compile cache), as a deployment would: the suite
+# loads the same small models many times, and each load compiles its batch-size ladder.
+JAX_COMPILATION_CACHE_DIR=$(mktemp -d)
+trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 echo "test: pytest on jax, no TensorFlow (.venv-jax, in-process)"
 TAPSERVE_BACKEND=jax .venv-jax/bin/python -m pytest --ignore=tests/deploy \
   -m "not frontend_only" "$@"
