@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Built on the backend the server will run (a JAX-only venv has no TensorFlow to build on).
+os.environ.setdefault("KERAS_BACKEND", os.environ.get("TAPSERVE_BACKEND", "tensorflow"))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
