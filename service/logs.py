@@ -65,6 +65,9 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     # TensorFlow's Python warnings (e.g. "retracing" while every endpoint compiles at load)
     # are about its internals, not the server's events.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # JAX's INFO lines about platforms it probes and does not find ("Unable to initialize
+    # backend 'tpu'") on every host: the server logs the devices it found.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def client_gone(record: logging.LogRecord) -> bool:
