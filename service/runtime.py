@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -37,6 +40,80 @@ def zeros(spec: TensorSpec, rows: int) -> np.ndarray:
 def pad_rows(rows: int, limit: int) -> int:
     """The padded batch size under XLA: the next power of two, so few shapes compile."""
     return min(1 << max(rows - 1, 0).bit_length(), max(limit, rows))
+
+
+K = TypeVar("K", bound=Hashable)
+F = TypeVar("F")
+
+
+class CompiledStore(Generic[K, F]):
+    """A runtime's compiled functions by key, and the budget of compiles on the request path.
+
+    What warm-up compiles (and a full pass) is pinned for the version's life; what the
+    request path compiles sits in an LRU of `size`, so a client cycling taps cannot grow
+    it, nor evict the endpoints' own. A compile (a trace, an XLA program) holds a core and
+    often the GIL for a while, stalling every request: past `budget` of them in
+    TRACE_INTERVAL_S, `may_compile` says no and the runtime serves another way.
+    """
+
+    def __init__(self, size: int, budget: int = TRACE_BUDGET) -> None:
+        self.size = size
+        self.budget = budget
+        self.warming = False  # set while warm-up compiles: pinned, and not budgeted
+        self._lru: OrderedDict[K, F] = OrderedDict()
+        self._pinned: dict[K, F] = {}
+        self._begun: deque[float] = deque()  # when request-path compiles began
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> F | None:
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return self._lru[key]
+            return self._pinned.get(key)
+
+    def pinned(self, key: K) -> F | None:
+        with self._lock:
+            return self._pinned.get(key)
+
+    def put(self, key: K, fn: F, pin: bool = False) -> F:
+        """Keep `fn` (pinned while warming or if `pin`); return the one kept under `key`
+        (a pinned one another thread compiled first wins)."""
+        with self._lock:
+            if self.warming or pin:
+                return self._pinned.setdefault(key, fn)
+            self._lru[key] = fn
+            while len(self._lru) > self.size:
+                self._lru.popitem(last=False)
+            return fn
+
+    def may_compile(self) -> bool:
+        """Count one request-path compile against the budget if it has room."""
+        now = time.monotonic()
+        with self._lock:
+            if self.warming:
+                return True
+            while self._begun and self._begun[0] < now - TRACE_INTERVAL_S:
+                self._begun.popleft()
+            if len(self._begun) >= self.budget:
+                return False
+            self._begun.append(now)
+            return True
+
+    def held(self) -> list[K]:
+        """Every key held, pinned or in the LRU."""
+        with self._lock:
+            return [*self._pinned, *self._lru]
+
+    def cached(self) -> list[K]:
+        """The LRU's keys (what the request path compiled), least recently used first."""
+        with self._lock:
+            return list(self._lru)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lru.clear()
+            self._pinned.clear()
 
 
 class Runtime:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -32,7 +31,7 @@ from service.errors import InvalidInput, Overloaded
 from service.explain import TARGET_SPEC, Explanation
 from service.explain_jax import JaxExplainer, abstract, x32
 from service.graph import TapGraph
-from service.runtime import TRACE_BUDGET, TRACE_INTERVAL_S, Arrays, Runtime, zeros
+from service.runtime import TRACE_BUDGET, TRACE_INTERVAL_S, Arrays, CompiledStore, Runtime, zeros
 from service.settings import available_cpus
 from service.types import Batch, TensorSpec
 
@@ -116,14 +115,11 @@ class JaxRuntime(Runtime):
         self._devices = {d: device_of(d) for d in self.devices}
         self._values = {d: [jax.device_put(v.value, dev) for v in self._variables]
                         for d, dev in self._devices.items()}
-        self._cache: OrderedDict[ExecKey, Executable] = OrderedDict()
-        self._cache_size = cache_size
-        self._pinned: dict[ExecKey, Executable] = {}  # warm-up's and full passes
+        # Warm-up's and full passes pinned, the request path's compiles in an LRU, budgeted.
+        self._compiled: CompiledStore[ExecKey, Executable] = CompiledStore(cache_size,
+                                                                             trace_budget)
         self._functions: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         self._explainers: dict[Explanation, JaxExplainer] = {}
-        self._warming = False
-        self._trace_budget = trace_budget
-        self._traced: deque[float] = deque()  # when request-path compiles began
         self._lock = threading.Lock()
         self._local = threading.local()  # the device the current thread computes on
         self.compiles = 0  # executables compiled, warm-up's included (tests read it)
@@ -154,7 +150,7 @@ class JaxRuntime(Runtime):
     def _input_error(self, exc: Exception) -> str | None:
         # XLA checks no values at run time (an index out of range is clamped, not refused):
         # what reaches here is a shape the model cannot take, found while compiling it.
-        if isinstance(exc, (ValueError, TypeError)) and not self._warming:
+        if isinstance(exc, (ValueError, TypeError)) and not self._compiled.warming:
             return str(exc).strip().splitlines()[0]
         return None
 
@@ -165,7 +161,7 @@ class JaxRuntime(Runtime):
         """Compile every ladder size on every device (kept for good: never evicted, not
         counted against the budget), and run once, so no request pays for a compile."""
         started, before = time.perf_counter(), self.compiles
-        self._warming = True
+        self._compiled.warming = True
         try:
             super().warm_up(source, outputs, masks)  # runs one batch: it must compute
             inputs, _ = self.specs(source)
@@ -180,7 +176,7 @@ class JaxRuntime(Runtime):
                                   [(d, s) for d in self.devices for s in sizes]):
                     pass
         finally:
-            self._warming = False
+            self._compiled.warming = False
         what = (f"explain endpoint {source.endpoint!r}" if isinstance(source, Explanation)
                 else f"inputs {list(cast(tuple[str, ...], source))} -> {list(outputs)}")
         log.info("compiled %d executables for %s in %.2f s (batch sizes %s)",
@@ -230,7 +226,7 @@ class JaxRuntime(Runtime):
         n = batch.rows
         size = rung(n, self.ladder)
         feeds = pad(batch.feeds, size)
-        if not explainer.compiled(feeds, size, device) and not self._may_compile():
+        if not explainer.compiled(feeds, size, device) and not self._compiled.may_compile():
             raise self._over_budget(feeds)
         attribution = explainer(feeds, size, device,
                                 self._values[device], self._devices[device])[:n]
@@ -258,59 +254,37 @@ class JaxRuntime(Runtime):
         past the budget, the inputs' full pass at this shape (every tap; compiled once and
         kept) when the shape is one already compiled for; else RESOURCE_EXHAUSTED."""
         key = _key(inputs, outputs, feeds, size, device)
-        fn = self._cached(key)
+        fn = self._compiled.get(key)
         if fn is not None:
             return fn
-        if self._may_compile():
+        if self._compiled.may_compile():
             return self._executable(inputs, outputs, feeds, size, device)
         full = tuple(sorted(self.graph.computable(inputs)))
         full_key = _key(inputs, full, feeds, size, device)
-        with self._lock:
-            fn = self._pinned.get(full_key)
-            known = any(k[0] == inputs and k[2] == key[2]
-                        for k in (*self._pinned, *self._cache))
+        fn = self._compiled.pinned(full_key)
+        known = any(k[0] == inputs and k[2] == key[2] for k in self._compiled.held())
         if fn is not None:
             return fn
         if known:
             log.warning("the compile budget of %d per %d s is spent: compiling the full pass "
                         "of inputs %s at %d rows, which serves taps asked from now on",
-                        self._trace_budget, TRACE_INTERVAL_S, list(inputs), size)
+                        self._compiled.budget, TRACE_INTERVAL_S, list(inputs), size)
             return self._executable(inputs, full, feeds, size, device, pin=True)
         raise self._over_budget(feeds)
 
     def _over_budget(self, feeds: Arrays) -> Overloaded:
         shapes = ", ".join(f"{n} {list(a.shape[1:])}" for n, a in sorted(feeds.items()))
         return Overloaded(f"inputs of shapes {shapes} need a new compiled program, and this "
-                          f"model's budget of {self._trace_budget} compiles per "
+                          f"model's budget of {self._compiled.budget} compiles per "
                           f"{TRACE_INTERVAL_S} s on the request path is spent: retry later, "
                           "or send shapes already served")
-
-    def _cached(self, key: ExecKey) -> Executable | None:
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            return self._pinned.get(key)
-
-    def _may_compile(self) -> bool:
-        """Count one request-path compile against the budget if it has room."""
-        now = time.monotonic()
-        with self._lock:
-            if self._warming:
-                return True
-            while self._traced and self._traced[0] < now - TRACE_INTERVAL_S:
-                self._traced.popleft()
-            if len(self._traced) >= self._trace_budget:
-                return False
-            self._traced.append(now)
-            return True
 
     def _executable(self, inputs: tuple[str, ...], outputs: tuple[str, ...], feeds: Arrays,
                     size: int, device: str, pin: bool = False) -> Executable:
         """Compile the cut for these feeds' shapes on `device`, and keep it (warm-up's and
         `pin`'s for good; others in the LRU of compiled_cache_size executables)."""
         key = _key(inputs, outputs, feeds, size, device)
-        fn = self._cached(key)
+        fn = self._compiled.get(key)
         if fn is not None:
             return fn
         dev = self._devices[device]
@@ -319,13 +293,7 @@ class JaxRuntime(Runtime):
             self._values[device], placeholders).compile())
         with self._lock:
             self.compiles += 1
-            if self._warming or pin:
-                self._pinned[key] = compiled
-            else:
-                self._cache[key] = compiled
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        return compiled
+        return self._compiled.put(key, compiled, pin)
 
     def _function(self, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
         """The cut as a pure function of (variable values, feeds)."""
@@ -348,17 +316,15 @@ class JaxRuntime(Runtime):
         """Finish the batches in hand, then drop the executables and the weights on each
         device: an unloaded version's compiled programs go with it."""
         super().close()
+        self._compiled.clear()
         with self._lock:
-            self._cache.clear()
-            self._pinned.clear()
             self._functions.clear()
             self._explainers.clear()
             self._values.clear()
 
     def cached_executables(self) -> int:
         """Executables in the LRU (warm-up's not counted)."""
-        with self._lock:
-            return len(self._cache)
+        return len(self._compiled.cached())
 
 
 def _index_ranges(graph: TapGraph) -> dict[str, int]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -22,7 +20,7 @@ from service.errors import ConfigError
 from service.explain import TARGET_SPEC, Explanation
 from service.explain_tf import Explainers
 from service.graph import TapGraph
-from service.runtime import TRACE_BUDGET, TRACE_INTERVAL_S, Arrays, Runtime, pad_rows
+from service.runtime import TRACE_BUDGET, TRACE_INTERVAL_S, Arrays, CompiledStore, Runtime, pad_rows
 from service.savedmodel_ops import disallowed_ops
 from service.types import STRING, Batch, TensorSpec
 
@@ -111,13 +109,9 @@ class KerasRuntime(_TensorFlowPlacement, Runtime):
         self.graph = graph
         self.jit_compile = jit_compile
         self.max_batch_size = max_batch_size
-        self._cache: OrderedDict[CutKey, Compiled] = OrderedDict()
-        self._cache_size = cache_size
-        self._pinned: dict[CutKey, Compiled] = {}  # warm-up's and full passes: never evicted
+        # Warm-up's and full passes pinned, the request path's traces in an LRU, budgeted.
+        self._compiled: CompiledStore[CutKey, Compiled] = CompiledStore(cache_size, trace_budget)
         self._no_full_pass: set[CutKey] = set()
-        self._warming = False
-        self._trace_budget = trace_budget
-        self._traced: deque[float] = deque()  # when request-path traces began, in the interval
         # The inputs' non-batch shapes XLA compiles for.
         self._xla_shapes: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
         self._xla_limit = xla_shapes
@@ -145,50 +139,22 @@ class KerasRuntime(_TensorFlowPlacement, Runtime):
                 masks: Arrays | None = None) -> None:
         # What warm-up compiles stays compiled and is not counted against the budget: a
         # client cycling taps must not evict the endpoints' own functions.
-        self._warming = True
+        self._compiled.warming = True
         try:
             super().warm_up(source, outputs, masks)
         finally:
-            self._warming = False
+            self._compiled.warming = False
 
     def function(self, inputs: tuple[str, ...], outputs: Iterable[str], masked: bool,
                  jit: bool | None = None) -> Compiled:
         """The compiled function for this cut, built once and kept (LRU-bounded, keyed by
         the set of outputs). `jit`: compiled by XLA (default: the model's jit_compile)."""
         key = (inputs, tuple(sorted(outputs)), masked, self.jit_compile if jit is None else jit)
-        fn = self._cached(key)
+        fn = self._compiled.get(key)
         return self._trace(key) if fn is None else fn
 
-    def _cached(self, key: CutKey) -> Compiled | None:
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            return self._pinned.get(key)
-
     def _trace(self, key: CutKey) -> Compiled:
-        fn = self._build(*key)
-        with self._lock:
-            if self._warming:
-                self._pinned[key] = fn
-            else:
-                self._cache[key] = fn
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        return fn
-
-    def _may_trace(self) -> bool:
-        """Count one request-path trace against the budget if it has room."""
-        now = time.monotonic()
-        with self._lock:
-            if self._warming:
-                return True
-            while self._traced and self._traced[0] < now - TRACE_INTERVAL_S:
-                self._traced.popleft()
-            if len(self._traced) >= self._trace_budget:
-                return False
-            self._traced.append(now)
-            return True
+        return self._compiled.put(key, self._build(*key))
 
     def _full_pass(self, inputs: tuple[str, ...], masked: bool,
                    jit: bool) -> tuple[Compiled, tuple[str, ...]] | None:
@@ -197,12 +163,12 @@ class KerasRuntime(_TensorFlowPlacement, Runtime):
         outputs = tuple(sorted(self.graph.computable(inputs)))
         key = (inputs, outputs, masked, jit)
         with self._lock:
-            fn = self._pinned.get(key)
             if key in self._no_full_pass:
                 return None
+        fn = self._compiled.pinned(key)
         if fn is None:
             log.warning("the trace budget of %d per %d s is spent: compiling the full pass of "
-                        "inputs %s, which serves taps asked from now on", self._trace_budget,
+                        "inputs %s, which serves taps asked from now on", self._compiled.budget,
                         TRACE_INTERVAL_S, list(inputs))
             try:
                 fn = self._build(inputs, outputs, masked, jit)
@@ -211,8 +177,7 @@ class KerasRuntime(_TensorFlowPlacement, Runtime):
                 with self._lock:
                     self._no_full_pass.add(key)
                 return None
-            with self._lock:
-                fn = self._pinned.setdefault(key, fn)
+            fn = self._compiled.put(key, fn, pin=True)
         return fn, outputs
 
     def _build(self, inputs: tuple[str, ...], outputs: tuple[str, ...], masked: bool,
@@ -250,8 +215,8 @@ class KerasRuntime(_TensorFlowPlacement, Runtime):
         # XLA wants static shapes: it computes every output on every (padded) row.
         masked = masks is not None and not jit
         key: CutKey = (_inputs(batch), tuple(sorted(batch.outputs)), masked, jit)
-        fn = self._cached(key)
-        if fn is None and not self._may_trace():  # past the trace budget: a wider pass
+        fn = self._compiled.get(key)
+        if fn is None and not self._compiled.may_compile():  # past the trace budget: a wider pass
             wider = self._over_budget(batch, jit)
             if wider is not None:
                 fn, masked, masks = wider

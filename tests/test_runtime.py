@@ -80,7 +80,7 @@ def test_compiled_cuts_are_cached_and_bounded(two_heads) -> None:
     assert rt.function(("x",), ("label",), False) is first
     rt.function(("x",), ("score",), False)
     rt.function(("x",), ("branch_a",), False)
-    assert len(rt._cache) == 2 and rt.function(("x",), ("label",), False) is not first
+    assert len(rt._compiled.cached()) == 2 and rt.function(("x",), ("label",), False) is not first
     rt.close()
 
 
@@ -156,11 +156,11 @@ def test_a_shared_pass_asking_part_of_the_warmed_one_traces_nothing(two_heads) -
     rt = KerasRuntime(graph, ["/CPU:0"], 1)
     union = ("branch_a", "branch_b", "label", "score")
     rt.warm_up(("x",), union, {o: np.array([True, i % 2 == 0]) for i, o in enumerate(union)})
-    traced = set(rt._cache)
+    traced = set(rt._compiled.cached())
     feeds = zoo.sample_inputs(model, batch=4)
     masks = {"label": np.array([1, 1, 0, 0], bool), "branch_a": np.array([0, 0, 1, 1], bool)}
     got, _ = asyncio.run(rt.run(Batch(("x",), ("branch_a", "label"), feeds, masks)))
-    assert set(rt._cache) == traced
+    assert set(rt._compiled.cached()) == traced
     assert sorted(got) == ["branch_a", "label"]
     probe = tf.keras.Model(model.inputs, model.get_layer("branch_a").output)
     np.testing.assert_allclose(got["label"], reference(model, feeds)["label"][:2], atol=1e-5)
@@ -168,7 +168,7 @@ def test_a_shared_pass_asking_part_of_the_warmed_one_traces_nothing(two_heads) -
     # A tap outside the warmed pass still gets a function of its own.
     asyncio.run(rt.run(Batch(("x",), ("a_hidden", "label"), feeds,
                              {"label": masks["label"], "a_hidden": masks["branch_a"]})))
-    assert len(rt._cache) == len(traced) + 1
+    assert len(rt._compiled.cached()) == len(traced) + 1
     rt.close()
 
 
