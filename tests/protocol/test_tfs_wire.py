@@ -33,6 +33,7 @@ from tensorflow_serving.apis import (  # noqa: E402
     prediction_service_pb2_grpc,
     regression_pb2,
 )
+from test_tensorproto import SAMPLES as SERVED  # noqa: E402  # the dtypes Tapserve serves
 
 from service.protocol.generated import (  # noqa: E402
     tf_error_codes_pb2,
@@ -155,19 +156,7 @@ def _theirs(ours: Message) -> Message:
 
 
 SAMPLES = {
-    "float16": np.array([[0.5, -2.0], [65504, 0]], np.float16),
-    "float32": np.array([[1.5, -3.25e30], [0, 1e-30]], np.float32),
-    "float64": np.array([1e300, -0.0], np.float64),
-    "int8": np.array([-128, 127], np.int8),
-    "int16": np.array([-32768, 32767], np.int16),
-    "int32": np.array([[-(2**31), 2**31 - 1]], np.int32),
-    "int64": np.array([-(2**63), 2**63 - 1], np.int64),
-    "uint8": np.array([0, 255], np.uint8),
-    "uint16": np.array([0, 65535], np.uint16),
-    "uint32": np.array([0, 2**32 - 1], np.uint32),
-    "uint64": np.array([0, 2**64 - 1], np.uint64),
-    "bool": np.array([[True, False]], bool),
-    "string": np.array([b"a", "\u00e9".encode(), b"\xff\x00"], object),
+    **SERVED,
     # Not served by Tapserve, but TensorProto carries them: the bytes must survive.
     "complex64": np.array([1 + 2j, -3j], np.complex64),
     "complex128": np.array([1e300 + 1j], np.complex128),
