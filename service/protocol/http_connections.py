@@ -18,6 +18,9 @@ import orjson
 from aiohttp import web
 
 HEADERS_END = b"\r\n\r\n"
+# How long a refused connection is read (and its bytes dropped) after its 503, so that a
+# client still sending its request reads the 503 instead of a reset.
+LINGER_S = 1.0
 
 
 class ConnectionGuard:
@@ -32,6 +35,7 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.open = 0
+        self.lingering = 0  # refused connections read until LINGER_S: at most max_connections
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(cast(asyncio.Protocol, self._factory()), self)
@@ -74,6 +78,7 @@ class _Guarded(asyncio.Protocol):
         self._guard = guard
         self._transport: asyncio.Transport | None = None
         self._admitted = False
+        self._lingering = False
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""  # the first request's last bytes, while its headers are awaited
 
@@ -82,7 +87,16 @@ class _Guarded(asyncio.Protocol):
         guard = self._guard
         if guard.max_connections and guard.open >= guard.max_connections:
             self._transport.write(_refusal(guard.max_connections))
-            self._transport.close()
+            # A lingering close: closing at once would answer the request's bytes still
+            # arriving with a reset, which a client reads as a broken pipe, never the 503.
+            if guard.lingering < guard.max_connections and self._transport.can_write_eof():
+                guard.lingering += 1
+                self._lingering = True
+                self._transport.write_eof()
+                self._timer = asyncio.get_running_loop().call_later(
+                    LINGER_S, self._transport.close)
+            else:
+                self._transport.close()
             return
         self._admitted = True
         guard.open += 1
@@ -107,11 +121,13 @@ class _Guarded(asyncio.Protocol):
         return self._inner.eof_received() if self._admitted else None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._lingering:
+            self._guard.lingering -= 1
         if not self._admitted:
             return
         self._guard.open -= 1
-        if self._timer is not None:
-            self._timer.cancel()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

@@ -326,6 +326,32 @@ def http_infer_status(port: int) -> int:
         return error.code
 
 
+def test_a_refused_client_still_sending_its_request_reads_the_503(
+        start_process, repository: Path) -> None:
+    """A connection past --max-http-connections was answered 503 and closed at once: a
+    client still sending its request got a reset (a broken pipe, or the 503 dropped by its
+    kernel), never the 503. The refusal now reads and drops what arrives for a moment
+    before closing."""
+    http_port = free_port()
+    start_process(repository, "--http-port", str(http_port), "--max-http-connections", "1")
+    hog = half_a_header(http_port)
+    try:
+        time.sleep(0.3)
+        late = socket.create_connection(("127.0.0.1", http_port))
+        with late:
+            # The request arrives with the connection: the old server closed with it
+            # unread, and a close with unread bytes is a reset, not a FIN.
+            body = b"x" * 256 * 1024
+            late.sendall(b"POST /v2/models/two_heads/infer HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            late.settimeout(5)
+            answer = late.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        assert b"--max-http-connections" in answer
+    finally:
+        hog.close()
+
+
 def test_stalled_bodies_reserve_what_they_sent_not_what_they_announced(
         start_process, repository: Path) -> None:
     """Issue 18: a chunked body reserved --max-request-bytes (64 MiB) of the 1 GiB
