@@ -157,6 +157,7 @@ def _theirs(ours: Message) -> Message:
 
 SAMPLES = {
     **SERVED,
+    "string": np.array([b"a", "\u00e9".encode(), b"\xff\x00"], object),
     # Not served by Tapserve, but TensorProto carries them: the bytes must survive.
     "complex64": np.array([1 + 2j, -3j], np.complex64),
     "complex128": np.array([1e300 + 1j], np.complex128),
