@@ -40,6 +40,20 @@ def x32(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             for n, a in feeds.items()}
 
 
+def stateless(variables: list[Any], values: list[jax.Array], plan: Any,
+              feeds: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Run `plan` with the model's `variables` reading `values`: the weights as arguments
+    of the compiled function, never constants baked into it."""
+    with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+        return cast(dict[str, jax.Array], plan(feeds))
+
+
+def shapes(feeds: Mapping[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    """Each feed's name, row shape and dtype: what an executable is compiled for, beside
+    the batch size."""
+    return tuple((n, tuple(a.shape[1:]), a.dtype.str) for n, a in sorted(feeds.items()))
+
+
 def _pick(scores: jax.Array, target: jax.Array) -> jax.Array:
     """Each row's score of its target class (its argmax where the target is NO_TARGET)."""
     best = jnp.argmax(scores, axis=-1)
@@ -82,8 +96,7 @@ class JaxExplainer:
 
         def scoped(values: list[jax.Array], plan: Any, feeds: Mapping[str, jax.Array]
                    ) -> dict[str, jax.Array]:
-            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
-                return cast(dict[str, jax.Array], plan(feeds))
+            return stateless(variables, values, plan, feeds)
 
         def model_feeds(feeds: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
             return {n: v for n, v in feeds.items() if n != TARGET}
@@ -150,8 +163,7 @@ class JaxExplainer:
 
     @staticmethod
     def _key(feeds: Mapping[str, np.ndarray], rows: int, device: str) -> Any:
-        shapes = tuple((n, tuple(a.shape[1:]), a.dtype.str) for n, a in sorted(feeds.items()))
-        return rows, device, shapes
+        return rows, device, shapes(feeds)
 
     def compiled(self, feeds: Mapping[str, np.ndarray], rows: int, device: str) -> bool:
         """Whether these feeds' shapes on `device` are compiled already."""

@@ -29,7 +29,7 @@ import numpy as np
 from service.backends import refuse_tensorflow_only
 from service.errors import InvalidInput, Overloaded
 from service.explain import TARGET_SPEC, Explanation
-from service.explain_jax import JaxExplainer, abstract, x32
+from service.explain_jax import JaxExplainer, abstract, shapes, stateless, x32
 from service.graph import TapGraph
 from service.runtime import TRACE_BUDGET, TRACE_INTERVAL_S, Arrays, CompiledStore, Runtime, zeros
 from service.settings import available_cpus
@@ -305,8 +305,7 @@ class JaxRuntime(Runtime):
         variables = self._variables
 
         def run(values: list[jax.Array], feeds: dict[str, jax.Array]) -> dict[str, jax.Array]:
-            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
-                out = plan(feeds)
+            out = stateless(variables, values, plan, feeds)
             return {name: out[name] for name in outputs}
 
         with self._lock:
@@ -354,5 +353,4 @@ def _check_indices(feeds: Arrays, ranges: dict[str, int]) -> None:
 
 def _key(inputs: tuple[str, ...], outputs: tuple[str, ...], feeds: Arrays, size: int,
          device: str) -> ExecKey:
-    shapes = tuple((name, tuple(a.shape[1:]), a.dtype.str) for name, a in sorted(feeds.items()))
-    return inputs, outputs, shapes, size, device
+    return inputs, outputs, shapes(feeds), size, device
