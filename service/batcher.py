@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,7 +31,8 @@ from service.types import Batch
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
-RunBatch = Callable[[Batch], Awaitable[tuple[Arrays, float]]]  # outputs, compute seconds
+# A batch's outputs, and when (time.monotonic()) its compute thread began and ended it.
+RunBatch = Callable[[Batch], Awaitable[tuple[Arrays, float, float]]]
 ISOLATION_LOG_S = 60.0  # at most one line an interval about batches that failed
 
 
@@ -54,7 +56,10 @@ class Work:
     deadline: float | None
     future: asyncio.Future[Arrays]
     enqueued: float = field(default_factory=time.monotonic)
-    started: float | None = None  # when its batch began computing
+    started: float | None = None  # when its batch formed (the times below are its batch's)
+    began: float = 0.0  # a compute thread took the batch
+    ended: float = 0.0  # the thread finished it
+    returned: float = 0.0  # the event loop took the result back and answered the pieces
     trace: RequestTrace | None = None  # its request's spans (tracing on)
     weight: int = 1  # rows of compute per row (an integrated-gradients row runs `steps`)
 
@@ -98,6 +103,23 @@ def split(works: Sequence[Work], batch: Batch, result: Arrays) -> list[Arrays]:
             offsets[name] += w.rows
         parts.append(part)
     return parts
+
+
+class Timeline(NamedTuple):
+    """When a request passed the batcher's stages (time.monotonic()); of a request in
+    several pieces, the piece answered last (a piece waits for its siblings)."""
+
+    enqueued: float  # queued, its checks done
+    started: float  # its batch formed
+    began: float  # a compute thread took its batch
+    ended: float  # the thread finished computing
+    returned: float  # the event loop took the result back
+    resumed: float  # the request's own task ran again, its outputs in hand
+
+    @property
+    def queued(self) -> float:
+        """Seconds it waited for its batch to start."""
+        return self.started - self.enqueued
 
 
 class Group(deque[Work]):
@@ -165,8 +187,9 @@ class Batcher:
         return self._depth
 
     async def submit(self, source: Hashable, feeds: Arrays, outputs: tuple[str, ...],
-                     deadline: float | None = None, weight: int = 1) -> tuple[Arrays, float]:
-        """Queue one request; wait for its outputs and the seconds it spent queued.
+                     deadline: float | None = None, weight: int = 1
+                     ) -> tuple[Arrays, Timeline]:
+        """Queue one request; wait for its outputs and when it passed each stage.
 
         A request larger than max_batch_size is split into pieces and reassembled. Each
         row counts as `weight` rows (the same for every request of one `source`).
@@ -216,11 +239,14 @@ class Batcher:
             self._in_flight -= len(works)
             for w in works:
                 w.future.cancel()  # a no-op once done; frees siblings of a failed piece
-        # Every piece was answered, so its batch started: `started` is set.
-        queued = max(w.started - w.enqueued for w in works if w.started is not None)
+        # Every piece was answered, so its batch started and returned.
+        last = works[0] if len(works) == 1 else max(works, key=lambda w: w.returned)
+        timeline = Timeline(last.enqueued, last.started or last.enqueued, last.began, last.ended,
+                            last.returned, time.monotonic())
         if len(parts) == 1:
-            return parts[0], queued
-        return {name: np.concatenate([p[name] for p in parts]) for name in outputs}, queued
+            return parts[0], timeline
+        return ({name: np.concatenate([p[name] for p in parts]) for name in outputs},
+                timeline)
 
     async def _loop(self) -> None:
         while True:
@@ -271,10 +297,11 @@ class Batcher:
                 group, missed = oldest, self._idle()
             if group is not None:
                 break
-            # One future, resolved by a wake-up or at close_at (loop.time() is monotonic).
+            # One future, resolved by a wake-up or at close_at (on time.monotonic()'s
+            # clock: uvloop's loop.time() is another, in whole milliseconds).
             self._waiter = loop.create_future()
             timer = (None if close_at == float("inf")
-                     else loop.call_at(close_at, self._wake))
+                     else loop.call_later(max(0.0, close_at - now), self._wake))
             try:
                 await self._waiter
             finally:
@@ -345,16 +372,19 @@ class Batcher:
             w.started = w.started or started
         try:
             if rows is None:
-                result, seconds = await self.run(batch)
+                result, began, ended = await self.run(batch)
             else:
-                computed, seconds = await self.run(rows.batch)
+                computed, began, ended = await self.run(rows.batch)
                 result = rows.expand(computed)
             parts = split(works, batch, result)
         except Exception as exc:
             record_batch(works, started, exc)
             return exc
+        returned = time.monotonic()
+        for w in works:
+            w.began, w.ended, w.returned = began, ended, returned
         record_batch(works, started)
-        self._on_batch(batch_rows(works), seconds)
+        self._on_batch(batch_rows(works), ended - began)
         if rows is not None:
             self._on_dedup(rows.saved)
         for w, part in zip(works, parts, strict=True):

@@ -8,6 +8,7 @@ import time
 from importlib.metadata import version as package_version
 from types import TracebackType
 
+from service.batcher import Timeline
 from service.errors import SHUTTING_DOWN, NotFound, NotReady, TapserveError, clip
 from service.metrics import UNKNOWN, Metrics
 from service.model import Endpoint, LoadedModel
@@ -153,7 +154,8 @@ class InferCall:
     its version's statistics and (a failure) logged, once, when its `with` block ends."""
 
     __slots__ = ("_plane", "protocol", "model", "endpoint", "request_id", "started",
-                 "_served", "_resolving", "_computing", "_rows", "_queued", "_done")
+                 "_served", "_resolving", "_computing", "_rows", "_queued", "_decoded",
+                 "_timeline", "_done")
 
     def __init__(self, plane: DataPlane, protocol: str, model: str, endpoint: str | None,
                  request_id: str = "") -> None:
@@ -168,6 +170,8 @@ class InferCall:
         self._computing = False  # inside the version's infer: its statistics count it
         self._rows = 0
         self._queued = 0.0
+        self._decoded = 0.0  # when its tensors were decoded (infer began)
+        self._timeline: Timeline | None = None  # when it passed the batcher's stages
         self._done = False
 
     def resolve(self, model: str, endpoint: str | None, version: str | None) -> Target:
@@ -188,9 +192,11 @@ class InferCall:
         if self._served is None:
             raise RuntimeError("InferCall.infer before resolve")
         served, ep = self._served
+        self._decoded = time.monotonic()
         self._computing = True
-        outputs, self._queued = await served.infer(ep, request.inputs, request.outputs,
-                                                   request.deadline, request.json)
+        outputs, self._timeline = await served.infer(ep, request.inputs, request.outputs,
+                                                     request.deadline, request.json)
+        self._queued = self._timeline.queued
         self._plane.metrics.queue_duration.labels(served.name, ep.name).observe(self._queued)
         self._rows = len(next(iter(request.inputs.values())))
         return InferResponse(served.name, ep.name, served.version, outputs, request.id)
@@ -207,12 +213,15 @@ class InferCall:
         if self._done:
             return
         self._done = True
-        seconds = time.monotonic() - self.started
+        now = time.monotonic()
+        seconds = now - self.started
         served = self._served[0] if self._served else None
         if error is None:
             code = "OK"
             if served is not None and self._computing:
                 served.stats.succeeded(self._rows, seconds, self._queued)
+            if served is not None and self._timeline is not None:
+                self._observe_stages(served.name, self._timeline, now)
         elif isinstance(error, TapserveError):
             code = error.code
             if served is not None:  # refused before decoding or after: the version's failure
@@ -224,6 +233,14 @@ class InferCall:
         metrics = self._plane.metrics
         metrics.requests.labels(model, endpoint, code, self.protocol).inc()
         metrics.request_duration.labels(model, endpoint).observe(seconds)
+
+    def _observe_stages(self, model: str, t: Timeline, now: float) -> None:
+        """Each stage's seconds, from the end of the one before (metrics.STAGES' order)."""
+        marks = (self.started, self._decoded, t.enqueued, t.started, t.began, t.ended,
+                 t.returned, t.resumed, now)
+        for histogram, begin, end in zip(self._plane.metrics.stages(model), marks[:-1], marks[1:],
+                                         strict=True):
+            histogram.observe(max(0.0, end - begin))
 
     def _log(self, error: TapserveError, seconds: float) -> None:
         # Client strings, cut: a log line must stay a line's length (logs.py escapes them).

@@ -18,6 +18,12 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# A request's stages last tens of microseconds to milliseconds.
+STAGE_BUCKETS = (0.000025, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01,
+                 0.02, 0.05, 0.1, 0.25, 1.0, 10.0)
+# A served request's stages, in order (each from the end of the one before; see
+# tapserve_request_stage_seconds and service.dataplane.InferCall).
+STAGES = ("decode", "check", "queue", "handoff", "compute", "return", "resume", "encode")
 
 # The label value for a model or endpoint name nobody serves: unknown names in requests
 # must not create new time series.
@@ -48,6 +54,14 @@ class Metrics:
             "tapserve_explain_compute_duration_seconds", "Time to compute one batch of an "
             "explain endpoint (also counted in tapserve_compute_duration_seconds).",
             ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_stage = Histogram(
+            "tapserve_request_stage_seconds", "Where a successful request's time went, stage "
+            "by stage: decode (from the handler's start: the name resolved, the tensors "
+            "decoded), check (against the endpoint), queue (until its batch formed), handoff "
+            "(until a compute thread took the batch), compute, return (until the event loop "
+            "took the result back), resume (until the request's task ran again), encode "
+            "(its response).", ["model", "stage"], buckets=STAGE_BUCKETS, registry=r)
+        self._stages: dict[str, tuple[Histogram, ...]] = {}
         self.batch_size = Histogram(
             "tapserve_batch_size", "Rows per executed batch.",
             ["model"], buckets=BATCH_BUCKETS, registry=r)
@@ -91,11 +105,22 @@ class Metrics:
 
     def forget_model(self, model: str) -> None:
         """A model left the repository: every series labelled with it goes."""
+        self._stages.pop(model, None)
         for metric in (self.requests, self.request_duration, self.queue_duration,
+                       self.request_stage,
                        self.compute_duration, self.explain_compute_duration,
                        self.batch_size, self.deduplicated_rows,
                        self.model_ready, self.model_load, self.model_load_failures):
             metric.remove_by_labels({"model": model})
+
+    def stages(self, model: str) -> tuple[Histogram, ...]:
+        """The model's stage histograms in STAGES' order, looked up once: each request
+        observes all of them."""
+        children = self._stages.get(model)
+        if children is None:
+            children = self._stages[model] = tuple(
+                self.request_stage.labels(model, stage) for stage in STAGES)
+        return children
 
     def serve(self, host: str, port: int) -> WSGIServer:
         """Serve GET /metrics on its own thread; returns the HTTP server."""

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from service.batcher import Batcher, BatchPolicy
+from service.batcher import Batcher, BatchPolicy, Timeline
 from service.errors import ConfigError, InvalidInput, NotFound, NotReady, clip
 from service.explain import TARGET, Explanation, targets
 from service.modelcode import forget_model_code
@@ -111,11 +111,11 @@ class LoadedModel:
             if on_batch:
                 on_batch(rows, seconds)
 
-        async def timed(batch: Batch) -> tuple[dict[str, np.ndarray], float]:
-            result, seconds = await self.runtime.run(batch)
+        async def timed(batch: Batch) -> tuple[dict[str, np.ndarray], float, float]:
+            result, began, ended = await self.runtime.run(batch)
             if on_explain is not None and isinstance(batch.source, Explanation):
-                on_explain(batch.source.endpoint, seconds)
-            return result, seconds
+                on_explain(batch.source.endpoint, ended - began)
+            return result, began, ended
 
         # Only a version with explain endpoints pays for the wrapper.
         explains = on_explain is not None and any(
@@ -127,8 +127,8 @@ class LoadedModel:
 
     async def infer(self, endpoint: Endpoint, inputs: dict[str, np.ndarray],
                     outputs: Sequence[str], deadline: float | None, json: bool = False
-                    ) -> tuple[dict[str, np.ndarray], float]:
-        """Check a request, queue it, and return its outputs and the seconds it queued.
+                    ) -> tuple[dict[str, np.ndarray], Timeline]:
+        """Check a request, queue it, and return its outputs and when it passed each stage.
         `json`: its outputs go back as JSON numbers (bigger than their bytes).
 
         Everything before the first await runs at once: a request that found this version

@@ -147,18 +147,19 @@ class Runtime:
         raise ConfigError(f"{type(self).__name__} cannot explain: explain endpoints need a "
                           "Keras model's layer graph")
 
-    async def run(self, batch: Batch) -> tuple[Arrays, float]:
-        """Compute the batch's outputs, and the seconds the device took (timed on its
-        thread: not the wait for a free thread, nor for the event loop to resume). With
-        masks, output o holds only masks[o]'s rows."""
+    async def run(self, batch: Batch) -> tuple[Arrays, float, float]:
+        """Compute the batch's outputs; and when (time.monotonic()) its thread began and
+        ended computing it, so neither the wait for a free thread nor the wait for the
+        event loop to resume counts as compute. With masks, output o holds only
+        masks[o]'s rows."""
         device = next(self._next_device)
         loop = asyncio.get_running_loop()
         wide = self._widen(batch)
-        result, seconds = await loop.run_in_executor(self._executors[device], self._on_device,
-                                                     device, wide)
+        result, began, ended = await loop.run_in_executor(
+            self._executors[device], self._on_device, device, wide)
         if wide is not batch:
             result = {name: result[name] for name in batch.outputs}
-        return result, seconds
+        return result, began, ended
 
     def _widen(self, batch: Batch) -> Batch:
         """A shared pass asking part of its source's warmed pass runs the warmed one, its
@@ -182,12 +183,13 @@ class Runtime:
         a token outside an Embedding's vocabulary), else None: not the client's fault."""
         return None
 
-    def _on_device(self, device: str, batch: Batch) -> tuple[Arrays, float]:
-        started = time.perf_counter()
+    def _on_device(self, device: str, batch: Batch) -> tuple[Arrays, float, float]:
+        began = time.monotonic()
         try:
             compute = self._explain if isinstance(batch.source, Explanation) else self._compute
             with self._placed(device):
-                return compute(batch), time.perf_counter() - started
+                result = compute(batch)
+            return result, began, time.monotonic()
         except InvalidInput:
             raise
         except Exception as exc:

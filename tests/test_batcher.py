@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatchPolicy, Work, merge, slices, split
+from service.batcher import Batcher, BatchPolicy, Timeline, Work, merge, slices, split
 from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded
 from service.types import Batch
 
@@ -55,7 +55,7 @@ class FakeRun:
     max_running: int = 0
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def __call__(self, batch: Batch) -> tuple[Arrays, float]:
+    async def __call__(self, batch: Batch) -> tuple[Arrays, float, float]:
         feeds = batch.feeds
         self.calls.append(Call(batch.source, batch.outputs,
                                {k: v.copy() for k, v in feeds.items()}, batch.masks))
@@ -67,7 +67,7 @@ class FakeRun:
                 await self.gate.wait()
             if np.any(feeds["x"] < 0):
                 raise ValueError("negative input")
-            return compute(feeds, batch.outputs, batch.masks), 0.001
+            return compute(feeds, batch.outputs, batch.masks), 0.0, 0.001
         finally:
             self.running -= 1
 
@@ -118,7 +118,7 @@ def _work(feeds: Arrays, outputs: tuple[str, ...], source: Hashable = "g") -> Wo
 
 
 def assert_own_answers(requests: list[tuple[np.ndarray, tuple[str, ...]]],
-                       outs: list[tuple[Arrays, float]]) -> None:
+                       outs: list[tuple[Arrays, Timeline]]) -> None:
     """Each request got exactly its outputs, computed on its own rows."""
     for (x, outputs), (out, _) in zip(requests, outs, strict=True):
         assert set(out) == set(outputs)
@@ -209,9 +209,9 @@ async def test_a_batch_that_is_not_full_closes_after_the_delay() -> None:
         task = submit(b, xs(1))
         await settle()
         assert run.calls == []  # did not close early
-        out, queued = await asyncio.wait_for(task, SAFETY)
+        out, timeline = await asyncio.wait_for(task, SAFETY)
     np.testing.assert_array_equal(out["y"], [2])
-    assert queued >= delay_ms / 1000 * 0.9  # waited out the delay (a lower bound only)
+    assert timeline.queued >= delay_ms / 1000 * 0.9  # waited out the delay (a lower bound only)
 
 
 async def test_batches_grow_while_the_device_is_busy() -> None:
@@ -232,9 +232,9 @@ async def test_batches_grow_while_the_device_is_busy() -> None:
 async def test_eager_an_idle_model_starts_a_batch_at_once() -> None:
     run = FakeRun()
     async with batcher(run, max_batch_size=8, max_queue_delay_ms=FOREVER_MS, eager=True) as b:
-        out, queued = await asyncio.wait_for(submit(b, xs(1)), SAFETY)
+        out, timeline = await asyncio.wait_for(submit(b, xs(1)), SAFETY)
     np.testing.assert_array_equal(out["y"], [2])
-    assert [c.size for c in run.calls] == [1] and queued < 1  # never waited for the delay
+    assert [c.size for c in run.calls] == [1] and timeline.queued < 1  # never waited for the delay
 
 
 async def test_eager_while_a_batch_computes_the_next_gathers_until_it_finishes() -> None:
@@ -605,11 +605,11 @@ async def test_two_bad_requests_among_sixteen_are_found_by_halves_with_one_log_l
 async def test_a_run_returning_the_wrong_row_count_fails_its_batch() -> None:
     calls = 0
 
-    async def short(batch: Batch) -> tuple[Arrays, float]:
+    async def short(batch: Batch) -> tuple[Arrays, float, float]:
         nonlocal calls
         calls += 1
         result = compute(batch.feeds, batch.outputs, batch.masks)
-        return ({k: v[:-1] for k, v in result.items()} if calls == 1 else result), 0.001
+        return ({k: v[:-1] for k, v in result.items()} if calls == 1 else result), 0.0, 0.001
 
     b = Batcher(short, BatchPolicy(max_batch_size=1, max_queue_delay_ms=0), 1)
     b.start()

@@ -281,9 +281,9 @@ async def test_a_weighted_row_counts_as_weight_rows_in_batches() -> None:
     alone pass max_batch_size is a batch of its own."""
     seen: list[int] = []
 
-    async def run(batch: Batch) -> tuple[dict[str, np.ndarray], float]:
+    async def run(batch: Batch) -> tuple[dict[str, np.ndarray], float, float]:
         seen.append(batch.rows)
-        return {"y": batch.feeds["x"] * 2}, 0.0
+        return {"y": batch.feeds["x"] * 2}, 0.0, 0.0
 
     batcher = Batcher(run, BatchPolicy(max_batch_size=32, max_queue_delay_ms=1, eager=False,
                                        dedup_rows=False), concurrency=1)
@@ -324,7 +324,7 @@ def test_a_row_of_many_steps_is_computed_in_chunks(model: keras.Model, graph: Ta
         return traced(feeds, alphas)
 
     explainer._fn = counted
-    got, _ = asyncio.run(runtime.run(batch))
+    got, _, _ = asyncio.run(runtime.run(batch))
     assert chunks == [8] * 32
     head = model(feeds)["kind"].numpy()
     total = 0

@@ -45,7 +45,7 @@ def test_runtime_matches_keras_with_and_without_xla(two_heads, jit: bool) -> Non
     model, graph = two_heads
     rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
     feeds = zoo.sample_inputs(model, batch=3)  # XLA pads 3 rows to 4, then trims
-    got, _ = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, None)))
+    got, _, _ = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, None)))
     compiled = rt.function(("x",), ("label", "score"), False).function_def.attr
     assert ("_XlaMustCompile" in compiled and compiled["_XlaMustCompile"].b) == jit
     want = reference(model, feeds)
@@ -61,7 +61,7 @@ def test_shared_pass_rows_with_and_without_xla(two_heads, jit: bool) -> None:
     rt = KerasRuntime(graph, ["/CPU:0"], 1, jit_compile=jit, max_batch_size=8)
     feeds = zoo.sample_inputs(model, batch=5)
     masks = {"label": np.array([1, 0, 1, 1, 0], bool), "score": np.array([0, 1, 1, 0, 1], bool)}
-    got, _ = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, masks)))
+    got, _, _ = asyncio.run(rt.run(Batch(("x",), ("label", "score"), feeds, masks)))
     want = reference(model, feeds)
     for name, mask in masks.items():
         np.testing.assert_allclose(got[name], want[name][mask], atol=1e-5)
@@ -131,7 +131,7 @@ def test_batches_alternate_between_devices_each_on_its_own_threads(two_heads,
     results = asyncio.run(four())
     assert sorted(device for device, _ in placed) == ["/GPU:0", "/GPU:0", "/GPU:1", "/GPU:1"]
     assert all(thread.startswith(f"compute{device}") for device, thread in placed)
-    for got, _ in results:
+    for got, _, _ in results:
         np.testing.assert_allclose(got["label"], reference(model, feeds)["label"], atol=1e-5)
     rt.close()
 
@@ -159,7 +159,7 @@ def test_a_shared_pass_asking_part_of_the_warmed_one_traces_nothing(two_heads) -
     traced = set(rt._compiled.cached())
     feeds = zoo.sample_inputs(model, batch=4)
     masks = {"label": np.array([1, 1, 0, 0], bool), "branch_a": np.array([0, 0, 1, 1], bool)}
-    got, _ = asyncio.run(rt.run(Batch(("x",), ("branch_a", "label"), feeds, masks)))
+    got, _, _ = asyncio.run(rt.run(Batch(("x",), ("branch_a", "label"), feeds, masks)))
     assert set(rt._compiled.cached()) == traced
     assert sorted(got) == ["branch_a", "label"]
     probe = tf.keras.Model(model.inputs, model.get_layer("branch_a").output)
@@ -194,8 +194,8 @@ def test_compute_seconds_are_the_device_time_not_the_wait_for_a_thread() -> None
     async def two() -> list[tuple[float, float]]:
         async def timed() -> tuple[float, float]:
             started = time.perf_counter()
-            _, seconds = await rt.run(batch)
-            return time.perf_counter() - started, seconds
+            _, began, ended = await rt.run(batch)
+            return time.perf_counter() - started, ended - began
         return await asyncio.gather(timed(), timed())
 
     (wall_first, first), (wall_second, second) = sorted(asyncio.run(two()))
@@ -225,7 +225,7 @@ def test_the_same_taps_in_another_order_trace_once(two_heads) -> None:
     built = counting_builds(rt)
     feeds = zoo.sample_inputs(model, batch=2)
     for outputs in (("label", "score"), ("score", "label")):
-        got, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, None)))
+        got, _, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, None)))
         np.testing.assert_allclose(got["score"], reference(model, feeds)["score"], atol=1e-5)
     assert len(built) == 1, built
     rt.close()
@@ -251,7 +251,7 @@ def test_a_client_cycling_tap_subsets_cannot_keep_the_runtime_tracing(two_heads,
     rows = np.array([True, False, True, True])
     for outputs in subsets * 2:
         masks = {outputs[0]: rows, outputs[1]: ~rows} if masked else None
-        got, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, masks)))
+        got, _, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, masks)))
         assert sorted(got) == sorted(outputs)
         for name in outputs:
             keep = slice(None) if masks is None else masks[name]
@@ -307,7 +307,7 @@ def test_xla_compiles_a_bounded_number_of_sequence_lengths() -> None:
     rt._build = recording
     for length in range(1, 11):
         x = np.random.default_rng(length).integers(1, 20, size=(3, length)).astype(np.int32)
-        got, _ = asyncio.run(rt.run(Batch(("tokens",), ("per_token", "state"), {"tokens": x},
+        got, _, _ = asyncio.run(rt.run(Batch(("tokens",), ("per_token", "state"), {"tokens": x},
                                           None)))
         want = model(x)
         np.testing.assert_allclose(got["state"], np.asarray(want["state"]), atol=1e-5)

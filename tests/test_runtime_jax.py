@@ -44,7 +44,7 @@ def reference(model, feeds):
 
 
 def run(rt: JaxRuntime, outputs: tuple[str, ...], feeds, masks=None):
-    got, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, masks)))
+    got, _, _ = asyncio.run(rt.run(Batch(("x",), outputs, feeds, masks)))
     return got
 
 
@@ -131,7 +131,7 @@ def test_an_index_outside_an_embedding_is_invalid_input() -> None:
     model = zoo.build_multi_dtype()
     rt = JaxRuntime(TapGraph(model), ["/CPU:0"], 1)
     feeds = zoo.sample_inputs(model, batch=2)
-    got, _ = asyncio.run(rt.run(Batch(("tokens", "features"), ("cls",), feeds, None)))
+    got, _, _ = asyncio.run(rt.run(Batch(("tokens", "features"), ("cls",), feeds, None)))
     np.testing.assert_allclose(got["cls"], np.asarray(model(feeds)[0]), atol=1e-5)
     assert got["cls"].dtype == np.float32
     feeds["tokens"][1, 2] = zoo.TOKEN_VOCAB_SIZE + 10
@@ -148,7 +148,7 @@ def test_outputs_have_the_dtype_their_spec_says() -> None:
     graph = TapGraph(model)
     rt = JaxRuntime(graph, ["/CPU:0"], 1, max_batch_size=2)
     out = graph.output_names[0]
-    got, _ = asyncio.run(rt.run(Batch(("x",), (out,), {"x": np.arange(6).reshape(2, 3)},
+    got, _, _ = asyncio.run(rt.run(Batch(("x",), (out,), {"x": np.arange(6).reshape(2, 3)},
                                       None)))
     assert rt.spec("x").dtype == "int64"
     assert got[out].dtype.name == rt.spec(out).dtype
@@ -211,7 +211,7 @@ feeds = zoo.sample_inputs(model, batch=3)
 async def four():
     batch = Batch(("x",), ("label",), feeds, None)
     return await asyncio.gather(*(rt.run(batch) for _ in range(4)))
-for got, _ in asyncio.run(four()):
+for got, _, _ in asyncio.run(four()):
     np.testing.assert_allclose(got["label"], np.asarray(model(feeds["x"])["label"]), atol=1e-5)
 assert sorted(v[0].devices().pop().id for v in rt._values.values()) == [0, 1]
 print(compiled, rt.compiles)
@@ -245,7 +245,7 @@ def test_integrated_gradients_compile_the_sizes_their_batches_take() -> None:
     compiled = rt.compiles
     assert compiled == 4  # 1, 2, 4, 8
     feeds = {**explaining.inputs(6, seed=2), "target": np.full(6, -1, np.int64)}
-    got, _ = asyncio.run(rt.run(Batch(explanation, ("attribution",), feeds, None)))
+    got, _, _ = asyncio.run(rt.run(Batch(explanation, ("attribution",), feeds, None)))
     assert rt.compiles == compiled
     x, meta = feeds["image"], keras.ops.convert_to_tensor(feeds["meta"])
     best = np.argmax(np.asarray(model({"image": x, "meta": feeds["meta"]})["kind"]), axis=-1)

@@ -22,6 +22,7 @@ from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import loading as loading_module
+from service.metrics import STAGES
 from service.protocol.generated import grpc_predict_v2_pb2 as pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -174,6 +175,39 @@ def test_streams_are_counted_by_method_and_code_when_they_end(server: RunningSer
     while count(*watch) == before[watch] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert {key: count(*key) - before[key] for key in before} == dict.fromkeys(before, 1)
+
+
+def test_a_request_s_stages_add_up_to_its_latency(server: RunningServer) -> None:
+    """tapserve_request_stage_seconds splits each successful request's latency into
+    STAGES, end to end: their sums add up to the request duration's, and a refused
+    request observes no stage."""
+    labels = {"model": "autoencoder", "endpoint": "autoencoder"}
+
+    def totals() -> tuple[dict[str, tuple[float, float]], float, float]:
+        stages = {stage: (sample(server, "tapserve_request_stage_seconds_count",
+                                 model="autoencoder", stage=stage) or 0.0,
+                          sample(server, "tapserve_request_stage_seconds_sum",
+                                 model="autoencoder", stage=stage) or 0.0)
+                  for stage in STAGES}
+        return (stages, sample(server, "tapserve_request_duration_seconds_sum", **labels) or 0.0,
+                sample(server, "tapserve_queue_duration_seconds_sum", **labels) or 0.0)
+
+    (before, duration_before, queue_before) = totals()
+    for rows in (1, 2, 3):
+        server.infer("autoencoder", {"image": images(rows)})
+    (after, duration_after, queue_after) = totals()
+    assert {stage: after[stage][0] - before[stage][0] for stage in STAGES} == dict.fromkeys(
+        STAGES, 3)
+    spent = {stage: after[stage][1] - before[stage][1] for stage in STAGES}
+    assert all(seconds >= 0 for seconds in spent.values()), spent
+    assert spent["compute"] > 0
+    assert sum(spent.values()) == pytest.approx(duration_after - duration_before, abs=1e-6)
+    assert spent["queue"] == pytest.approx(queue_after - queue_before, abs=1e-6)
+
+    with pytest.raises(grpc.RpcError):  # refused at the check: no stage observed
+        server.infer("autoencoder", {"image": np.zeros((1, 4, 4, 1), np.float32)})
+    refused, _, _ = totals()
+    assert refused == after
 
 
 def test_metrics_exist_with_model_and_endpoint_labels(server: RunningServer) -> None:

@@ -24,7 +24,7 @@ from service import tracing
 from service.batcher import Batcher, BatchPolicy
 
 async def run(batch):
-    return {"y": batch.feeds["x"] * 2}, 0.0
+    return {"y": batch.feeds["x"] * 2}, 0.0, 0.0
 
 async def main():
     plane = tracing.setup(None)
@@ -71,8 +71,8 @@ async def test_an_unsampled_caller_records_nothing_a_sampled_one_everything():
     exported = InMemorySpanExporter()
     plane = tracing.OtlpTracing(exported)
 
-    async def run(batch: Batch) -> tuple[dict[str, np.ndarray], float]:
-        return {"y": batch.feeds["x"]}, 0.0
+    async def run(batch: Batch) -> tuple[dict[str, np.ndarray], float, float]:
+        return {"y": batch.feeds["x"]}, 0.0, 0.0
 
     batcher = Batcher(run, BatchPolicy(eager=False, max_queue_delay_ms=50), 1)
     batcher.start()
@@ -113,7 +113,7 @@ async def test_a_batch_that_fails_is_said_in_every_span():
     exported = InMemorySpanExporter()
     plane = tracing.OtlpTracing(exported)
 
-    async def run(batch: Batch) -> tuple[dict[str, np.ndarray], float]:
+    async def run(batch: Batch) -> tuple[dict[str, np.ndarray], float, float]:
         raise InvalidInput("token 9 is out of the vocabulary")
 
     batcher = Batcher(run, BatchPolicy(eager=False, max_queue_delay_ms=50), 1)

@@ -257,8 +257,9 @@ class _Routes:
                 infer_request.outputs and set(infer_request.outputs) <= binary_outputs)
             response = await call.infer(infer_request)
             trace.answered(response)
-        body, json_length = await _off_loop_if_large(
-            _nbytes(response.outputs), kserve_rest.encode_infer, response, name, binary_outputs)
+            body, json_length = await _off_loop_if_large(
+                _nbytes(response.outputs), kserve_rest.encode_infer, response, name,
+                binary_outputs)
         if json_length is None:
             return web.Response(body=body, content_type="application/json")
         return web.Response(body=body, content_type="application/octet-stream",
@@ -335,9 +336,9 @@ class _Routes:
             infer_request.json = True
             response = await call.infer(infer_request)
             trace.answered(response)
-        body = await _off_loop_if_large(_nbytes(response.outputs), lambda: orjson.dumps(
-            tfserving_rest.encode_predict(response.outputs, row_format),
-            option=orjson.OPT_SERIALIZE_NUMPY))
+            body = await _off_loop_if_large(_nbytes(response.outputs), lambda: orjson.dumps(
+                tfserving_rest.encode_predict(response.outputs, row_format),
+                option=orjson.OPT_SERIALIZE_NUMPY))
         return web.Response(body=body, content_type="application/json")
 
 

@@ -109,7 +109,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 elements=convert.declared_elements(t.shape for t in request.inputs))
             response = await call.infer(infer_request)
             trace.answered(response)
-        return convert.encode_infer_response(response, request.model_name)
+            # Inside the call: its encoding counts in its latency and stages.
+            return convert.encode_infer_response(response, request.model_name)
 
     async def _stream_answer(self, request: pb.ModelInferRequest | Undecodable,
                              deadline: float | None, context: Context

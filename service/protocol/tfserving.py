@@ -111,12 +111,12 @@ class PredictionServicer(PredictionServiceServicer):
                     [d.size for d in t.tensor_shape.dim] for t in request.inputs.values()))
             response = await call.infer(infer_request)
             trace.answered(response)
-        # version as a dict: the field takes tf_pool's Int64Value, not wrappers_pb2's.
-        spec = apis_pb2.ModelSpec(
-            name=response.model, version={"value": response.version},
-            signature_name=request.model_spec.signature_name or DEFAULT_SIGNATURE)
-        return apis_pb2.PredictResponse(model_spec=spec, outputs={
-            name: from_numpy(array) for name, array in response.outputs.items()})
+            # version as a dict: the field takes tf_pool's Int64Value, not wrappers_pb2's.
+            spec = apis_pb2.ModelSpec(
+                name=response.model, version={"value": response.version},
+                signature_name=request.model_spec.signature_name or DEFAULT_SIGNATURE)
+            return apis_pb2.PredictResponse(model_spec=spec, outputs={
+                name: from_numpy(array) for name, array in response.outputs.items()})
 
     async def GetModelMetadata(
         self, request: apis_pb2.GetModelMetadataRequest,

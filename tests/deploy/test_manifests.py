@@ -59,6 +59,7 @@ HISTOGRAMS = {
     "tapserve_queue_duration_seconds",
     "tapserve_compute_duration_seconds",
     "tapserve_explain_compute_duration_seconds",
+    "tapserve_request_stage_seconds",
     "tapserve_batch_size",
 }
 GAUGES = {
@@ -630,6 +631,7 @@ def test_dashboard_panels_query_only_tapserve_metrics() -> None:
         "tapserve_request_duration_seconds_bucket",
         "tapserve_queue_duration_seconds_bucket",
         "tapserve_compute_duration_seconds_bucket",
+        "tapserve_request_stage_seconds_bucket",
         "tapserve_batch_size_sum",
         "tapserve_batch_size_count",
         "tapserve_queue_depth",
