@@ -1,11 +1,13 @@
 """The Python gRPC floor: the least any Python KServe v2 server can do per request.
 
-    .venv/bin/python bench/floor.py --port 8001
+    .venv/bin/python bench/floor.py --port 8001 [--loop uvloop]
 
 A bare grpc.aio servicer for `inference.GRPCInferenceService`: ModelInfer parses the
 request and answers with its input tensors echoed back as outputs (raw bytes, no model,
 no checks, no batching, no metrics); ModelReady says ready to anything. Server CPU per
 request here is the reference the front end's cost is measured against (bench/frontend.py).
+`--loop` picks the event loop: asyncio's own (the default), or uvloop's, which Tapserve
+runs on by default.
 """
 
 from __future__ import annotations
@@ -52,8 +54,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(args.host, args.port))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Front-end cost: Tapserve's server CPU per 1-row request over the Python gRPC floor's.
 
-    .venv/bin/python bench/frontend.py [--concurrency 32] [--rounds 6] [--tapserve "FLAGS"]
+    .venv/bin/python bench/frontend.py [--concurrency 32] [--rounds 6] [--tapserve "FLAGS"] \
+        [--floor-loop uvloop]
 
 Scenario 2's request (`dense64`, one row) against Tapserve with its defaults and against
 bench/floor.py (a bare grpc.aio servicer that parses the request and echoes its bytes),
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="load seconds before each")
     parser.add_argument("--delay-ms", type=float, default=4.0, help="dense64's max delay")
     parser.add_argument("--tapserve", default="", help="extra `tapserve serve` flags")
+    parser.add_argument("--floor-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the floor's event loop (Tapserve's default is uvloop)")
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -61,7 +64,8 @@ def main() -> None:
             "tapserve", serve_command(repo, port, free_port()) + shlex.split(args.tapserve),
             out / "frontend" / "tapserve.log", port, ["dense64"]),
         "floor": ServerProcess(
-            "floor", [PYTHON, str(BENCH / "floor.py"), "--port", str(floor_port)],
+            "floor", [PYTHON, str(BENCH / "floor.py"), "--port", str(floor_port),
+                      "--loop", args.floor_loop],
             out / "frontend" / "floor.log", floor_port, ["dense64"]),
     }
     windows: dict[str, list[dict]] = {name: [] for name in sides}
@@ -78,6 +82,7 @@ def main() -> None:
     ratios = [t["cpu_us_per_request"] / f["cpu_us_per_request"]
               for t, f in zip(windows["tapserve"], windows["floor"], strict=True)]
     report = {"concurrency": args.concurrency, "tapserve_flags": args.tapserve,
+              "floor_loop": args.floor_loop,
               "windows": windows, "ratio_per_round": ratios,
               "ratio": statistics.median(ratios), "command": " ".join(sys.argv)}
     (out / "frontend.json").write_text(json.dumps(report, indent=2))

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 
 from service import backends, validation
 from service.backends import Backend
-from service.errors import TapserveError
+from service.errors import ConfigError, TapserveError
 from service.settings import Settings
 
 
@@ -40,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", help="print a model's inputs, outputs, taps and endpoints")
     inspect.add_argument("path", type=Path, help="a model file, version folder or model folder")
     return parser
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """What makes the server's event loop: uvloop's (auto: where installed), or None for
+    asyncio's own."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("--event-loop uvloop: uvloop is not installed "
+                                "(pip install uvloop; not available on Windows)") from None
+        return None
+    return uvloop.new_event_loop
 
 
 def _flag(loc: tuple[int | str, ...]) -> str:
@@ -85,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         backends.select(settings.backend, settings.gpu_memory_limit_mb)  # before keras
         from service.server import run
 
-        asyncio.run(run(settings))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(run(settings))
     except (TapserveError, OSError) as exc:  # a missing repository, a port in use
         logging.getLogger("tapserve").error("cannot start: %s", exc)
         return 2

@@ -59,3 +59,25 @@ def test_a_container_quota_caps_the_cpus(monkeypatch: pytest.MonkeyPatch) -> Non
     assert available_cpus() == 2
     quota["value"] = "max 100000\n"
     assert available_cpus() == 64
+
+
+def test_the_event_loop_is_uvloop_s_where_installed_else_asyncio_s(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import sys
+
+    import uvloop
+
+    from service.cli import loop_factory
+    from service.errors import ConfigError
+
+    assert loop_factory("asyncio") is None  # asyncio.Runner's default loop
+    for choice in ("auto", "uvloop"):
+        factory = loop_factory(choice)
+        assert factory is not None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            assert isinstance(runner.get_loop(), uvloop.Loop)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as where it is not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        loop_factory("uvloop")
